@@ -1,0 +1,36 @@
+"""pip install -e .   (extras: [train], [quant], [bench], [test])
+
+The three remote-code files (configuration_qmop.py, modeling_qmop.py, processing_qmop.py) and pipeline_qmop.py
+are top-level modules, so a checkout, an installed package and a Hub folder all run the same code.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="qmop-llava",
+    version="0.1.0",
+    description="QMoP-LLaVA: LLaVA-1.5 with a Query Guided Mixture-of-Projector for visual token compression",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    py_modules=["configuration_qmop", "modeling_qmop", "processing_qmop", "pipeline_qmop"],
+    packages=find_packages(include=["conversion", "conversion.*", "qmop_tools", "qmop_tools.*"]),
+    install_requires=[
+        # torch is deliberately not upgraded by this package: install the build for your machine first
+        # (CPU: pip install torch==2.13.0). Any torch >= 2.4 works.
+        "torch>=2.4",
+        "transformers>=4.57,<6",
+        "accelerate>=1.0",
+        "safetensors",
+        "tokenizers",
+        "pillow",
+        "numpy",
+    ],
+    extras_require={
+        "quant": ["bitsandbytes>=0.45"],
+        "train": ["peft>=0.13", "tensorboard"],
+        "bench": ["matplotlib"],
+        "test": ["pytest"],
+    },
+)
