@@ -30,10 +30,28 @@ DEFAULT_CUSTOM_PIPELINES = {
 }
 
 
+# Defaults are LLaVA-1.5-7B's shapes: CLIP ViT-L/14-336, the CLIP-L text tower, Vicuna-7B (llava-hf vocabulary).
+CLIP_L_336_VISION = dict(
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336,
+    patch_size=14, projection_dim=768, hidden_act="quick_gelu",
+)
+CLIP_L_TEXT = dict(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768,
+    max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+    vocab_size=49408,
+)
+VICUNA_7B = dict(
+    hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
+    pad_token_id=32001, tie_word_embeddings=False,
+)
+_DEFAULTS = {"clip_vision_model": CLIP_L_336_VISION, "clip_text_model": CLIP_L_TEXT, "llama": VICUNA_7B}
+
+
 def _sub_config(value, default_cls, default_model_type, field):
-    """Accept a config object, a dict (with or without `model_type`) or None."""
+    """Accept a config object, a dict (with or without `model_type`) or None (LLaVA-1.5-7B's shapes)."""
     if value is None:
-        return default_cls() if default_cls is not None else AutoConfig.for_model(default_model_type)
+        value = dict(_DEFAULTS[default_model_type], model_type=default_model_type)
     if isinstance(value, PretrainedConfig):
         return value
     if isinstance(value, dict):

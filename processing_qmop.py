@@ -393,11 +393,11 @@ class QMoPProcessor(ProcessorMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
-        hub.pop("trust_remote_code", None)
         path = str(pretrained_model_name_or_path)
         subfolder = kwargs.get("subfolder") or ""
         join = (lambda *p: "/".join(x for x in p if x)) if not os.path.isdir(path) else os.path.join
-        config_file = cached_file(path, PROCESSOR_CONFIG_NAME, subfolder=subfolder, **hub)
+        file_hub = {k: v for k, v in hub.items() if k != "trust_remote_code"}
+        config_file = cached_file(path, PROCESSOR_CONFIG_NAME, subfolder=subfolder, **file_hub)
         with open(config_file) as f:
             settings = json.load(f)
         for key in ("processor_class", "auto_map"):
@@ -408,7 +408,7 @@ class QMoPProcessor(ProcessorMixin):
             path, subfolder=join(subfolder, QUERY_TOKENIZER_SUBFOLDER) if subfolder else QUERY_TOKENIZER_SUBFOLDER, **hub
         )
         try:
-            template_file = cached_file(path, "chat_template.jinja", subfolder=subfolder, **hub)
+            template_file = cached_file(path, "chat_template.jinja", subfolder=subfolder, **file_hub)
         except OSError:
             template_file = None
         if template_file:

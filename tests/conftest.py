@@ -1,0 +1,76 @@
+"""Shared test set-up: isolated HF cache, a fake Hub on 127.0.0.1 (started before huggingface_hub is imported),
+the repository root on sys.path, and tiny QMoP-LLaVA models built locally."""
+
+import os
+import sys
+import tempfile
+
+_SESSION_DIR = tempfile.mkdtemp(prefix="qmop-tests-")
+os.environ.setdefault("HF_HOME", os.path.join(_SESSION_DIR, "hf_home"))
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+for path in (REPO_ROOT, TESTS_DIR):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+from fake_hub import FakeHub  # noqa: E402
+
+_HUB = FakeHub(os.path.join(_SESSION_DIR, "hub_store")).start()
+os.environ["HF_ENDPOINT"] = _HUB.endpoint  # before huggingface_hub / transformers are imported
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: needs real checkpoints, network or a GPU (skipped by default)")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("QMOP_RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow/GPU test: set QMOP_RUN_SLOW=1 on a machine with weights and a GPU")
+    for item in items:
+        if "slow" in item.keywords or "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def fake_hub():
+    return _HUB
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(model, processor): tiny random QMoP-LLaVA, all three branches, budget 16 of 64 patches (eval mode)."""
+    from conversion.tiny import build_tiny
+
+    return build_tiny(num_visual_tokens=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A saved tiny checkpoint folder (weights, config, processor, code), built once per session."""
+    from conversion.tiny import save_tiny_checkpoint
+
+    return save_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "qmop-tiny-ckpt"), num_visual_tokens=16)
+
+
+def make_image(width=40, height=60, seed=0, mode="RGB"):
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    array = (rng.rand(height, width, 3) * 255).astype("uint8")
+    return Image.fromarray(array).convert(mode)
+
+
+@pytest.fixture
+def image():
+    return make_image()
