@@ -82,6 +82,15 @@ def _to(tensor: Optional[torch.Tensor], device: Optional[torch.device]) -> Optio
     return tensor if tensor is None or device is None else tensor.to(device)
 
 
+def _check_pixel_values(pixel_values: torch.Tensor) -> None:
+    if not torch.is_floating_point(pixel_values):
+        raise TypeError(f"`pixel_values` must be a float tensor (from QMoPProcessor), got dtype {pixel_values.dtype}.")
+    if pixel_values.ndim != 4:
+        raise ValueError(
+            f"`pixel_values` must have shape (num_images, channels, height, width), got {tuple(pixel_values.shape)}."
+        )
+
+
 def router_temperature_at(config: QMoPConfig, progress: float) -> float:
     """Annealed router temperature at training progress in [0, 1] (shape: `router_temperature_schedule`)."""
     start, end = config.router_temperature, config.router_min_temperature
@@ -552,14 +561,7 @@ class QMoPModel(QMoPPreTrainedModel):
         the feature layer is the embeddings) and the feature layer module.
         """
         tower = self.vision_tower
-        if not torch.is_floating_point(pixel_values):
-            raise TypeError(
-                f"`pixel_values` must be a float tensor (from QMoPProcessor), got dtype {pixel_values.dtype}."
-            )
-        if pixel_values.ndim != 4:
-            raise ValueError(
-                f"`pixel_values` must have shape (num_images, channels, height, width), got {tuple(pixel_values.shape)}."
-            )
+        _check_pixel_values(pixel_values)
         patch_weight = tower.embeddings.patch_embedding.weight  # a Conv2d: never quantized
         pixel_values = pixel_values.to(device=_execution_device(tower.embeddings), dtype=patch_weight.dtype)
         hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))  # (N, S, Cv)
@@ -679,6 +681,7 @@ class QMoPModel(QMoPPreTrainedModel):
         if pixel_values is not None:
             if image_mask is None:
                 raise ValueError("`pixel_values` need `input_ids` (with `<image>` placeholders), not `inputs_embeds`.")
+            _check_pixel_values(pixel_values)
             if pixel_values.shape[0] > 0:
                 per_image = self._visual_tokens_per_image(image_mask, pixel_values.shape[0])
                 projected = self.get_image_features(

@@ -254,7 +254,10 @@ class QMoPProcessor(ProcessorMixin):
                 mean = getattr(self.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
                 background = tuple(int(round(255 * c)) for c in mean)
                 pil_images = [expand_to_square(image, background) for image in pil_images]
-            data["pixel_values"] = self.image_processor(pil_images, return_tensors="pt")["pixel_values"]
+            # RGB PIL images, channels last: said explicitly so a 1x1 or 3-pixel-wide image is not misread.
+            data["pixel_values"] = self.image_processor(
+                pil_images, return_tensors="pt", input_data_format="channels_last"
+            )["pixel_values"]
             data.update(self._tokenize_queries(query_texts))
         return BatchFeature(data=data, tensor_type=return_tensors)
 
