@@ -275,13 +275,14 @@ class QMoPQuestionProjection(nn.Module):
 
 
 class QMoPPruningBranch(nn.Module):
-    """Fine local detail: score every patch, keep the top M in raster order, optionally recycle the rest.
+    """Fine local detail: keep the M highest-scoring patches in raster order, optionally recycle the rest.
 
-    Scores come from the feature layer's own query/key projections, recomputed here, so the vision tower
-    can run under SDPA or flash attention (it is never asked for attention weights):
+    Scores come from the feature layer's own query/key projections, recomputed by [`QMoPModel.pruning_scores`]
+    next to the vision tower, so the tower can run under SDPA or flash attention (it is never asked for
+    attention weights):
       - "cls_attention": softmax(q_CLS · Kᵀ / √h) of the feature layer, averaged over heads, patch columns.
-      - "question_relevance" (QG-VTC Eq. 4): q = W_Q · MLP(t); C = softmax(q · K_patchesᵀ / √h). Top-M is not
-        differentiable, so kept tokens are scaled by a straight-through factor (value 1) that trains the MLP.
+      - "question_relevance" (QG-VTC Eq. 4): q = W_Q · `question_proj`(t); C = softmax(q · K_patchesᵀ / √h). Top-M
+        is not differentiable, so kept tokens are scaled by a straight-through factor (value 1) that trains the MLP.
     With `pruning_recycle` (QG-VTC Eq. 5): kept_i += Σ_{j dropped} A(i, j) · X_j, A the feature layer's attention.
     """
 
@@ -294,47 +295,24 @@ class QMoPPruningBranch(nn.Module):
             self.question_proj = QMoPQuestionProjection(text_width, vision_width, config.projector_hidden_act)
         self.expert = QMoPExpertMLP(config)
 
-    @staticmethod
-    def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:  # (N, L, Cv) -> (N, H, L, h)
-        return x.view(x.shape[0], x.shape[1], num_heads, -1).transpose(1, 2)
-
     def forward(
         self,
         patches: torch.Tensor,
-        layer_input: torch.Tensor,
-        feature_layer: nn.Module,
-        query_embeds: Optional[torch.Tensor],
+        scores: torch.Tensor,
+        patch_attention: Optional[torch.Tensor],
         num_tokens: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        attn = feature_layer.self_attn
-        num_heads = attn.num_heads
-        scale = attn.head_dim**-0.5
-        normed = feature_layer.layer_norm1(layer_input)  # (N, S, Cv)
-        keys = self._split_heads(attn.k_proj(normed), num_heads)  # (N, H, S, h)
-        if self.score == "cls_attention":
-            cls_query = self._split_heads(attn.q_proj(normed[:, :1]), num_heads)  # (N, H, 1, h)
-            probs = torch.softmax((cls_query @ keys.transpose(-1, -2)).float() * scale, dim=-1)  # (N, H, 1, S)
-            scores = probs.mean(dim=1)[:, 0, 1:]  # (N, P)
-        else:
-            question = self.question_proj(query_embeds.to(normed.dtype)).unsqueeze(1)  # (N, 1, Cv)
-            q = self._split_heads(attn.q_proj(question), num_heads)  # (N, H, 1, h)
-            logits = (q @ keys[:, :, 1:].transpose(-1, -2)).float() * scale  # (N, H, 1, P)
-            scores = torch.softmax(logits, dim=-1).mean(dim=1)[:, 0]  # (N, P)
-
+        # patches (N, P, Cv); scores (N, P); patch_attention (N, P, P) head-averaged, or None
         kept = scores.topk(num_tokens, dim=-1).indices.sort(dim=-1).values  # (N, M), raster order
         gather_index = kept.unsqueeze(-1).expand(-1, -1, patches.shape[-1])  # (N, M, Cv)
         tokens = patches.gather(1, gather_index)  # (N, M, Cv)
 
-        if self.recycle and num_tokens < patches.shape[1]:
-            patch_queries = self._split_heads(attn.q_proj(normed[:, 1:]), num_heads)  # (N, H, P, h)
-            kept_queries = patch_queries.gather(
-                2, kept[:, None, :, None].expand(-1, num_heads, -1, patch_queries.shape[-1])
-            )  # (N, H, M, h)
-            attention = torch.softmax((kept_queries @ keys.transpose(-1, -2)).float() * scale, dim=-1)
-            attention = attention.mean(dim=1)[:, :, 1:]  # (N, M, P): kept patch -> every patch
+        if self.recycle and patch_attention is not None and num_tokens < patches.shape[1]:
+            rows = kept.unsqueeze(-1).expand(-1, -1, patch_attention.shape[-1])  # (N, M, P)
+            attention = patch_attention.gather(1, rows)  # (N, M, P): kept patch -> every patch
             dropped = torch.ones_like(scores, dtype=torch.bool).scatter(1, kept, False)  # (N, P)
             attention = attention * dropped.unsqueeze(1)  # only what is dropped is recycled
-            tokens = tokens + (attention.to(patches.dtype) @ patches)  # (N, M, Cv)
+            tokens = tokens + attention.to(patches.dtype) @ patches  # (N, M, Cv)
 
         if self.score == "question_relevance":
             kept_scores = scores.gather(1, kept).unsqueeze(-1)  # (N, M, 1)
@@ -424,11 +402,13 @@ class QMoPProjector(nn.Module):
         self,
         patches: torch.Tensor,
         cls_token: torch.Tensor,
-        layer_input: Optional[torch.Tensor],
-        feature_layer: Optional[nn.Module],
         query_embeds: Optional[torch.Tensor],
         num_tokens: int,
+        pruning_scores: Optional[torch.Tensor] = None,
+        patch_attention: Optional[torch.Tensor] = None,
     ) -> QMoPProjectorOutput:
+        """patches (N, P, Cv), cls_token (N, Cv), query_embeds (N, Ct) or None; for the pruning branch, its patch
+        scores (N, P) and, with recycling, the feature layer's patch-to-patch attention (N, P, P)."""
         num_images = patches.shape[0]
         router_probs, aux_loss = None, None
         if self.router is not None:
@@ -454,9 +434,8 @@ class QMoPProjector(nn.Module):
             else:
                 out, kept = self.pruning_branch(
                     branch_patches,
-                    layer_input[rows],
-                    feature_layer,
-                    None if query_embeds is None else query_embeds[rows],
+                    pruning_scores[rows],
+                    None if patch_attention is None else patch_attention[rows],
                     num_tokens,
                 )
                 kept_patch_indices[rows] = kept
@@ -508,11 +487,59 @@ class QMoPPreTrainedModel(PreTrainedModel):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, with bitsandbytes quantization limited to the language model's linear
+        layers by default: the vision tower, CLIP text encoder, projector/router and `lm_head` stay in the compute
+        dtype. A user-given `llm_int8_skip_modules` is kept, with `lm_head` added if missing.
+        `load_in_4bit=True` / `load_in_8bit=True` are accepted as shorthands for a `BitsAndBytesConfig`."""
+        shorthand = {k: kwargs.pop(k) for k in ("load_in_4bit", "load_in_8bit") if k in kwargs}
+        if any(shorthand.values()):
+            from transformers import BitsAndBytesConfig
+
+            if kwargs.get("quantization_config") is not None:
+                raise ValueError("Pass either `quantization_config` or `load_in_4bit`/`load_in_8bit`, not both.")
+            kwargs["quantization_config"] = BitsAndBytesConfig(**shorthand)
+        if kwargs.get("quantization_config") is not None:
+            kwargs["quantization_config"] = _skip_non_llm_modules(kwargs["quantization_config"])
+        return super().from_pretrained(*args, **kwargs)
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save weights, config and code. The folder (and a push) always carries the remote-code files,
         `pipeline_qmop.py` included, and an `auto_map` that points at them, whatever the model was loaded from."""
         self.config.auto_map = dict(AUTO_MAP)
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+# Modules bitsandbytes must not quantize: they are small, precision-sensitive, and read by the router.
+# transformers 5.x matches skip patterns from the start of a module's full name, 4.x anywhere in it: both spellings.
+_TOP_LEVEL_MODULES = ("vision_tower", "text_encoder", "projector")
+BNB_SKIP_MODULES = [f"model.{name}" for name in _TOP_LEVEL_MODULES] + list(_TOP_LEVEL_MODULES) + ["lm_head"]
+
+
+def _skip_non_llm_modules(quantization_config):
+    """A copy of a bitsandbytes config (object or dict) whose skip list protects BNB_SKIP_MODULES by default."""
+    import copy
+
+    is_dict = isinstance(quantization_config, dict)
+    method = quantization_config.get("quant_method") if is_dict else getattr(quantization_config, "quant_method", None)
+    method = getattr(method, "value", method)
+    if method != "bitsandbytes":
+        return quantization_config
+    quantization_config = copy.deepcopy(quantization_config)
+    skip = quantization_config.get("llm_int8_skip_modules") if is_dict else quantization_config.llm_int8_skip_modules
+    if skip is None:
+        skip = list(BNB_SKIP_MODULES)
+    else:
+        skip = list(skip)
+        skip += [f"model.{name}" for name in skip if name in _TOP_LEVEL_MODULES and f"model.{name}" not in skip]
+        if "lm_head" not in skip:  # a given list replaces transformers' default, which is what protects lm_head
+            skip.append("lm_head")
+    if is_dict:
+        quantization_config["llm_int8_skip_modules"] = skip
+    else:
+        quantization_config.llm_int8_skip_modules = skip
+    return quantization_config
 
 
 def _pipeline_code_is_shipped():  # pragma: no cover - never called
@@ -610,15 +637,51 @@ class QMoPModel(QMoPPreTrainedModel):
 
         hidden, layer_input, feature_layer = self.get_vision_features(pixel_values)
         patches, cls_token = hidden[:, 1:], hidden[:, 0]  # (N, P, Cv), (N, Cv)
+        scores, patch_attention = None, None
+        if "pruning" in self.config.branches:
+            scores, patch_attention = self.pruning_scores(layer_input, feature_layer, query_embeds)
         device = _execution_device(self.projector)
         return self.projector(
             _to(patches, device),
             _to(cls_token, device),
-            _to(layer_input, device),
-            feature_layer,
             _to(query_embeds, device),
             num_visual_tokens,
+            pruning_scores=_to(scores, device),
+            patch_attention=_to(patch_attention, device),
         )
+
+    def pruning_scores(self, layer_input: torch.Tensor, feature_layer: nn.Module, query_embeds: Optional[torch.Tensor]):
+        """Patch scores (N, P) of the pruning branch and, with recycling, patch-to-patch attention (N, P, P), from the
+        feature layer's q/k projections applied to its input (N, S, Cv). See [`QMoPPruningBranch`]."""
+        attn = feature_layer.self_attn
+        if attn.k_proj.weight.device.type == "meta":
+            raise RuntimeError(
+                "The pruning branch reads the vision tower's feature layer, which is offloaded (meta weights). "
+                "Keep `model.vision_tower` on a device in `device_map` (it is small)."
+            )
+        branch = self.projector.pruning_branch
+        num_heads, scale = attn.num_heads, attn.head_dim**-0.5
+
+        def heads(x):  # (N, L, Cv) -> (N, H, L, h)
+            return x.view(x.shape[0], x.shape[1], num_heads, -1).transpose(1, 2)
+
+        normed = feature_layer.layer_norm1(layer_input)  # (N, S, Cv)
+        keys = heads(attn.k_proj(normed))  # (N, H, S, h)
+        if branch.score == "cls_attention":
+            cls_query = heads(attn.q_proj(normed[:, :1]))  # (N, H, 1, h)
+            probs = torch.softmax((cls_query @ keys.transpose(-1, -2)).float() * scale, dim=-1)  # (N, H, 1, S)
+            scores = probs.mean(dim=1)[:, 0, 1:]  # (N, P)
+        else:
+            question = branch.question_proj(_to(query_embeds, normed.device).to(normed.dtype))  # (N, Cv)
+            query = heads(attn.q_proj(question.unsqueeze(1)))  # (N, H, 1, h)
+            logits = (query @ keys[:, :, 1:].transpose(-1, -2)).float() * scale  # (N, H, 1, P)
+            scores = torch.softmax(logits, dim=-1).mean(dim=1)[:, 0]  # (N, P)
+        patch_attention = None
+        if branch.recycle:
+            patch_queries = heads(attn.q_proj(normed[:, 1:]))  # (N, H, P, h)
+            attention = torch.softmax((patch_queries @ keys.transpose(-1, -2)).float() * scale, dim=-1)  # (N, H, P, S)
+            patch_attention = attention.mean(dim=1)[:, :, 1:]  # (N, P, P)
+        return scores, patch_attention
 
     # ---------------------------------------------------------------------------------------- merge
     def _visual_tokens_per_image(self, image_mask: torch.Tensor, num_images: int) -> int:

@@ -396,6 +396,8 @@ class QMoPProcessor(ProcessorMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        # The sub-processors are standard classes: no remote code unless the caller allows it explicitly.
+        hub.setdefault("trust_remote_code", False)
         path = str(pretrained_model_name_or_path)
         subfolder = kwargs.get("subfolder") or ""
         join = (lambda *p: "/".join(x for x in p if x)) if not os.path.isdir(path) else os.path.join

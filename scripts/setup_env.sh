@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Create (or reuse) the two virtual environments: .venv (transformers 5.x) and .venv457 (transformers 4.57).
+# torch is installed first, pinned to 2.13.0, so that nothing pulls a CUDA build onto a CPU machine.
+# Re-running is cheap: an environment is rebuilt only when its requirements file changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+
+make_env() {  # make_env DIR REQUIREMENTS
+  local dir="$1" req="$2" stamp="$1/.requirements.sha"
+  local want; want="$(cat "$req" requirements/constraints.txt | sha256sum | cut -d' ' -f1)"
+  if [[ -x "$dir/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+    return 0
+  fi
+  echo "setting up $dir from $req ..." >&2
+  rm -rf "$dir"
+  "$PYTHON" -m venv "$dir"
+  "$dir/bin/python" -m pip install -q --disable-pip-version-check "torch==2.13.0"
+  "$dir/bin/python" -m pip install -q --disable-pip-version-check -c requirements/constraints.txt -r "$req"
+  echo "$want" > "$stamp"
+}
+
+make_env .venv requirements/tf5.txt
+if [[ "${QMOP_SKIP_457:-0}" != "1" ]]; then
+  make_env .venv457 requirements/tf457.txt
+fi

@@ -1,0 +1,28 @@
+import os
+import subprocess
+import sys
+
+from conftest import REPO_ROOT
+
+from qmop_tools.demo import answer, format_report
+
+
+def test_answer_reports_router_and_token_counts(tiny_checkpoint):
+    result = answer(tiny_checkpoint, os.path.join(REPO_ROOT, "assets", "demo.png"), "What colour is the circle?",
+                    max_new_tokens=5)
+    assert result["visual_tokens"] == 16 and result["patches"] == 64
+    assert result["prompt_tokens_uncompressed"] - result["prompt_tokens"] == 48
+    assert abs(sum(result["router_weights"].values()) - 1) < 1e-5
+    assert 0 < result["generated_tokens"] <= 5
+    assert "router:" in format_report(result, tiny_checkpoint, trained=False)
+    assert answer(tiny_checkpoint, os.path.join(REPO_ROOT, "assets", "demo.png"), "Why?", num_visual_tokens=4,
+                  max_new_tokens=2)["visual_tokens"] == 4
+
+
+def test_demo_script_runs(tiny_checkpoint):
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "scripts", "demo.py"), "--model", tiny_checkpoint, "--max-new-tokens", "3"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "answer:" in result.stdout and "visual tokens per image instead of 64 patches" in result.stdout
