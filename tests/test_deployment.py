@@ -1,6 +1,7 @@
 """device_map placement, CPU/disk offload, bitsandbytes 4-bit/8-bit, dtypes (CPU versions of issue #3's checks)."""
 
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -164,3 +165,22 @@ def test_8bit_quantizes_only_llm_decoder_linears(bnb_checkpoint, reference):
     quantized = _quantized_module_names(model, "Linear8bitLt")
     assert quantized and all(name.startswith("model.language_model.layers.") for name in quantized), quantized
     assert _greedy(model.eval(), inputs).shape == (1, 6)
+
+
+@pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes not installed")
+def test_gpu_check_script_path_on_cpu(tmp_path):
+    from qmop_tools.gpu_check import build_random_checkpoint, check
+
+    folder = build_random_checkpoint("tiny", str(tmp_path / "tiny-random"))
+    for mode in ("bf16", "nf4"):
+        report = check(folder, mode, "cpu", new_tokens=3)
+        assert report["decode_tokens_per_s"] > 0 and (report["linear4bit_modules"] > 0) == (mode == "nf4")
+
+
+@pytest.mark.gpu
+def test_gpu_check_7b():
+    from qmop_tools.gpu_check import build_random_checkpoint, check
+
+    folder = build_random_checkpoint("7b", os.path.expanduser("~/.cache/qmop-7b-random"))
+    for mode in ("bf16", "nf4"):
+        check(folder, mode, "cuda")
