@@ -24,6 +24,7 @@ into place.
 """
 
 import gc
+import inspect
 import json
 import logging
 import math
@@ -127,7 +128,10 @@ POSITION_IDS_REASON = "buffer recomputed by the model"
 
 # llava-hf: the on-disk layout (4.x save, Hub repos), 4.57's in-memory layout and 5.x's in-memory layout.
 LLAVA_HF_RULES = (
-    KeyRule(rf"^(?:model\.)?vision_tower\.(?:vision_model\.)?(?P<rest>{_NOT_POSITION_IDS}.+)$", "model.vision_tower.{rest}"),
+    KeyRule(
+        r"^(?:model\.)?vision_tower\.(?!(?:vision_model\.)?embeddings\.position_ids$)(?:vision_model\.)?(?P<rest>.+)$",
+        "model.vision_tower.{rest}",
+    ),
     KeyRule(r"^(?:model\.)?vision_tower\.(?:vision_model\.)?embeddings\.position_ids$", None, POSITION_IDS_REASON),
     KeyRule(r"^(?:model\.)?multi_modal_projector\.linear_(?P<i>[12])\.(?P<param>weight|bias)$", PROJECTOR + "linear_{i}.{param}"),
     KeyRule(r"^language_model\.model\.(?P<rest>.+)$", "model.language_model.{rest}"),
@@ -295,7 +299,7 @@ def read_json(folder: str, name: str) -> dict:
 
 
 def detect_layout(llava_config: dict, folder: str) -> str:
-    if "text_config" in llava_config and "vision_config" in llava_config:
+    if llava_config.get("model_type") == "llava" and "text_config" in llava_config and "vision_config" in llava_config:
         return LLAVA_HF
     if "mm_projector_type" in llava_config or "mm_vision_tower" in llava_config or "mm_hidden_size" in llava_config:
         return ORIGINAL
@@ -447,6 +451,10 @@ def load_sources(settings: ConversionSettings) -> Sources:
 # ===================================================================================== config and processor
 def build_qmop_config(sources: Sources, num_visual_tokens: int, branches, pad_to_square: bool, overrides=None) -> QMoPConfig:
     image_token_id = sources.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    overrides = dict(overrides or {})
+    # The config's default top-k (2) is invalid with a single branch: cap it at the number of branches.
+    default_top_k = inspect.signature(QMoPConfig.__init__).parameters["router_top_k"].default
+    overrides.setdefault("router_top_k", min(default_top_k, len(branches)))
     return QMoPConfig(
         vision_config=sources.vision_config.to_dict(),
         text_encoder_config=sources.text_encoder_config.to_dict(),
@@ -457,7 +465,7 @@ def build_qmop_config(sources: Sources, num_visual_tokens: int, branches, pad_to
         vision_feature_layer=sources.vision_feature_layer,
         projector_hidden_act="gelu",
         pad_to_square=pad_to_square,
-        **(overrides or {}),
+        **overrides,
     )
 
 
