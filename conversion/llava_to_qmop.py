@@ -259,6 +259,17 @@ def weight_files(folder: str) -> list:
     )
 
 
+def _torch_load(path: str):
+    """`torch.load(weights_only=True)`: tensors and plain containers only. Memory-mapped when the file is in the
+    zip format (every torch >= 1.6 save); legacy files are read whole."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as error:
+        if "mmap" not in str(error):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def iter_tensors(files, description: str):
     """Yield (key, tensor) from safetensors or `torch.load(weights_only=True)`; nothing else is unpickled."""
     from safetensors import safe_open
@@ -269,7 +280,7 @@ def iter_tensors(files, description: str):
                 for key in f.keys():
                     yield key, f.get_tensor(key)
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            state = _torch_load(path)
             if not isinstance(state, dict):
                 raise ConversionError(f"{path} does not hold a state dict (got {type(state).__name__}).")
             yield from state.items()
@@ -286,7 +297,7 @@ def read_keys(files) -> list:
             with safe_open(path, framework="pt") as f:
                 keys += list(f.keys())
         else:
-            keys += list(torch.load(path, map_location="cpu", weights_only=True, mmap=True).keys())
+            keys += list(_torch_load(path).keys())
     return keys
 
 
@@ -386,6 +397,23 @@ def _add_image_and_pad_tokens(tokenizer) -> int:
     return len(tokenizer) - before
 
 
+def _load_llm_tokenizer(folder: str):
+    """The LLaVA tokenizer. The original repos ship only a SentencePiece `tokenizer.model`: say what to install."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    sentencepiece_only = os.path.exists(os.path.join(folder, "tokenizer.model")) and not os.path.exists(
+        os.path.join(folder, "tokenizer.json")
+    )
+    if sentencepiece_only and importlib.util.find_spec("sentencepiece") is None:
+        raise ConversionError(
+            f"{folder} has only a SentencePiece tokenizer.model (the original LLaVA-1.5 layout): "
+            "`pip install sentencepiece protobuf` to read it."
+        )
+    return AutoTokenizer.from_pretrained(folder)
+
+
 def load_sources(settings: ConversionSettings) -> Sources:
     from transformers import AutoImageProcessor, AutoTokenizer, GenerationConfig, LlavaConfig
 
@@ -398,7 +426,7 @@ def load_sources(settings: ConversionSettings) -> Sources:
     has_vision = any("vision_tower." in k for k in llava_keys)
     vision_dir = None if has_vision else resolve_checkpoint(settings.vision_tower or settings.clip, settings.token)
 
-    tokenizer = AutoTokenizer.from_pretrained(llava_dir)
+    tokenizer = _load_llm_tokenizer(llava_dir)
     num_added = 0
     if layout == LLAVA_HF:
         config = LlavaConfig.from_pretrained(llava_dir)
@@ -631,50 +659,63 @@ def _model_inputs(processor, image, budget: int, for_llava: bool = False):
     return {k: encoded[k] for k in keys}
 
 
-def _free(*objects):
-    del objects
-    gc.collect()
-
-
 # ===================================================================================== model card
 def _looks_like_hub_id(name: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name)) and not os.path.exists(name)
 
 
-def model_card(settings: ConversionSettings, config: QMoPConfig, report_lines: dict) -> str:
-    base = [settings.base_model] if settings.base_model else [n for n in (settings.llava, settings.clip) if _looks_like_hub_id(n)]
-    yaml_base = "".join(f"\n- {b}" for b in base)
-    branches = ", ".join(config.branches)
-    fresh = (["resampler (cross-attention layers, query embedding)"] if "resampler" in config.branches else []) + (
-        ["router"] if config.uses_router else []
-    )
-    return f"""---
-pipeline_tag: image-text-to-text
-library_name: transformers
-{'base_model:' + yaml_base if base else ''}
-tags:
-- qmop
-- llava
-- visual-token-compression
-- mixture-of-projectors
-- custom_code
----
+MODEL_CARD_TAGS = ("qmop", "llava", "visual-token-compression", "mixture-of-projectors", "custom_code")
 
+
+def conversion_command(settings: ConversionSettings) -> str:
+    """The command line that reproduces a conversion (paths as given; no token)."""
+    parts = ["python conversion/convert_llava_to_qmop.py", f"--llava {settings.llava}", f"--clip {settings.clip}"]
+    if settings.vision_tower:
+        parts.append(f"--vision-tower {settings.vision_tower}")
+    parts += [f"--output {os.path.basename(os.path.abspath(settings.output))}",
+              f"--num-visual-tokens {settings.num_visual_tokens}", "--branches " + " ".join(settings.branches),
+              f"--dtype {settings.dtype}", f"--seed {settings.seed}"]
+    parts += [f"--config-override {k}={json.dumps(v)}" for k, v in settings.config_overrides.items()]
+    if settings.pad_to_square is not None:
+        parts.append("--pad-to-square" if settings.pad_to_square else "--no-pad-to-square")
+    return " \\\n    ".join(parts)
+
+
+def model_card(settings: ConversionSettings, config: QMoPConfig, summary: dict, fresh_keys) -> str:
+    """README.md with Hub metadata (pipeline_tag, library_name, base_model, tags), budget, branches, provenance,
+    verification results, usage and citation. `summary`: layout, dtype and the two max abs diffs."""
+    base = [settings.base_model] if settings.base_model else [n for n in (settings.llava, settings.clip) if _looks_like_hub_id(n)]
+    front_matter = ["pipeline_tag: image-text-to-text", "library_name: transformers"]
+    if base:
+        front_matter += ["base_model:"] + [f"- {b}" for b in base]
+    front_matter += ["tags:"] + [f"- {tag}" for tag in MODEL_CARD_TAGS]
+    branches = ", ".join(config.branches)
+    # model.projector.resampler_branch.layers.0.q_proj.weight -> resampler_branch.layers
+    fresh = sorted({".".join(k.split(".")[2:4]) if "_branch." in k else k.split(".")[2] for k in fresh_keys})
+    header = "---\n" + "\n".join(front_matter) + "\n---\n"
+    return header + f"""
 # QMoP-LLaVA ({config.num_visual_tokens} visual tokens; branches: {branches})
 
 LLaVA-1.5 with a Query Guided Mixture-of-Projector: the {config.num_patches} CLIP patch tokens of each image are
 compressed to **{config.num_visual_tokens} tokens** by the {branches} branch(es), mixed per image by a router that
 reads the user's question through a CLIP text encoder.
 
-Converted with `conversion/convert_llava_to_qmop.py` from `{settings.llava}` (layout: {report_lines['layout']}) and
-the text tower of `{settings.clip}`; weights in {report_lines['dtype']}.
+Converted with `conversion/convert_llava_to_qmop.py` from `{settings.llava}` (layout: {summary['layout']}) and
+the text tower of `{settings.clip}`; weights in {summary['dtype']}.
 
 - Each branch's expert MLP is a copy of LLaVA's projector (`mlp2x_gelu`).
-- Freshly initialised (seed {settings.seed}), i.e. **untrained**: {', '.join(fresh) or 'nothing'}.
-  Until QMoP's two training stages have run, only a pooling-only model is a meaningful model.
+- Freshly initialised (seed {settings.seed}), i.e. **untrained**: {', '.join(f'`{name}`' for name in fresh) or 'nothing'}.
+  Until QMoP's two training stages have run, LLaVA-1.5's quality is only to be expected at the full budget
+  ({config.num_patches} tokens) with the pooling branch; other budgets and branches need training.
 - Verified before saving: with {config.num_patches} tokens and the pooling branch only, the converted weights give
-  the logits of transformers' `LlavaForConditionalGeneration` (max abs diff {report_lines['reference_max_abs_diff']:.3g});
-  the saved folder reloads through `Auto*` with `trust_remote_code=True` (max abs diff {report_lines['reload_max_abs_diff']:.3g}).
+  the logits of transformers' `LlavaForConditionalGeneration` (max abs diff {summary['reference_max_abs_diff']:.3g});
+  the saved folder reloads through `Auto*` with `trust_remote_code=True` (max abs diff {summary['reload_max_abs_diff']:.3g}).
+
+Reproduce with:
+
+```bash
+{conversion_command(settings)}
+```
 
 ## Usage
 
@@ -756,8 +797,8 @@ def convert(settings: ConversionSettings) -> ConversionReport:
         logger.info("running the llava-hf reference (transformers' LlavaForConditionalGeneration)")
         llava = LlavaForConditionalGeneration.from_pretrained(sources.llava_dir, dtype=requested_dtype or "auto").eval()
         llava_logits, llava_tokens = run_checks(llava, reference_inputs, settings.device, new_tokens)
-        _free(llava)
         llava = None
+        gc.collect()
 
     # 2. map every weight.
     tensors, dtype = read_converted_tensors(sources, requested_dtype)
@@ -817,7 +858,7 @@ def convert(settings: ConversionSettings) -> ConversionReport:
         summary = {"layout": sources.layout, "dtype": str(dtype).replace("torch.", ""),
                    "reference_max_abs_diff": reference_diff, "reload_max_abs_diff": reload_diff}
         with open(os.path.join(staging, "README.md"), "w") as f:
-            f.write(model_card(settings, config, summary))
+            f.write(model_card(settings, config, summary, fresh))
         _pause_if_requested("verified")
         if os.path.exists(output):
             shutil.rmtree(output)

@@ -284,13 +284,34 @@ def test_killed_conversion_leaves_no_complete_output(sources):
 
 def test_push_to_fake_hub_and_reload_uploaded_copy(sources, fake_hub):
     settings = _settings(sources, "pushed", num_visual_tokens=16, branches=("pooling", "pruning"),
-                         push_to_hub="me/qmop-tiny-converted", token="x", private=True)
+                         push_to_hub="me/qmop-tiny-converted", token="x", private=True,
+                         base_model="llava-hf/llava-1.5-7b-hf")
     report = conv.convert(settings)
     assert report.pushed_to == "me/qmop-tiny-converted"
     uploaded = os.path.join(fake_hub.store, "me", "qmop-tiny-converted")
     assert set(os.listdir(report.output)) <= set(os.listdir(uploaded))
+    card = open(os.path.join(uploaded, "README.md")).read()
+    assert "base_model:\n- llava-hf/llava-1.5-7b-hf\ntags:" in card and "`router`" in card
+    assert "--branches pooling pruning" in card
     model, processor = _reload(uploaded)
     assert model.config.branches == ["pooling", "pruning"]
     inputs = processor(images=conv.verification_image(48), text="USER: <image>\nWhere is the dog? ASSISTANT:")
     out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+# ===================================================================================== real checkpoints
+@pytest.mark.slow
+@pytest.mark.parametrize("llava", [os.environ.get("QMOP_LLAVA_HF", "llava-hf/llava-1.5-7b-hf"),
+                                   os.environ.get("QMOP_LLAVA_ORIGINAL", "liuhaotian/llava-v1.5-7b")])
+def test_convert_real_llava_1_5_7b(llava, tmp_path):
+    """Network + about 16 GB of RAM (a GPU makes the seven verification forwards fast): the 7B conversion at M=576,
+    pooling only, must reproduce LLaVA in float16 within the default half-precision tolerance."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    settings = conv.ConversionSettings(
+        llava=llava, clip=os.environ.get("QMOP_CLIP", "openai/clip-vit-large-patch14-336"), output=str(tmp_path / "qmop"),
+        num_visual_tokens=576, branches=("pooling",), dtype="float16", device=device,
+    )
+    report = conv.convert(settings)
+    assert report.reference_tokens_equal and report.reference_max_abs_diff <= conv.DEFAULT_ATOL[torch.float16]
+    assert report.reload_max_abs_diff <= conv.DEFAULT_ATOL[torch.float16]
