@@ -1,6 +1,6 @@
 """Convert LLaVA-1.5 + a CLIP text encoder into a verified, Hub-ready QMoP-LLaVA checkpoint.
 
-Example (the 7B model; needs about 40 GB of RAM and 45 GB of disk, see docs/conversion.md):
+Example (the 7B model; about 20 GB of RAM and 31 GB of disk in float16, computed in docs/conversion.md):
 
     python conversion/convert_llava_to_qmop.py \\
         --llava llava-hf/llava-1.5-7b-hf --clip openai/clip-vit-large-patch14-336 \\

@@ -315,3 +315,26 @@ def test_convert_real_llava_1_5_7b(llava, tmp_path):
     report = conv.convert(settings)
     assert report.reference_tokens_equal and report.reference_max_abs_diff <= conv.DEFAULT_ATOL[torch.float16]
     assert report.reload_max_abs_diff <= conv.DEFAULT_ATOL[torch.float16]
+
+
+def test_half_precision_conversion_and_cli_arguments(sources):
+    from safetensors import safe_open
+
+    from conversion.convert_llava_to_qmop import build_parser
+
+    args = build_parser().parse_args(["--llava", "a", "--clip", "b", "--output", "c", "--config-override", "router_top_k=1",
+                                      "--config-override", 'pruning_score="question_relevance"', "--no-pad-to-square"])
+    assert dict(args.config_override) == {"router_top_k": 1, "pruning_score": "question_relevance"}
+    assert args.pad_to_square is False and args.branches == ["pooling", "resampler", "pruning"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--llava", "a", "--clip", "b", "--output", "c", "--branches", "pooling", "mlp"])
+
+    settings = _settings(sources, "bf16", dtype="bfloat16", num_visual_tokens=16, branches=("pooling", "pruning"),
+                         config_overrides=dict(pruning_score="question_relevance", router_top_k=1), max_shard_size="5GB")
+    report = conv.convert(settings)
+    assert report.dtype == "bfloat16" and report.reference_max_abs_diff <= conv.DEFAULT_ATOL[torch.bfloat16]
+    assert any(".question_proj." in k for k in report.fresh_keys)
+    with safe_open(os.path.join(report.output, "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.projector.router.linear_1.weight").dtype == torch.bfloat16
+        assert f.get_tensor("model.text_encoder.final_layer_norm.weight").dtype == torch.bfloat16
+    assert json.loads(open(os.path.join(report.output, "config.json")).read())["router_top_k"] == 1
