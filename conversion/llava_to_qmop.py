@@ -57,7 +57,6 @@ DEFAULT_ATOL = {torch.float32: 1e-5, torch.float16: 5e-2, torch.bfloat16: 5e-2}
 VERIFY_PROMPT = "USER: <image>\nWhat is shown in this image? ASSISTANT:"
 # Stage at which an environment variable can make the converter pause (used by the interruption test).
 PAUSE_ENV = "QMOP_CONVERT_PAUSE_AFTER"
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 class ConversionError(RuntimeError):
@@ -133,7 +132,9 @@ LLAVA_HF_RULES = (
         "model.vision_tower.{rest}",
     ),
     KeyRule(r"^(?:model\.)?vision_tower\.(?:vision_model\.)?embeddings\.position_ids$", None, POSITION_IDS_REASON),
-    KeyRule(r"^(?:model\.)?multi_modal_projector\.linear_(?P<i>[12])\.(?P<param>weight|bias)$", PROJECTOR + "linear_{i}.{param}"),
+    KeyRule(
+        r"^(?:model\.)?multi_modal_projector\.linear_(?P<i>[12])\.(?P<param>weight|bias)$", PROJECTOR + "linear_{i}.{param}"
+    ),
     KeyRule(r"^language_model\.model\.(?P<rest>.+)$", "model.language_model.{rest}"),
     KeyRule(r"^model\.language_model\.(?P<rest>.+)$", "model.language_model.{rest}"),
     KeyRule(r"^(?:language_model\.)?lm_head\.weight$", "lm_head.weight"),
@@ -170,7 +171,10 @@ CLIP_VISION_RULES = (
 )
 # 5.x CLIPVisionModel saves unwrapped keys; only used for a separate --vision-tower checkpoint.
 CLIP_VISION_UNWRAPPED_RULES = CLIP_VISION_RULES[:2] + (
-    KeyRule(r"^(?P<rest>(?:embeddings\.(?!position_ids$)|encoder\.|pre_layrnorm\.|post_layernorm\.).+)$", "model.vision_tower.{rest}"),
+    KeyRule(
+        r"^(?P<rest>(?:embeddings\.(?!position_ids$)|encoder\.|pre_layrnorm\.|post_layernorm\.).+)$",
+        "model.vision_tower.{rest}",
+    ),
     KeyRule(r"^embeddings\.position_ids$", None, POSITION_IDS_REASON),
     KeyRule(r"^visual_projection\.weight$", None, "CLIP's contrastive head"),
 )
@@ -243,7 +247,8 @@ def resolve_checkpoint(name_or_path: str, token: Optional[str] = None) -> str:
 
 def weight_files(folder: str) -> list:
     """Weight files of a folder, preferring safetensors; shards in index order."""
-    for index_name, single in (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+    layouts = (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin"))
+    for index_name, single in layouts:
         index = os.path.join(folder, index_name)
         if os.path.exists(index):
             with open(index) as f:
@@ -425,6 +430,8 @@ def load_sources(settings: ConversionSettings) -> Sources:
     llava_keys = read_keys(llava_files)
     has_vision = any("vision_tower." in k for k in llava_keys)
     vision_dir = None if has_vision else resolve_checkpoint(settings.vision_tower or settings.clip, settings.token)
+    if has_vision and settings.vision_tower:
+        logger.warning("%s stores its own vision tower; --vision-tower %s is not used", settings.llava, settings.vision_tower)
 
     tokenizer = _load_llm_tokenizer(llava_dir)
     num_added = 0
@@ -450,6 +457,7 @@ def load_sources(settings: ConversionSettings) -> Sources:
     else:
         text_config = _original_text_config(raw)
         vision_feature_layer = raw.get("mm_vision_select_layer", -2)
+        # The original config.json has no vision config: it comes from the CLIP checkpoint the tower comes from.
         vision_config = _clip_vision_config(vision_dir or clip_dir)
         named = raw.get("mm_vision_tower")
         if vision_dir is not None and named and os.path.basename(named.rstrip("/")) not in vision_dir:
@@ -523,37 +531,43 @@ def verification_image(size: int):
 
 
 # ===================================================================================== weights
+def _read_mapped(files, rules, description: str, keep, dtype: Optional[torch.dtype], into: dict) -> Optional[torch.dtype]:
+    """Add the tensors of `files` whose mapped name passes `keep` to `into`, cast to `dtype` as they are read
+    (dtype None: the first floating tensor's dtype). Returns the dtype in use."""
+    mapping = map_keys(read_keys(files), rules, description)
+    for key, tensor in iter_tensors(files, description):
+        target = mapping[key]
+        if target is None or not keep(target):
+            continue
+        if target in into:
+            raise ConversionError(f"{description}: two keys map to {target!r} (the second is {key!r}).")
+        if torch.is_floating_point(tensor):
+            dtype = dtype or tensor.dtype
+            tensor = tensor.to(dtype)
+        into[target] = tensor
+    return dtype
+
+
 def read_converted_tensors(sources: Sources, dtype: Optional[torch.dtype]):
-    """All mapped tensors in `dtype` (None: keep the LLaVA dtype), keyed by QMoP names (the projector under the
-    `@projector.` pseudo prefix). Returns (tensors, dtype)."""
+    """All mapped tensors in `dtype` (None: the LLaVA weights' dtype), keyed by QMoP names (the projector under
+    the `@projector.` pseudo prefix). Returns (tensors, dtype)."""
     tensors = {}
     rules = LLAVA_HF_RULES if sources.layout == LLAVA_HF else ORIGINAL_RULES
+    dtype = _read_mapped(sources.llava_files, rules, f"LLaVA ({sources.layout}) {sources.llava_dir}",
+                         lambda target: True, dtype, tensors)
+    dtype = dtype or torch.float32
 
-    def take(files, rule_set, description, keep=lambda target: True):
-        nonlocal dtype
-        mapping = map_keys(read_keys(files), rule_set, description)
-        for key, tensor in iter_tensors(files, description):
-            target = mapping[key]
-            if target is None or not keep(target):
-                continue
-            if dtype is None and torch.is_floating_point(tensor):
-                dtype = tensor.dtype
-            if target in tensors:
-                raise ConversionError(f"{description}: two keys map to {target!r} (the second is {key!r}).")
-            tensors[target] = tensor
+    def from_clip(target: str) -> bool:  # the text tower always; the vision tower when LLaVA has none
+        takes_vision = sources.vision_dir == sources.clip_dir and target.startswith("model.vision_tower.")
+        return target.startswith("model.text_encoder.") or takes_vision
 
-    take(sources.llava_files, rules, f"LLaVA ({sources.layout}) {sources.llava_dir}")
-    take(weight_files(sources.clip_dir), CLIP_TEXT_RULES + CLIP_VISION_RULES, f"CLIP {sources.clip_dir}",
-         keep=lambda t: t.startswith("model.text_encoder.") or (sources.vision_dir == sources.clip_dir and t.startswith("model.vision_tower.")))
+    _read_mapped(weight_files(sources.clip_dir), CLIP_TEXT_RULES + CLIP_VISION_RULES, f"CLIP {sources.clip_dir}",
+                 from_clip, dtype, tensors)
     if sources.vision_dir is not None and sources.vision_dir != sources.clip_dir:
-        take(weight_files(sources.vision_dir), SEPARATE_VISION_RULES, f"vision tower {sources.vision_dir}",
-             keep=lambda t: t.startswith("model.vision_tower."))
+        _read_mapped(weight_files(sources.vision_dir), SEPARATE_VISION_RULES, f"vision tower {sources.vision_dir}",
+                     lambda target: target.startswith("model.vision_tower."), dtype, tensors)
     if not any(k.startswith("model.vision_tower.") for k in tensors):
         raise ConversionError("no vision tower weights were found in the LLaVA checkpoint or the vision source.")
-    dtype = dtype or torch.float32
-    for key, tensor in tensors.items():
-        if torch.is_floating_point(tensor) and tensor.dtype != dtype:
-            tensors[key] = tensor.to(dtype)
     if sources.num_added_tokens:
         _resize_vocabulary(tensors, sources.text_config.vocab_size)
     return tensors, dtype
@@ -583,7 +597,8 @@ def assemble_qmop(config: QMoPConfig, tensors: dict, dtype: torch.dtype, seed: i
     """QMoP model whose weights are `tensors` (shared, not copied) plus freshly initialised QMoP weights.
     Strict: every missing or unexpected key is reported. Returns (model, sorted fresh keys)."""
     model = _empty_model(QMoPForConditionalGeneration, config)
-    expected = set(model.state_dict().keys())
+    model_state = model.state_dict()
+    expected = set(model_state)
     state = {}
     for key, tensor in tensors.items():
         if key.startswith(PROJECTOR):
@@ -601,7 +616,7 @@ def assemble_qmop(config: QMoPConfig, tensors: dict, dtype: torch.dtype, seed: i
             f"  missing ({len(not_fresh)}): {', '.join(not_fresh) or '-'}\n"
             f"  unexpected ({len(unexpected)}): {', '.join(unexpected) or '-'}"
         )
-    shapes = [(k, tuple(state[k].shape), tuple(model.state_dict()[k].shape)) for k in state]
+    shapes = [(k, tuple(state[k].shape), tuple(model_state[k].shape)) for k in state]
     bad = [f"{k}: checkpoint {a} vs model {b}" for k, a, b in shapes if a != b]
     if bad:
         raise ConversionError(f"shape mismatch for {len(bad)} key(s):\n  " + "\n  ".join(bad))
@@ -610,11 +625,15 @@ def assemble_qmop(config: QMoPConfig, tensors: dict, dtype: torch.dtype, seed: i
     torch.manual_seed(seed)
     for module in model.modules():  # materialise and initialise what the checkpoint does not provide
         own = list(module.named_parameters(recurse=False))
-        if own and any(p.device.type == "meta" for _, p in own):
+        on_meta = [p.device.type == "meta" for _, p in own]
+        if any(on_meta) and not all(on_meta):  # never re-initialise a module the checkpoint partly provides
+            raise ConversionError(f"{type(module).__name__} is only partly in the checkpoint: {[n for n, _ in own]}")
+        if own and all(on_meta):
             module.to_empty(device="cpu", recurse=False)
             model._init_weights(module)
             for name, param in own:
-                setattr(module, name, torch.nn.Parameter(getattr(module, name).data.to(dtype), requires_grad=param.requires_grad))
+                initialised = getattr(module, name).data.to(dtype)
+                setattr(module, name, torch.nn.Parameter(initialised, requires_grad=param.requires_grad))
     leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if leftover:
         raise ConversionError(f"parameters left uninitialised: {leftover}")
