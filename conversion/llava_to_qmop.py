@@ -879,8 +879,8 @@ def convert(settings: ConversionSettings) -> ConversionReport:
         with open(os.path.join(staging, "README.md"), "w") as f:
             f.write(model_card(settings, config, summary, fresh))
         _pause_if_requested("verified")
-        if os.path.exists(output):
-            shutil.rmtree(output)
+        if os.path.exists(output):  # --overwrite: the old folder goes into the work dir and is deleted with it
+            os.replace(output, os.path.join(workdir, "replaced"))
         os.replace(staging, output)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -330,8 +330,12 @@ def test_half_precision_conversion_and_cli_arguments(sources):
         build_parser().parse_args(["--llava", "a", "--clip", "b", "--output", "c", "--branches", "pooling", "mlp"])
 
     settings = _settings(sources, "bf16", dtype="bfloat16", num_visual_tokens=16, branches=("pooling", "pruning"),
-                         config_overrides=dict(pruning_score="question_relevance", router_top_k=1), max_shard_size="5GB")
+                         config_overrides=dict(pruning_score="question_relevance", router_top_k=1), max_shard_size="5GB",
+                         overwrite=True)
+    os.makedirs(settings.output)
+    open(os.path.join(settings.output, "stale.txt"), "w").close()
     report = conv.convert(settings)
+    assert not os.path.exists(os.path.join(report.output, "stale.txt"))  # --overwrite replaced the old folder
     assert report.dtype == "bfloat16" and report.reference_max_abs_diff <= conv.DEFAULT_ATOL[torch.bfloat16]
     assert any(".question_proj." in k for k in report.fresh_keys)
     with safe_open(os.path.join(report.output, "model.safetensors"), "pt") as f:
