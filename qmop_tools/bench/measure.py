@@ -265,8 +265,17 @@ def count_prefill_flops(adapter: ModelAdapter, inputs: BenchInputs) -> dict:
 
 
 def _meta_llm(adapter: ModelAdapter, inputs: BenchInputs, state: dict):
-    """LLM prefill on meta tensors: the placeholder scatter is data-dependent, so feed embeddings of the right shape."""
-    width = adapter.config.text_config.hidden_size
-    embeds = torch.empty(*inputs.input_ids.shape, width, device="meta", dtype=adapter.model.lm_head.weight.dtype)
-    hidden = adapter.model.model.language_model(inputs_embeds=embeds, use_cache=True).last_hidden_state
-    return adapter.model.lm_head(hidden[:, -1:])
+    """LLM prefill on meta tensors, layer by layer. The placeholder scatter is data-dependent and 4.57's rotary
+    embedding cannot run on meta (it opens an autocast context for the tensor's device), so the layers get
+    embeddings and rotary angles of the right shapes; the angles are not matrix products either way."""
+    text_config = adapter.config.text_config
+    llm = adapter.model.model.language_model
+    dtype = adapter.model.lm_head.weight.dtype
+    batch, tokens = inputs.input_ids.shape
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    hidden = torch.empty(batch, tokens, text_config.hidden_size, device="meta", dtype=dtype)  # (B, T + M, D)
+    angles = torch.empty(batch, tokens, head_dim, device="meta", dtype=dtype)  # cos and sin: (B, T + M, h)
+    for layer in llm.layers:
+        out = layer(hidden, attention_mask=None, position_embeddings=(angles, angles))
+        hidden = out[0] if isinstance(out, tuple) else out
+    return adapter.model.lm_head(llm.norm(hidden[:, -1:]))  # (B, 1, V)

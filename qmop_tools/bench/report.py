@@ -25,6 +25,10 @@ def _fmt(value, scale=1.0, digits=1, suffix=""):
     return "n/a" if value is None else f"{value * scale:.{digits}f}{suffix}"
 
 
+def _sig(value, digits=4):
+    return "n/a" if value is None else f"{value:.{digits}g}"
+
+
 def _ratio(value):
     return "n/a" if value is None else f"{value:.3f}x"
 
@@ -53,9 +57,9 @@ def markdown_report(results: dict) -> str:
         kv = _measured_kv(record) or record["kv_bytes_per_sample_formula"]
         lines.append(_row([
             record["name"], record["visual_tokens"], record["sequence_length"],
-            _fmt(flops["counted"]["total"], 1e-9, 2), _ratio(record["flops_vs_llava"]),
-            _fmt(flops["analytic"]["total"], 1e-9, 2), f"{flops['counted_over_analytic']:.4f}",
-            f"{record['paper_visual_llm_tmacs']:.3f}", _fmt(kv, 1e-6, 2),
+            _sig(flops["counted"]["total"] / 1e9), _ratio(record["flops_vs_llava"]),
+            _sig(flops["analytic"]["total"] / 1e9), f"{flops['counted_over_analytic']:.4f}",
+            _sig(record['paper_visual_llm_tmacs']), _sig(kv / 1e6),
             f"{kv / base_kv:.4f} (= {record['kv_ratio_formula']})",
         ]))
     if any(r["by_batch"] for r in variants):
@@ -81,7 +85,7 @@ def markdown_report(results: dict) -> str:
     for record in variants:
         counted = record["flops"]["counted"]
         own = (counted["text_encoder"] + counted["router"] + counted["branches"]) / counted["total"]
-        lines.append(_row([record["name"]] + [_fmt(counted[p], 1e-9, 3) for p in parts]
+        lines.append(_row([record["name"]] + [_sig(counted[p] / 1e9) for p in parts]
                           + [f"{own:.2%}" if record["kind"] == "qmop" else "-"]))
     notes = {r["flops"]["note"] for r in variants if r["flops"]["note"]}
     if notes:
