@@ -78,7 +78,7 @@ class QMoPAdapter(ModelAdapter):
         return self.model(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values,
                           query_input_ids=inputs.query_input_ids, use_cache=True, logits_to_keep=1)
 
-    def components(self, inputs: BenchInputs, run_projector: bool = True) -> dict:
+    def components(self, inputs: BenchInputs) -> tuple:
         """Callables for the prefill's parts, each fed by the previous one's output (run in order)."""
         base, state = self.model.model, {}
 
@@ -136,7 +136,7 @@ class LlavaAdapter(ModelAdapter):
         return self.model(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values, use_cache=True,
                           logits_to_keep=1)
 
-    def components(self, inputs: BenchInputs, run_projector: bool = True) -> dict:
+    def components(self, inputs: BenchInputs) -> tuple:
         base, state = self.model.model, {}
         layer = self.config.vision_feature_layer
 

@@ -177,16 +177,18 @@ def build_qmop(shapes: BenchShapes, device: str, dtype: torch.dtype, seed: int =
     if path:
         return _load(QMoPForConditionalGeneration, path, device, dtype, attn_implementation, quantization)
     config = qmop_config(shapes, shapes.num_patches, attn_implementation)
-    model = _materialise(QMoPForConditionalGeneration, config, device, dtype, seed)
-    return _maybe_quantize(model, device, dtype, attn_implementation, quantization)
+    # Passed straight through so that nf4 can free the bf16 copy once it is saved.
+    return _maybe_quantize(_materialise(QMoPForConditionalGeneration, config, device, dtype, seed), device, dtype,
+                           attn_implementation, quantization)
 
 
 def build_llava(shapes: BenchShapes, device: str, dtype: torch.dtype, seed: int = 0, attn_implementation: str = "sdpa",
                 path: Optional[str] = None, quantization: Optional[str] = None):
     if path:
         return _load(LlavaForConditionalGeneration, path, device, dtype, attn_implementation, quantization)
-    model = _materialise(LlavaForConditionalGeneration, llava_config(shapes, attn_implementation), device, dtype, seed)
-    return _maybe_quantize(model, device, dtype, attn_implementation, quantization)
+    model_config = llava_config(shapes, attn_implementation)
+    return _maybe_quantize(_materialise(LlavaForConditionalGeneration, model_config, device, dtype, seed), device,
+                           dtype, attn_implementation, quantization)
 
 
 # Modules kept in bf16 under nf4: QMoP's vision tower, text encoder, projector and the head; LLaVA's likewise.
@@ -205,6 +207,11 @@ def _quantization_config(quantization: Optional[str], dtype: torch.dtype):
 
 
 def _load(model_cls, path, device, dtype, attn_implementation, quantization):
+    if device == "meta":  # FLOPs and KV need only the checkpoint's shapes: build from its config, no weights
+        config_cls = QMoPConfig if model_cls is QMoPForConditionalGeneration else LlavaConfig
+        config = config_cls.from_pretrained(path)
+        _set_attention(config, attn_implementation)
+        return _materialise(model_cls, config, device, dtype, seed=0)
     kwargs = dict(attn_implementation=attn_implementation, device_map={"": device})
     kwargs["dtype" if _transformers_major() >= 5 else "torch_dtype"] = dtype
     quant = _quantization_config(quantization, dtype)
@@ -284,8 +291,9 @@ def make_inputs(config, batch_size: int, prompt_tokens: int, num_visual_tokens: 
     return BenchInputs(input_ids.to(device), pixel_values.to(device, dtype), query_input_ids, num_visual_tokens)
 
 
-def model_dtype(model) -> torch.dtype:
-    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+def compute_dtype(model) -> torch.dtype:
+    """Dtype of the LLM's activations, hence of its KV cache (the embedding table is never quantized)."""
+    return model.get_input_embeddings().weight.dtype
 
 
 def square_budgets(budgets, num_patches: int) -> list:

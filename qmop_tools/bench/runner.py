@@ -20,7 +20,7 @@ import transformers
 
 from .flops import check_match, llava_analytic_flops, paper_visual_llm_macs, qmop_analytic_flops
 from .measure import adapter_for, count_prefill_flops, kv_bytes_formula, median, run_once, weights_bytes
-from .models import DTYPES, build_llava, build_qmop, get_preset, make_inputs, model_dtype, square_budgets
+from .models import DTYPES, build_llava, build_qmop, get_preset, make_inputs, compute_dtype, square_budgets
 
 GIB = 1024**3
 
@@ -114,7 +114,7 @@ def run_benchmark(settings: BenchSettings, log=print) -> dict:
     variants = [Variant(f"LLaVA-1.5 ({llava_tokens})", "llava", llava_tokens, adapter_for(llava))]
     variants += [Variant(f"QMoP M={m}", "qmop", m, adapter_for(qmop)) for m in budgets]
 
-    kv_value_bytes = torch.finfo(model_dtype(llava)).bits // 8  # the cache holds activations in the compute dtype
+    kv_value_bytes = torch.finfo(compute_dtype(llava)).bits // 8  # the cache holds activations in the compute dtype
     records = {v.name: _static_record(v, preset, kv_value_bytes, device) for v in variants}
 
     log("counting prefill FLOPs (batch 1)")
