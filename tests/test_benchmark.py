@@ -137,3 +137,49 @@ def test_write_atomic_replaces_whole_files(tmp_path):
     write_atomic(str(path), "second")
     assert path.read_text() == "second"
     assert os.listdir(path.parent) == ["report.md"]
+
+
+def _fake_results(peaks: bool) -> dict:
+    """Results as a CUDA run would leave them (no GPU needed to check the arithmetic on top of them)."""
+    def record(kind, tokens, flops, ttft, overhead=None):
+        by_batch = {}
+        for batch in (1, 8):
+            entry = dict(ttft_s=ttft * batch, kv_bytes_per_sample=(40 + tokens) * 1000,
+                         peak_bytes=(batch * 100 + 50) * 2**20 if peaks else None)
+            if overhead is not None:
+                entry["overhead_share"] = overhead
+            by_batch[str(batch)] = entry
+        return dict(name=f"{kind} {tokens}", kind=kind, visual_tokens=tokens, sequence_length=40 + tokens,
+                    kv_bytes_per_sample_formula=(40 + tokens) * 1000, by_batch=by_batch,
+                    flops={"counted": {"total": flops}})
+
+    variants = [record("llava", 576, 100.0, 1.0), record("qmop", 144, 30.0, 0.3, 0.04), record("qmop", 64, 25.0, 0.5, 0.04)]
+    return dict(settings=dict(decode_tokens=8), weights_bytes={"llava": 2**30, "qmop": 2**30}, variants=variants)
+
+
+def test_memory_fit_uses_measured_peaks_when_there_are_some():
+    from qmop_tools.bench.runner import _add_memory_fit
+
+    results = _fake_results(peaks=True)
+    _add_memory_fit(results, budget_bytes=2 * 2**30)  # 1 GiB left after the weights, 100 MiB a sample, 50 MiB fixed
+    assert results["variants"][0]["max_batch_within_budget"] == (1024 - 50) // 100
+    assert "measured peak" in results["variants"][0]["max_batch_method"]
+    assert results["variants"][0]["by_batch"]["8"]["peak_with_weights_bytes"] == 2**30 + 850 * 2**20
+
+    results = _fake_results(peaks=False)
+    _add_memory_fit(results, budget_bytes=2 * 2**30)
+    kv_at_end = 1000 * (616 + 9)  # KV formula per sample at prompt + visual + decode tokens
+    assert results["variants"][0]["max_batch_within_budget"] == 2**30 // kv_at_end
+    assert "upper bound" in results["variants"][0]["max_batch_method"]
+
+
+def test_targets_are_read_at_the_right_budget_and_batch():
+    from qmop_tools.bench.runner import _add_ratios, evaluate_targets
+
+    results = _fake_results(peaks=True)
+    _add_ratios(results)
+    targets = {t["target"].split(" <=")[0]: t for t in evaluate_targets(results)}
+    assert targets["prefill FLOPs at M=144"]["value"] == pytest.approx(0.30) and targets["prefill FLOPs at M=144"]["met"]
+    assert targets["prefill FLOPs at M=64"]["value"] == pytest.approx(0.25) and not targets["prefill FLOPs at M=64"]["met"]
+    assert targets["TTFT at M=144, batch 8"]["value"] == pytest.approx(0.30)
+    assert targets["QMoP's own overhead"]["value"] == pytest.approx(0.04) and targets["QMoP's own overhead"]["met"]
