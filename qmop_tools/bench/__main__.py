@@ -1,0 +1,49 @@
+"""python -m qmop_tools.bench --preset cpu --output outputs/bench   (see docs/benchmark.md)"""
+
+import argparse
+
+from .report import write_outputs
+from .runner import BenchSettings, run_benchmark
+
+
+def parse_args(argv=None) -> BenchSettings:
+    parser = argparse.ArgumentParser(
+        description="QMoP-LLaVA vs LLaVA-1.5 side by side: prefill FLOPs (counted and analytic), KV cache, time to "
+                    "first token, decode tokens/s, peak memory, largest batch in a memory budget.")
+    parser.add_argument("--preset", default="cpu", choices=["7b", "cpu", "smoke"])
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, or meta (FLOPs and KV only)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the preset's")
+    parser.add_argument("--attn-implementation", default="sdpa", help="the same on both models (sdpa, eager, ...)")
+    parser.add_argument("--quantization", choices=["nf4"], help="bitsandbytes 4-bit LLM on both models")
+    parser.add_argument("--budgets", type=int, nargs="+", help="QMoP visual tokens (perfect squares)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+")
+    parser.add_argument("--prompt-tokens", type=int, help="text tokens of the prompt (default 40)")
+    parser.add_argument("--query-tokens", type=int, help="CLIP tokens of the question")
+    parser.add_argument("--decode-tokens", type=int)
+    parser.add_argument("--warmup", type=int)
+    parser.add_argument("--repeats", type=int)
+    parser.add_argument("--memory-budget-gib", type=float)
+    parser.add_argument("--qmop-path", help="QMoP-LLaVA checkpoint (folder or Hub id)")
+    parser.add_argument("--llava-path", help="llava-hf checkpoint, e.g. llava-hf/llava-1.5-7b-hf")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-components", dest="components", action="store_false",
+                        help="skip timing QMoP's parts separately")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--output", default="outputs/bench", help="folder for efficiency.{md,json,png}")
+    parser.add_argument("--no-plot", dest="plot", action="store_false")
+    args = vars(parser.parse_args(argv))
+    output, plot = args.pop("output"), args.pop("plot")
+    return BenchSettings(**args), output, plot
+
+
+def main(argv=None):
+    settings, output, plot = parse_args(argv)
+    results = run_benchmark(settings)
+    paths = write_outputs(results, output, plot=plot)
+    with open(paths["markdown"]) as file:
+        print(file.read())
+    print("wrote", ", ".join(paths.values()))
+
+
+if __name__ == "__main__":
+    main()
