@@ -23,24 +23,22 @@ logger = logging.getLogger(__name__)
 
 # Modules kept out of 4-bit quantization under QLoRA: everything that is not the LLM's decoder (quantizing the
 # small router and projector is pointless and they are trained in full). The list replaces transformers' default
-# skip list, so lm_head is named explicitly.
-QLORA_SKIP_MODULES = ("vision_tower", "text_encoder", "projector", "lm_head")
+# skip list, so lm_head is named explicitly. Full paths from the model root: 5.x matches from the start.
+QLORA_SKIP_MODULES = ("model.vision_tower", "model.text_encoder", "model.projector", "lm_head")
 
 
 def unwrap_qmop(model: torch.nn.Module) -> torch.nn.Module:
     """The QMoPForConditionalGeneration inside DDP / DeepSpeed / PEFT wrappers."""
-    seen = 0
-    while not hasattr(model, "set_router_temperature"):
+    for _ in range(8):
+        if hasattr(type(model), "set_router_temperature"):  # the class, not __getattr__ forwarding (PEFT does)
+            return model
         if hasattr(model, "get_base_model"):  # PEFT
             model = model.get_base_model()
-        elif hasattr(model, "module"):  # DDP, DeepSpeed engine
+        elif isinstance(getattr(model, "module", None), torch.nn.Module):  # DDP, DeepSpeed engine
             model = model.module
         else:
-            raise TypeError(f"{type(model).__name__} is not (a wrapper around) a QMoP-LLaVA model.")
-        seen += 1
-        if seen > 8:
-            raise TypeError("Could not unwrap the model to QMoP-LLaVA.")
-    return model
+            break
+    raise TypeError(f"{type(model).__name__} is not (a wrapper around) a QMoP-LLaVA model.")
 
 
 # ===================================================================================== what each stage trains
