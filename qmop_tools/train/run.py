@@ -107,7 +107,9 @@ def build_dataset(data_args: DataArguments, model_args: ModelArguments, processo
     )
 
 
-def run(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> TrainResult:
+def run(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
+        callbacks: Optional[list] = None) -> TrainResult:
+    """Train as the arguments say and write the finished folder; `callbacks` are extra TrainerCallbacks."""
     push = prepare_training_arguments(training_args)
     set_seed(training_args.seed)  # before the model is touched: LoRA initialisation is random
 
@@ -135,6 +137,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Tra
         data_collator=QMoPDataCollator.from_processor(processor),
         processing_class=processor,
         projector_lr=model_args.projector_lr,
+        callbacks=callbacks,
     )
     resume = training_args.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "latest"):
@@ -206,7 +209,7 @@ def parse_args(argv=None):
     return parser.parse_args_into_dataclasses(args=argv)
 
 
-def main(argv=None) -> TrainResult:
+def main(argv=None, callbacks: Optional[list] = None) -> TrainResult:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     model_args, data_args, training_args = parse_args(argv)
-    return run(model_args, data_args, training_args)
+    return run(model_args, data_args, training_args, callbacks=callbacks)
