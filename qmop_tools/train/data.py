@@ -282,9 +282,16 @@ class LazyLLaVADataset(Dataset):
         is_target &= input_ids != self.image_token_id
         labels[is_target] = input_ids[is_target]
 
+        full_length = input_ids.shape[0]
         input_ids, labels = self._fit_length(input_ids, labels)
         if not bool((labels != IGNORE_INDEX).any()):
-            raise BadSample("no_target_tokens", "no answer token survived tokenisation")
+            raise BadSample("no_target_tokens", f"no answer token within model_max_length={self.model_max_length}")
+        if input_ids.shape[0] < full_length:
+            self.truncated += 1
+            logger.warning(
+                "Sample %r of %d tokens was cut to model_max_length=%d (%d cut so far).",
+                sample.get("id"), full_length, self.model_max_length, self.truncated,
+            )
         item = {"input_ids": input_ids, "labels": labels}
         if has_image:
             item["pixel_values"] = encoding["pixel_values"]  # (1, 3, H, W)
@@ -308,11 +315,6 @@ class LazyLLaVADataset(Dataset):
                 f"{input_ids.shape[0]} tokens > model_max_length {self.model_max_length} and the cut would fall "
                 "inside the image placeholders",
             )
-        self.truncated += 1
-        logger.warning(
-            "A sample of %d tokens was cut to model_max_length=%d (%d cut so far).",
-            input_ids.shape[0], self.model_max_length, self.truncated,
-        )
         return input_ids[: self.model_max_length], labels[: self.model_max_length]
 
     def report(self) -> dict:
