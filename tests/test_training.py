@@ -213,12 +213,12 @@ def test_router_schedule_and_logging(stage1):
 
 
 def test_loss_decreases_in_stage2(workspace):
-    result = train(workspace, "stage2-full", "--max_steps", 24, "--learning_rate", "3e-3",
+    result = train(workspace, "stage2-full", "--max_steps", 12, "--learning_rate", "5e-3",
                    "--lr_scheduler_type", "constant", stage=2)
     losses = [entry["lm_loss"] if "lm_loss" in entry else entry["loss"] for entry in train_logs(result)]
-    assert len(losses) == 24
-    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert last < 0.7 * first, f"loss did not go down: {first:.3f} -> {last:.3f}"
+    assert len(losses) == 12
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < 0.85 * first, f"loss did not go down: {first:.3f} -> {last:.3f}"
 
 
 def test_lora_trains_llm_adapters_and_projector_then_merges(workspace):
@@ -289,18 +289,19 @@ class _StopAfter(TrainerCallback):
 
 
 def test_resume_equals_uninterrupted(workspace):
-    common = ("--max_steps", 6, "--save_strategy", "steps", "--save_steps", 3, "--tuning", "lora", "--lora_r", 4,
-              "--lora_alpha", 8)
-    full = train(workspace, "resume-full", *common, stage=2)
-    train(workspace, "resume-cut", *common, stage=2, callbacks=[_StopAfter(3)])
-    checkpoint = workspace["root"] / "resume-cut" / "checkpoint-3"
-    assert checkpoint.is_dir()
-    resumed = train(workspace, "resume-cut", *common, "--resume_from_checkpoint", checkpoint, stage=2)
+    # Stage 1: Gumbel noise, the router temperature, the cosine schedule and the data order all depend on the step.
+    common = ("--max_steps", 4, "--save_strategy", "steps", "--save_steps", 2)
+    full = train(workspace, "resume-full", *common)
+    train(workspace, "resume-cut", *common, callbacks=[_StopAfter(2)])
+    checkpoint = workspace["root"] / "resume-cut" / "checkpoint-2"
+    assert checkpoint.is_dir() and not (workspace["root"] / "resume-cut" / "checkpoint-4").exists()
+    resumed = train(workspace, "resume-cut", *common, "--resume_from_checkpoint", checkpoint)
 
-    assert train_logs(resumed)[-1]["step"] == 6
-    assert [e["loss"] for e in train_logs(resumed)][-3:] == [e["loss"] for e in train_logs(full)][-3:]
-    a = load_file(str(workspace["root"] / "resume-full" / "adapter_model.safetensors"))
-    b = load_file(str(workspace["root"] / "resume-cut" / "adapter_model.safetensors"))
+    # The resumed run's history holds steps 1-2 from the checkpoint and 3-4 trained after resuming.
+    assert [e["step"] for e in train_logs(resumed)] == [1, 2, 3, 4]
+    assert [e["loss"] for e in train_logs(resumed)] == [e["loss"] for e in train_logs(full)]
+    a = load_file(str(workspace["root"] / "resume-full" / "model.safetensors"))
+    b = load_file(str(workspace["root"] / "resume-cut" / "model.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
