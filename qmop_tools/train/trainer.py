@@ -1,0 +1,285 @@
+"""The two-stage QMoP-LLaVA recipe on top of the Hugging Face Trainer.
+
+    stage 1: vision tower, CLIP text encoder, LLM and lm_head frozen; projector (branches, expert MLPs, router) trained
+    stage 2: projector + the LLM, in full, with LoRA, or with QLoRA (4-bit nf4 LLM + LoRA); LoRA only on the LLM's
+             linears, the projector and router are trained in full and saved with the adapter
+
+The router temperature follows `modeling_qmop.router_temperature_at(config, step / max_steps)` (Gumbel noise is on in
+training mode only, as the model does it); router weights per branch, temperature and the auxiliary load-balancing
+loss are logged next to the LM loss.
+"""
+
+import logging
+import os
+import re
+import tempfile
+from collections import defaultdict
+from typing import Optional
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+# Modules kept out of 4-bit quantization under QLoRA: everything that is not the LLM's decoder (quantizing the
+# small router and projector is pointless and they are trained in full). The list replaces transformers' default
+# skip list, so lm_head is named explicitly. Full paths from the model root: 5.x matches from the start.
+QLORA_SKIP_MODULES = ("model.vision_tower", "model.text_encoder", "model.projector", "lm_head")
+
+
+def unwrap_qmop(model: torch.nn.Module) -> torch.nn.Module:
+    """The QMoPForConditionalGeneration inside DDP / DeepSpeed / PEFT wrappers."""
+    for _ in range(8):
+        if hasattr(type(model), "set_router_temperature"):  # the class, not __getattr__ forwarding (PEFT does)
+            return model
+        if hasattr(model, "get_base_model"):  # PEFT
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), torch.nn.Module):  # DDP, DeepSpeed engine
+            model = model.module
+        else:
+            break
+    raise TypeError(f"{type(model).__name__} is not (a wrapper around) a QMoP-LLaVA model.")
+
+
+# ===================================================================================== what each stage trains
+def configure_trainable(model: torch.nn.Module, stage: int, train_language_model: bool) -> None:
+    """Stage 1: only the projector. Stage 2 with `train_language_model`: also the LLM and lm_head.
+    (With LoRA, pass train_language_model=False: PEFT adds the trainable adapters afterwards.)"""
+    core = unwrap_qmop(model)
+    core.requires_grad_(False)
+    core.model.projector.requires_grad_(True)
+    if stage == 2 and train_language_model:
+        core.model.language_model.requires_grad_(True)
+        core.lm_head.requires_grad_(True)
+
+
+def lora_target_pattern(model: torch.nn.Module, leaf_names) -> str:
+    """A PEFT `target_modules` regex matching exactly the LLM's linear layers named `leaf_names`
+    (e.g. q_proj), so that the CLIP towers' q_proj/k_proj/v_proj never get adapters."""
+    core = unwrap_qmop(model)
+    found = set()
+    for name, module in core.model.language_model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in leaf_names and isinstance(module, torch.nn.Linear):  # bnb Linear4bit subclasses nn.Linear
+            found.add(leaf)
+    missing = sorted(set(leaf_names) - found)
+    if missing:
+        raise ValueError(
+            f"LoRA targets {missing} are not linear layers of the language model "
+            f"({type(core.model.language_model).__name__}); check --lora_target_modules."
+        )
+    return r"model\.language_model\..*\.(" + "|".join(re.escape(n) for n in sorted(found)) + r")"
+
+
+def apply_lora(model, r: int, alpha: int, dropout: float, targets, quantized: bool, gradient_checkpointing: bool):
+    """Wrap the model with PEFT LoRA on the LLM's linears; the projector is a `modules_to_save` (trained in full
+    and stored with the adapter)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=lora_target_pattern(model, targets),
+        modules_to_save=["projector"],
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def trainable_summary(model: torch.nn.Module) -> dict:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable_parameters": trainable, "total_parameters": total}
+
+
+# ===================================================================================== router schedule
+class RouterTemperatureCallback(TrainerCallback):
+    """Anneals the router temperature with training progress (global step / max steps)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.core = unwrap_qmop(model)
+        from_config = self.core.config
+        self.temperature = from_config.router_temperature
+        self._schedule = _router_schedule_function(self.core)
+
+    def _update(self, state):
+        progress = state.global_step / state.max_steps if state.max_steps else 0.0
+        self.temperature = self._schedule(self.core.config, progress)
+        self.core.set_router_temperature(self.temperature)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._update(state)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._update(state)
+
+
+def _router_schedule_function(core: torch.nn.Module):
+    """`router_temperature_at` from the model's own module (a local checkout or the Hub's remote code)."""
+    import sys
+
+    module = sys.modules[type(core).__module__]
+    return module.router_temperature_at
+
+
+# ===================================================================================== trainer
+class QMoPTrainer(Trainer):
+    """HF Trainer that logs the router (mean weight per branch, temperature, aux loss, LM loss without the aux
+    term) and can give the projector its own learning rate."""
+
+    def __init__(self, *args, projector_lr: Optional[float] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.projector_lr = projector_lr
+        self.core = unwrap_qmop(self.model)
+        self.router_callback = RouterTemperatureCallback(self.model)
+        self.add_callback(self.router_callback)
+        self._router_sums = defaultdict(float)
+        self._router_count = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            self._record_router(outputs)
+        return (loss, outputs) if return_outputs else loss
+
+    def _record_router(self, outputs) -> None:
+        aux_loss = getattr(outputs, "aux_loss", None)
+        weights = getattr(outputs, "router_weights", None)  # (N, num_branches)
+        if aux_loss is None or weights is None:
+            return
+        self._router_sums["aux_loss"] += float(aux_loss.detach())
+        for column, branch in enumerate(self.core.config.branches):
+            self._router_sums[f"router_weight/{branch}"] += float(weights[:, column].detach().float().mean())
+        self._router_count += 1
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs and "eval_loss" not in logs:
+            if self.core.model.projector.router is not None:
+                logs["router_temperature"] = round(self.router_callback.temperature, 6)
+            if self._router_count:
+                means = {key: value / self._router_count for key, value in self._router_sums.items()}
+                logs.update({key: round(value, 6) for key, value in means.items()})
+                coef = self.core.config.router_aux_loss_coef
+                logs["lm_loss"] = round(logs["loss"] - coef * means["aux_loss"], 6)
+            self._router_sums.clear()
+            self._router_count = 0
+        super().log(logs, *args, **kwargs)
+
+    def create_optimizer(self, *args, **kwargs):
+        if self.projector_lr is None or self.optimizer is not None:
+            return super().create_optimizer(*args, **kwargs)
+        model = self.model
+        decay = set(self.get_decay_parameter_names(model))
+        groups = {}
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            lr = self.projector_lr if ".projector." in f".{name}." else self.args.learning_rate
+            weight_decay = self.args.weight_decay if name in decay else 0.0
+            groups.setdefault((lr, weight_decay), []).append(param)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        param_groups = [{"params": p, "lr": lr, "weight_decay": wd} for (lr, wd), p in groups.items()]
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+
+# ===================================================================================== outputs
+def move_into(source_dir: str, target_dir: str) -> None:
+    """Move every file of `source_dir` into `target_dir` (same file system), replacing files of the same name."""
+    for root, _, files in os.walk(source_dir):
+        for name in files:
+            source = os.path.join(root, name)
+            target = os.path.join(target_dir, os.path.relpath(source, source_dir))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(source, target)
+
+
+def merge_lora_adapter(base_model: str, adapter_dir: str, output_dir: str, dtype: Optional[torch.dtype] = None) -> str:
+    """Load the base model unquantized, apply the adapter (LoRA + trained projector), merge, and write a complete
+    Hub folder (weights, config with auto_map, code files incl. the pipeline, processor) to `output_dir`."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    base = AutoModelForImageTextToText.from_pretrained(base_model, trust_remote_code=True, dtype=dtype)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    processor = AutoProcessor.from_pretrained(adapter_dir, trust_remote_code=True)
+    os.makedirs(output_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".tmp-merged-") as tmp:
+        merged.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        move_into(tmp, output_dir)
+    return output_dir
+
+
+def write_model_card(folder: str, base_model: str, stage: int, tuning: str, adapter: bool, metrics: dict) -> None:
+    lines = [
+        "---",
+        "library_name: " + ("peft" if adapter else "transformers"),
+        "pipeline_tag: image-text-to-text",
+        "tags:",
+        "- qmop-llava",
+        "- llava",
+        "- visual-token-compression",
+    ]
+    if not os.path.isdir(base_model):  # a Hub id: link the card to it
+        lines.append(f"base_model: {base_model}")
+    lines += [
+        "---",
+        "",
+        "# QMoP-LLaVA fine-tune",
+        "",
+        f"Trained from `{base_model}`: stage {stage}, "
+        + ("projector and router only" if stage == 1 else f"projector, router and LLM ({tuning})")
+        + ".",
+        "",
+    ]
+    if adapter:
+        lines += [
+            "This folder is a PEFT adapter (LoRA on the LLM, projector and router in full). Load it on top of the base:",
+            "",
+            "```python",
+            "from peft import PeftModel",
+            "from transformers import AutoModelForImageTextToText, AutoProcessor",
+            f'base = AutoModelForImageTextToText.from_pretrained("{base_model}", trust_remote_code=True)',
+            'model = PeftModel.from_pretrained(base, "<this folder or repo>")',
+            'processor = AutoProcessor.from_pretrained("<this folder or repo>", trust_remote_code=True)',
+            "```",
+        ]
+    else:
+        lines += [
+            "```python",
+            "from transformers import AutoModelForImageTextToText, AutoProcessor",
+            'model = AutoModelForImageTextToText.from_pretrained("<this folder or repo>", trust_remote_code=True)',
+            'processor = AutoProcessor.from_pretrained("<this folder or repo>", trust_remote_code=True)',
+            "```",
+        ]
+    if metrics:
+        lines += ["", "Training metrics:", ""] + [f"- {key}: {value}" for key, value in sorted(metrics.items())]
+    text = "\n".join(lines) + "\n"
+    tmp = os.path.join(folder, ".README.md.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, os.path.join(folder, "README.md"))
+
+
+def push_folder(folder: str, repo_id: str, token: Optional[str] = None, private: Optional[bool] = None,
+                commit_message: str = "Upload QMoP-LLaVA fine-tune") -> str:
+    """Upload a finished output folder (not its intermediate checkpoints or logs) to the Hub."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    api.upload_folder(
+        folder_path=folder,
+        repo_id=repo_id,
+        commit_message=commit_message,
+        ignore_patterns=["checkpoint-*", "checkpoint-*/**", "runs/**", ".tmp-*", ".tmp-*/**", "*.tmp"],
+    )
+    return repo_id
