@@ -654,7 +654,7 @@ class QMoPModel(QMoPPreTrainedModel):
         """Patch scores (N, P) of the pruning branch and, with recycling, patch-to-patch attention (N, P, P), from the
         feature layer's q/k projections applied to its input (N, S, Cv). See [`QMoPPruningBranch`]."""
         attn = feature_layer.self_attn
-        if attn.k_proj.weight.device.type == "meta":
+        if attn.k_proj.weight.device.type == "meta" and layer_input.device.type != "meta":
             raise RuntimeError(
                 "The pruning branch reads the vision tower's feature layer, which is offloaded (meta weights). "
                 "Keep `model.vision_tower` on a device in `device_map` (it is small)."

@@ -77,17 +77,25 @@ def branch_macs(config, branch: str, num_tokens: int) -> int:
                      + 2 * num_tokens * patches * width  # cross-attention
                      + 2 * num_tokens * width * config.resampler_intermediate_size)  # FFN
         return config.resampler_num_layers * per_layer + expert
-    if branch == "pruning":
-        tokens = patches + 1
-        if config.pruning_score == "cls_attention":
-            scores = tokens * width * width + width * width + tokens * width  # k of all, q of CLS, CLS->all scores
-        else:  # question relevance: question MLP (Ct -> Cv -> Cv), its q, keys of all, question->patch scores
-            text_width = config.text_encoder_config.hidden_size
-            scores = text_width * width + 2 * width * width + tokens * width * width + patches * width
-        if config.pruning_recycle and num_tokens < patches:
-            scores += patches * width * width + num_tokens * tokens * width + num_tokens * patches * width
-        return scores + expert
+    if branch == "pruning":  # the scores are charged separately (pruning_score_macs): every image pays them
+        recycled = num_tokens * patches * width if config.pruning_recycle and num_tokens < patches else 0
+        return expert + recycled  # kept-row attention @ patches
     raise ValueError(f"unknown branch {branch!r}.")
+
+
+def pruning_score_macs(config) -> int:
+    """Per image, whenever the pruning branch exists: QMoPModel.pruning_scores runs beside the vision tower,
+    before the router decides (feature layer's keys of all tokens, the scoring query, the scores)."""
+    width, patches = config.vision_config.hidden_size, config.num_patches
+    tokens = patches + 1
+    if config.pruning_score == "cls_attention":
+        scores = tokens * width * width + width * width + tokens * width  # k of all, q of CLS, CLS->all scores
+    else:  # question relevance: question MLP (Ct -> Cv -> Cv), its q, keys of all, question->patch scores
+        text_width = config.text_encoder_config.hidden_size
+        scores = text_width * width + 2 * width * width + tokens * width * width + patches * width
+    if config.pruning_recycle:
+        scores += patches * width * width + patches * tokens * width  # q of patches, patch->all attention
+    return scores
 
 
 def router_macs(config) -> int:
@@ -128,7 +136,8 @@ def qmop_analytic_flops(config, batch_size: int, prompt_tokens: int, num_visual_
         vision_tower=2 * batch_size * vision_tower_macs(config.vision_config, config.vision_feature_hidden_state_index),
         text_encoder=2 * batch_size * text_encoder_macs(config.text_encoder_config, query_tokens) if config.uses_query else 0,
         router=2 * batch_size * router_macs(config) if uses_router else 0,
-        branches=2 * sum(n * branch_macs(config, b, num_visual_tokens) for b, n in branch_images.items()),
+        branches=2 * sum(n * branch_macs(config, b, num_visual_tokens) for b, n in branch_images.items())
+        + (2 * batch_size * pruning_score_macs(config) if "pruning" in config.branches else 0),
         llm=2 * batch_size * llm_prefill_macs(config.text_config, prompt_tokens + num_visual_tokens),
     )
 

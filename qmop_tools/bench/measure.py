@@ -90,8 +90,11 @@ class QMoPAdapter(ModelAdapter):
 
         def projector():
             hidden, layer_input, feature_layer = state["vision"]
-            state["projected"] = base.projector(hidden[:, 1:], hidden[:, 0], layer_input, feature_layer,
-                                                state["query"], inputs.num_visual_tokens)
+            scores, attention = None, None
+            if "pruning" in self.config.branches:  # the pruning scores are part of QMoP's own cost
+                scores, attention = base.pruning_scores(layer_input, feature_layer, state["query"])
+            state["projected"] = base.projector(hidden[:, 1:], hidden[:, 0], state["query"], inputs.num_visual_tokens,
+                                                pruning_scores=scores, patch_attention=attention)
 
         def llm():
             state["logits"] = self._llm_prefill(inputs.input_ids, state["projected"].image_features)
@@ -124,8 +127,10 @@ class QMoPAdapter(ModelAdapter):
             elif name == "resampler":
                 flops += count_flops(projector.resampler_branch, patches, budget)[1]
             else:
-                flops += count_flops(projector.pruning_branch, patches, layer_input, feature_layer, state["query"],
-                                     budget)[1]
+                (scores, attention), score_flops = count_flops(
+                    self.model.model.pruning_scores, layer_input, feature_layer, state["query"]
+                )
+                flops += score_flops + count_flops(projector.pruning_branch, patches, scores, attention, budget)[1]
         return router, flops, chosen
 
 
