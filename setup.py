@@ -27,6 +27,12 @@ setup(
         "pillow",
         "numpy",
     ],
+    entry_points={
+        "console_scripts": [
+            "qmop-convert-llava = conversion.convert_llava_to_qmop:main",
+            "qmop-train = qmop_tools.train.run:main",
+        ]
+    },
     extras_require={
         "quant": ["bitsandbytes>=0.45"],
         "train": ["peft>=0.13", "tensorboard"],
