@@ -14,6 +14,9 @@ def write_atomic(path: str, data, binary: bool = False) -> str:
     try:
         with os.fdopen(handle, "wb" if binary else "w") as file:
             file.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; the result is an ordinary file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
