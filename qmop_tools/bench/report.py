@@ -91,6 +91,9 @@ def markdown_report(results: dict) -> str:
         lines.append(_row([record["name"]] + [_sig(counted[p] / 1e9) for p in parts]
                           + [f"{own:.2%}" if record["kind"] == "qmop" else "-"]))
     notes = {r["flops"]["note"] for r in variants if r["flops"]["note"]}
+    if results.get("flops_ratio_basis") == "analytic":
+        notes.add("quantized run: torch's FLOP counter does not see bitsandbytes' 4-bit matmuls, so the counted "
+                  "column is partial and every 'vs LLaVA' FLOP ratio uses the analytic count")
     if notes:
         lines += [""] + [f"- {n}" for n in sorted(notes)]
     lines += ["", "## Targets (against LLaVA at all patches)", "", _row(["target", "value", "met"]), _row(["---"] * 3)]
