@@ -205,3 +205,16 @@ def test_nf4_quantizes_only_the_llm_layers_and_runs(monkeypatch):
     assert results["flops_ratio_basis"] == "analytic"
     assert results["variants"][2]["flops_vs_llava"] < 1
     assert results["variants"][2]["kv_ratio_exact"] is True
+
+
+def test_cpu_preset_on_the_576_patch_grid(tmp_path):
+    """The CPU preset itself (cut to one short run): the issue's exact KV ratio (T+M)/(T+576) at M=144."""
+    main(["--preset", "cpu", "--budgets", "144", "--batch-sizes", "1", "--warmup", "0", "--repeats", "1",
+          "--decode-tokens", "1", "--no-components", "--no-plot", "--output", str(tmp_path)])
+    results = json.loads((tmp_path / "efficiency.json").read_text())
+    llava, qmop = results["variants"]
+    assert (llava["visual_tokens"], qmop["visual_tokens"], results["settings"]["prompt_tokens"]) == (576, 144, 40)
+    ratio = Fraction(qmop["by_batch"]["1"]["kv_bytes_per_sample"], llava["by_batch"]["1"]["kv_bytes_per_sample"])
+    assert ratio == Fraction(40 + 144, 40 + 576)
+    assert qmop["flops"]["whole_forward"] == qmop["flops"]["counted"]["total"]
+    assert "| QMoP M=144 | 144 | 184 |" in (tmp_path / "efficiency.md").read_text()
