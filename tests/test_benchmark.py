@@ -183,3 +183,38 @@ def test_targets_are_read_at_the_right_budget_and_batch():
     assert targets["prefill FLOPs at M=64"]["value"] == pytest.approx(0.25) and not targets["prefill FLOPs at M=64"]["met"]
     assert targets["TTFT at M=144, batch 8"]["value"] == pytest.approx(0.30)
     assert targets["QMoP's own overhead"]["value"] == pytest.approx(0.04) and targets["QMoP's own overhead"]["met"]
+
+
+def test_nf4_quantizes_only_the_llm_layers_and_runs(monkeypatch):
+    """Random weights go through save -> 4-bit load; bitsandbytes' CPU kernels need widths that are multiples of 64."""
+    pytest.importorskip("bitsandbytes")
+    from qmop_tools.bench import models
+
+    def nf4_smoke():
+        preset = models.get_preset("smoke")
+        preset.shapes.llm.update(hidden_size=64, intermediate_size=128, num_key_value_heads=4)
+        return preset
+
+    monkeypatch.setitem(models.PRESETS, "smoke-nf4", nf4_smoke)
+    qmop = models.build_qmop(nf4_smoke().shapes, device="cpu", dtype=torch.float32, quantization="nf4")
+    quantized = {name for name, module in qmop.named_modules() if type(module).__name__ == "Linear4bit"}
+    assert quantized and all(".language_model.layers." in name for name in quantized)
+    settings = BenchSettings(preset="smoke-nf4", quantization="nf4", budgets=[64, 16], batch_sizes=[1], warmup=0,
+                             repeats=1, decode_tokens=1, components=False)
+    results = run_benchmark(settings, log=lambda *_: None)
+    assert results["flops_ratio_basis"] == "analytic"
+    assert results["variants"][2]["flops_vs_llava"] < 1
+    assert results["variants"][2]["kv_ratio_exact"] is True
+
+
+def test_cpu_preset_on_the_576_patch_grid(tmp_path):
+    """The CPU preset itself (cut to one short run): the issue's exact KV ratio (T+M)/(T+576) at M=144."""
+    main(["--preset", "cpu", "--budgets", "144", "--batch-sizes", "1", "--warmup", "0", "--repeats", "1",
+          "--decode-tokens", "1", "--no-components", "--no-plot", "--output", str(tmp_path)])
+    results = json.loads((tmp_path / "efficiency.json").read_text())
+    llava, qmop = results["variants"]
+    assert (llava["visual_tokens"], qmop["visual_tokens"], results["settings"]["prompt_tokens"]) == (576, 144, 40)
+    ratio = Fraction(qmop["by_batch"]["1"]["kv_bytes_per_sample"], llava["by_batch"]["1"]["kv_bytes_per_sample"])
+    assert ratio == Fraction(40 + 144, 40 + 576)
+    assert qmop["flops"]["whole_forward"] == qmop["flops"]["counted"]["total"]
+    assert "| QMoP M=144 | 144 | 184 |" in (tmp_path / "efficiency.md").read_text()

@@ -191,8 +191,10 @@ def build_llava(shapes: BenchShapes, device: str, dtype: torch.dtype, seed: int 
                            dtype, attn_implementation, quantization)
 
 
-# Modules kept in bf16 under nf4: QMoP's vision tower, text encoder, projector and the head; LLaVA's likewise.
-NF4_SKIP_MODULES = ["vision_tower", "text_encoder", "projector", "multi_modal_projector", "lm_head"]
+# Modules kept in bf16 under nf4 (only the LLM's decoder layers are quantized), as full module paths: 5.x matches
+# a pattern from the start of the name or as its suffix, 4.57 as "pattern." inside it; these work on both.
+NF4_SKIP_MODULES = ["model.vision_tower", "model.text_encoder", "model.projector", "model.multi_modal_projector",
+                    "lm_head"]
 
 
 def _quantization_config(quantization: Optional[str], dtype: torch.dtype):

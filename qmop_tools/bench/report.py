@@ -14,6 +14,9 @@ def write_atomic(path: str, data, binary: bool = False) -> str:
     try:
         with os.fdopen(handle, "wb" if binary else "w") as file:
             file.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; the result is an ordinary file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -88,6 +91,9 @@ def markdown_report(results: dict) -> str:
         lines.append(_row([record["name"]] + [_sig(counted[p] / 1e9) for p in parts]
                           + [f"{own:.2%}" if record["kind"] == "qmop" else "-"]))
     notes = {r["flops"]["note"] for r in variants if r["flops"]["note"]}
+    if results.get("flops_ratio_basis") == "analytic":
+        notes.add("quantized run: torch's FLOP counter does not see bitsandbytes' 4-bit matmuls, so the counted "
+                  "column is partial and every 'vs LLaVA' FLOP ratio uses the analytic count")
     if notes:
         lines += [""] + [f"- {n}" for n in sorted(notes)]
     lines += ["", "## Targets (against LLaVA at all patches)", "", _row(["target", "value", "met"]), _row(["---"] * 3)]
