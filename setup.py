@@ -31,6 +31,7 @@ setup(
         "console_scripts": [
             "qmop-convert-llava = conversion.convert_llava_to_qmop:main",
             "qmop-train = qmop_tools.train.run:main",
+            "qmop-bench = qmop_tools.bench.__main__:main",
         ]
     },
     extras_require={
