@@ -732,10 +732,9 @@ class QMoPModel(QMoPPreTrainedModel):
             raise TypeError(f"`input_ids` must be integer token ids, got dtype {input_ids.dtype}.")
 
         embeddings = self.get_input_embeddings()
-        embed_device = embeddings.weight.device if embeddings.weight.device.type != "meta" else None
         image_mask = None
         if input_ids is not None:
-            input_ids = _to(input_ids, _execution_device(embeddings) or embed_device)
+            input_ids = _to(input_ids, _execution_device(embeddings))
             image_mask = input_ids == self.config.image_token_id  # (B, T)
             # Placeholder ids need not be inside the vocabulary: they are embedded as 0, then overwritten.
             inputs_embeds = embeddings(input_ids.masked_fill(image_mask, 0))  # (B, T, D)

@@ -170,10 +170,7 @@ class QMoPProcessor(ProcessorMixin):
     @property
     def num_patches(self) -> int:
         crop = getattr(self.image_processor, "crop_size", None) or self.image_processor.size
-        side = crop
-        if not isinstance(crop, int):  # a dict (4.x) or a SizeDict (5.x)
-            side = next(v for v in (getattr(crop, "get", lambda k: getattr(crop, k, None))(k)
-                                    for k in ("height", "shortest_edge")) if v)
+        side = crop if isinstance(crop, int) else crop.get("height") or crop.get("shortest_edge")  # dict / SizeDict
         return (int(side) // self.patch_size) ** 2
 
     def _check_budget(self, num_visual_tokens) -> int:
@@ -286,8 +283,7 @@ class QMoPProcessor(ProcessorMixin):
             groups = groups or [[image] for image in flat]
             if texts is not None and len(texts) != len(groups):
                 raise ValueError(f"{len(texts)} prompts but {len(groups)} images (or image groups).")
-            return [self.caption_prompt.replace(self.image_token, self.image_token * len(g)) if len(g) > 1
-                    else self.caption_prompt for g in groups], groups
+            return [self.caption_prompt.replace(self.image_token, self.image_token * len(g)) for g in groups], groups
         if groups is not None:
             if len(groups) != len(texts):
                 raise ValueError(f"{len(texts)} prompts but {len(groups)} image groups: give one group per prompt.")
@@ -382,12 +378,7 @@ class QMoPProcessor(ProcessorMixin):
             shutil.copy(os.path.abspath(__file__).replace(".pyc", ".py"), os.path.join(tmp, "processing_qmop.py"))
             _make_portable(tmp)
             _make_portable(os.path.join(tmp, QUERY_TOKENIZER_SUBFOLDER))
-            for root, _, files in os.walk(tmp):
-                for name in files:
-                    source = os.path.join(root, name)
-                    target = os.path.join(save_directory, os.path.relpath(source, tmp))
-                    os.makedirs(os.path.dirname(target), exist_ok=True)
-                    os.replace(source, target)
+            move_into(tmp, save_directory)
         if push_to_hub:
             repo_id = kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(save_directory))
             return self.push_to_hub(repo_id, **kwargs)
@@ -400,7 +391,6 @@ class QMoPProcessor(ProcessorMixin):
         hub.setdefault("trust_remote_code", False)
         path = str(pretrained_model_name_or_path)
         subfolder = kwargs.get("subfolder") or ""
-        join = (lambda *p: "/".join(x for x in p if x)) if not os.path.isdir(path) else os.path.join
         file_hub = {k: v for k, v in hub.items() if k != "trust_remote_code"}
         config_file = cached_file(path, PROCESSOR_CONFIG_NAME, subfolder=subfolder, **file_hub)
         with open(config_file) as f:
@@ -410,7 +400,7 @@ class QMoPProcessor(ProcessorMixin):
         image_processor = AutoImageProcessor.from_pretrained(path, subfolder=subfolder, **hub)
         tokenizer = AutoTokenizer.from_pretrained(path, subfolder=subfolder, **hub)
         query_tokenizer = AutoTokenizer.from_pretrained(
-            path, subfolder=join(subfolder, QUERY_TOKENIZER_SUBFOLDER) if subfolder else QUERY_TOKENIZER_SUBFOLDER, **hub
+            path, subfolder=f"{subfolder}/{QUERY_TOKENIZER_SUBFOLDER}" if subfolder else QUERY_TOKENIZER_SUBFOLDER, **hub
         )
         try:
             template_file = cached_file(path, "chat_template.jinja", subfolder=subfolder, **file_hub)
@@ -423,6 +413,16 @@ class QMoPProcessor(ProcessorMixin):
             if key in kwargs:
                 settings[key] = kwargs[key]
         return cls(image_processor=image_processor, tokenizer=tokenizer, query_tokenizer=query_tokenizer, **settings)
+
+
+def move_into(source_dir: str, target_dir: str) -> None:
+    """Move every file of `source_dir` into `target_dir` (same file system), replacing files of the same name."""
+    for root, _, files in os.walk(source_dir):
+        for name in files:
+            source = os.path.join(root, name)
+            target = os.path.join(target_dir, os.path.relpath(source, source_dir))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(source, target)
 
 
 def _make_portable(folder: str) -> None:
@@ -447,4 +447,4 @@ def _make_portable(folder: str) -> None:
                 json.dump(config, f, indent=2)
 
 
-__all__ = ["QMoPProcessor", "extract_question", "expand_to_square"]
+__all__ = ["QMoPProcessor", "extract_question", "expand_to_square", "move_into"]

@@ -346,27 +346,18 @@ class Sources:
     num_added_tokens: int = 0
 
 
-def _clip_text_config(clip_dir: str):
-    from transformers import AutoConfig, CLIPConfig, CLIPTextConfig
+def _clip_sub_config(path: str, kind: str, source: str):
+    """The CLIP text or vision config (`kind`: "text" / "vision") of a CLIPModel or a single-tower checkpoint."""
+    from transformers import AutoConfig, CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
-    config = AutoConfig.from_pretrained(clip_dir)
+    tower_cls = CLIPTextConfig if kind == "text" else CLIPVisionConfig
+    config = AutoConfig.from_pretrained(path)
     if isinstance(config, CLIPConfig):
-        return config.text_config
-    if isinstance(config, CLIPTextConfig):
-        return config
-    raise ConversionError(f"--clip {clip_dir}: expected a CLIPModel or CLIPTextModel checkpoint, got {type(config).__name__}.")
-
-
-def _clip_vision_config(vision_dir: str):
-    from transformers import AutoConfig, CLIPConfig, CLIPVisionConfig
-
-    config = AutoConfig.from_pretrained(vision_dir)
-    if isinstance(config, CLIPConfig):
-        return config.vision_config
-    if isinstance(config, CLIPVisionConfig):
+        return getattr(config, f"{kind}_config")
+    if isinstance(config, tower_cls):
         return config
     raise ConversionError(
-        f"vision tower source {vision_dir}: expected a CLIPModel or CLIPVisionModel checkpoint, got {type(config).__name__}."
+        f"{source} {path}: expected a CLIPModel or CLIP{kind.capitalize()}Model checkpoint, got {type(config).__name__}."
     )
 
 
@@ -447,7 +438,7 @@ def load_sources(settings: ConversionSettings) -> Sources:
         if isinstance(config.vision_feature_layer, (list, tuple)):
             raise ConversionError("multi-layer vision features (a list vision_feature_layer) are not supported.")
         text_config, vision_feature_layer = config.text_config, config.vision_feature_layer
-        vision_config = config.vision_config if has_vision else _clip_vision_config(vision_dir)
+        vision_config = config.vision_config if has_vision else _clip_sub_config(vision_dir, "vision", "vision tower source")
         image_token_id = getattr(config, "image_token_id", None) or config.image_token_index
         if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != image_token_id:
             raise ConversionError(
@@ -458,7 +449,7 @@ def load_sources(settings: ConversionSettings) -> Sources:
         text_config = _original_text_config(raw)
         vision_feature_layer = raw.get("mm_vision_select_layer", -2)
         # The original config.json has no vision config: it comes from the CLIP checkpoint the tower comes from.
-        vision_config = _clip_vision_config(vision_dir or clip_dir)
+        vision_config = _clip_sub_config(vision_dir or clip_dir, "vision", "vision tower source")
         named = raw.get("mm_vision_tower")
         if vision_dir is not None and named and os.path.basename(named.rstrip("/")) not in vision_dir:
             logger.warning("the checkpoint was trained with vision tower %s; using %s", named, vision_dir)
@@ -478,7 +469,7 @@ def load_sources(settings: ConversionSettings) -> Sources:
     generation_config.pad_token_id = tokenizer.pad_token_id
     return Sources(
         layout=layout, llava_dir=llava_dir, clip_dir=clip_dir, vision_dir=vision_dir, llava_files=llava_files,
-        vision_config=vision_config, text_config=text_config, text_encoder_config=_clip_text_config(clip_dir),
+        vision_config=vision_config, text_config=text_config, text_encoder_config=_clip_sub_config(clip_dir, "text", "--clip"),
         vision_feature_layer=vision_feature_layer, image_processor=image_processor, tokenizer=tokenizer,
         query_tokenizer=query_tokenizer, generation_config=generation_config, num_added_tokens=num_added,
     )

@@ -17,13 +17,14 @@ from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from .arguments import DataArguments, ModelArguments
 from .data import LazyLLaVADataset, QMoPDataCollator
+from processing_qmop import move_into
+
 from .trainer import (
     QLORA_SKIP_MODULES,
     QMoPTrainer,
     apply_lora,
     configure_trainable,
     merge_lora_adapter,
-    move_into,
     push_folder,
     trainable_summary,
     unwrap_qmop,

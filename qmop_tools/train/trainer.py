@@ -17,6 +17,7 @@ from collections import defaultdict
 from typing import Optional
 
 import torch
+from processing_qmop import move_into
 from transformers import Trainer, TrainerCallback
 
 logger = logging.getLogger(__name__)
@@ -191,16 +192,6 @@ class QMoPTrainer(Trainer):
 
 
 # ===================================================================================== outputs
-def move_into(source_dir: str, target_dir: str) -> None:
-    """Move every file of `source_dir` into `target_dir` (same file system), replacing files of the same name."""
-    for root, _, files in os.walk(source_dir):
-        for name in files:
-            source = os.path.join(root, name)
-            target = os.path.join(target_dir, os.path.relpath(source, source_dir))
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            os.replace(source, target)
-
-
 def merge_lora_adapter(base_model: str, adapter_dir: str, output_dir: str, dtype: Optional[torch.dtype] = None) -> str:
     """Load the base model unquantized, apply the adapter (LoRA + trained projector), merge, and write a complete
     Hub folder (weights, config with auto_map, code files incl. the pipeline, processor) to `output_dir`."""
