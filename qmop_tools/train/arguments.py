@@ -126,8 +126,9 @@ class DataArguments:
     template: Optional[str] = field(
         default=None,
         metadata={
-            "help": "Conversation template: plain (stage 1 default) or vicuna_v1 (stage 2 default).",
-            "choices": ["plain", "vicuna_v1"],
+            "help": "Conversation template: plain (stage 1 default), vicuna_v1 (stage 2 default) or llava_hf "
+            "(vicuna_v1 without the system prompt, as processor.apply_chat_template renders it).",
+            "choices": ["plain", "vicuna_v1", "llava_hf"],
         },
     )
     model_max_length: int = field(

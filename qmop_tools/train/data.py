@@ -12,6 +12,7 @@ assistant's answers are learned:
 
     plain      (stage 1)  "<image>{caption}\\n"                                        target: "{caption}\\n"
     vicuna_v1  (stage 2)  "{system} USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>"
+    llava_hf             "USER: <image>\\n{q1} ASSISTANT: {a1}</s>..."   (vicuna_v1 without the system prompt)
                                                                        targets: "{a1}</s>", "{a2}</s>"
 
 Labels are -100 everywhere else (system prompt, questions, role markers, image placeholders, padding). Targets are
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100  # label of positions that are not learned (the loss ignores them)
 HUMAN_ROLES = ("human", "user")
 ASSISTANT_ROLES = ("gpt", "assistant")
-TemplateName = Literal["plain", "vicuna_v1"]
+TemplateName = Literal["plain", "vicuna_v1", "llava_hf"]
 VICUNA_V1_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
@@ -108,6 +109,9 @@ class ConversationTemplate:
 TEMPLATES = {
     "plain": ConversationTemplate(name="plain", plain=True),
     "vicuna_v1": ConversationTemplate(name="vicuna_v1", system=VICUNA_V1_SYSTEM),
+    # vicuna_v1 without the system prompt: exactly what `processor.apply_chat_template` renders (llava-hf's template),
+    # so a model trained with it answers prompts built the way Hub users build them.
+    "llava_hf": ConversationTemplate(name="llava_hf"),
 }
 
 
