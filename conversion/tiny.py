@@ -42,7 +42,7 @@ LLM_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 CLIP_SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>"]
 
 
-def _train_bpe(special_tokens, vocab_size, lowercase=False) -> Tokenizer:
+def _train_bpe(special_tokens, vocab_size, lowercase=False, corpus=None) -> Tokenizer:
     tokenizer = Tokenizer(models.BPE(unk_token=special_tokens[0] if special_tokens[0] == "<unk>" else None))
     if lowercase:
         tokenizer.normalizer = normalizers.Lowercase()
@@ -54,13 +54,15 @@ def _train_bpe(special_tokens, vocab_size, lowercase=False) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(CORPUS.strip().splitlines() * 4, trainer=trainer)
+    lines = list(corpus) if corpus is not None else CORPUS.strip().splitlines() * 4
+    tokenizer.train_from_iterator(lines, trainer=trainer)
     return tokenizer
 
 
-def build_llm_tokenizer() -> PreTrainedTokenizerFast:
-    """Llama-like: `<s>` prepended, `</s>` as EOS, `<image>` one special token, `<pad>` for padding."""
-    raw = _train_bpe(LLM_SPECIAL_TOKENS, vocab_size=400)
+def build_llm_tokenizer(corpus=None, vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """Llama-like: `<s>` prepended, `</s>` as EOS, `<image>` one special token, `<pad>` for padding. Trained on
+    `corpus` (lines of text; default: a small built-in one)."""
+    raw = _train_bpe(LLM_SPECIAL_TOKENS, vocab_size=vocab_size, corpus=corpus)
     raw.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", raw.token_to_id("<s>"))]
     )
@@ -75,9 +77,9 @@ def build_llm_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_query_tokenizer() -> PreTrainedTokenizerFast:
+def build_query_tokenizer(corpus=None, vocab_size: int = 300) -> PreTrainedTokenizerFast:
     """CLIP-like: lowercased, `<|startoftext|> … <|endoftext|>`, padded with `<|endoftext|>`, 77 tokens."""
-    raw = _train_bpe(CLIP_SPECIAL_TOKENS, vocab_size=300, lowercase=True)
+    raw = _train_bpe(CLIP_SPECIAL_TOKENS, vocab_size=vocab_size, lowercase=True, corpus=corpus)
     bos, eos = CLIP_SPECIAL_TOKENS
     raw.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A {eos}",
@@ -95,14 +97,17 @@ def build_query_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_processor(num_visual_tokens: int = 16, image_size: int = 48, patch_size: int = 6, **kwargs) -> QMoPProcessor:
+def build_processor(num_visual_tokens: int = 16, image_size: int = 48, patch_size: int = 6, corpus=None,
+                    **kwargs) -> QMoPProcessor:
+    """The tiny processor; with `corpus` (lines of text) both tokenizers are trained on it instead of the built-in
+    one, with vocabularies large enough to hold its words whole."""
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
     return QMoPProcessor(
         image_processor=image_processor,
-        tokenizer=build_llm_tokenizer(),
-        query_tokenizer=build_query_tokenizer(),
+        tokenizer=build_llm_tokenizer(corpus, vocab_size=400 if corpus is None else 1000),
+        query_tokenizer=build_query_tokenizer(corpus, vocab_size=300 if corpus is None else 1000),
         num_visual_tokens=num_visual_tokens,
         patch_size=patch_size,
         **kwargs,

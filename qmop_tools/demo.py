@@ -1,7 +1,8 @@
 """Answer one question about one image with a QMoP-LLaVA checkpoint and report what the projector did.
 
-Used by `scripts/demo.py` (the README's main command). Until a trained tiny checkpoint is committed, the default
-model is a tiny checkpoint with random weights built locally: its answers are meaningless, the mechanics are real.
+Used by `scripts/demo.py` (the README's main command). The default model is the trained tiny checkpoint committed
+under `checkpoints/qmop-tiny` (mini VTCBench, `python -m qmop_tools.vtcbench`); without it, a tiny checkpoint with
+random weights is built locally and the demo says that its answers are noise.
 """
 
 import os
@@ -25,37 +26,42 @@ def default_model() -> tuple[str, bool]:
     return RANDOM_TINY_CHECKPOINT, False
 
 
-def answer(model_path: str, image, question: str, num_visual_tokens=None, max_new_tokens: int = 20, device=None) -> dict:
-    """Load through Auto* with trust_remote_code (as a Hub user does), answer, and report router weights and token
-    counts. `image` is anything QMoPProcessor accepts (path, PIL image, bytes...)."""
+# The bundled picture (test split of the mini VTCBench, never trained on) and one question per dimension.
+DEFAULT_QUESTIONS = (
+    "what colour is the background?",
+    "what letter is in the top left corner?",
+    "is the yellow circle left or right of the red square?",
+    "how many triangles are there?",
+    "what is the texture of the background?",
+)
+
+
+def load(model_path: str, device=None):
+    """(model, processor) through Auto* with trust_remote_code, as a Hub user loads them."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=True).eval()
-    processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
     if device is not None:
         model.to(device)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(images=image, text=prompt, num_visual_tokens=num_visual_tokens).to(model.device)
-    with torch.no_grad():
-        analysis = model(**inputs)
-        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    new_tokens = generated[0, inputs["input_ids"].shape[1]:]
-    config = model.config
-    budget = int((inputs["input_ids"][0] == config.image_token_id).sum())
-    prompt_tokens = int(inputs["attention_mask"][0].sum())
-    kept = analysis.kept_patch_indices
-    return {
-        "prompt": prompt,
-        "answer": processor.decode(new_tokens, skip_special_tokens=True).strip(),
-        "router_weights": dict(zip(config.branches, analysis.router_weights[0].tolist())),
-        "visual_tokens": budget,
-        "patches": config.num_patches,
-        "prompt_tokens": prompt_tokens,
-        "prompt_tokens_uncompressed": prompt_tokens - budget + config.num_patches,
-        "generated_tokens": int(new_tokens.numel()),
-        "kept_patches": None if kept is None or int(kept[0, 0]) < 0 else kept[0].tolist(),
-    }
+    return model, AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
+
+
+def answer_with(model, processor, image, question: str, num_visual_tokens=None, max_new_tokens: int = 20) -> dict:
+    """Answer and report router weights, the patches the pruning branch keeps and token counts. `image` is anything
+    QMoPProcessor accepts (path, URL, PIL image, bytes...). The result also feeds
+    `qmop_tools.vtcbench.visualize.render_analysis`."""
+    from qmop_tools.vtcbench.visualize import analyse
+
+    result = analyse(model, processor, image, question, num_visual_tokens, max_new_tokens)
+    result["patches"] = model.config.num_patches
+    result["prompt_tokens_uncompressed"] = result["prompt_tokens"] - result["visual_tokens"] + model.config.num_patches
+    return result
+
+
+def answer(model_path: str, image, question: str, num_visual_tokens=None, max_new_tokens: int = 20, device=None) -> dict:
+    """`answer_with` on a checkpoint folder or Hub id."""
+    model, processor = load(model_path, device)
+    return answer_with(model, processor, image, question, num_visual_tokens, max_new_tokens)
 
 
 def format_report(result: dict, model_path: str, trained: bool) -> str:
@@ -71,5 +77,6 @@ def format_report(result: dict, model_path: str, trained: bool) -> str:
         f"{result['generated_tokens']} generated",
     ]
     if result["kept_patches"] is not None:
-        lines.append(f"pruning:  kept patches {result['kept_patches']}")
+        selected = "" if result["pruning_selected"] else " (the router did not select the pruning branch here)"
+        lines.append(f"pruning:  keeps patches {result['kept_patches']}{selected}")
     return "\n".join(lines)

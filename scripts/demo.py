@@ -1,6 +1,10 @@
-"""Answer a question about an image with QMoP-LLaVA; print the answer, router weights and token counts.
+"""Answer questions about an image with QMoP-LLaVA; print the answers, router weights, kept patches and token
+counts, and write a picture of what the projector did.
 
-    python scripts/demo.py [--image assets/demo.png] [--question "What colour is the circle?"] [--model DIR_OR_HUB_ID]
+    python scripts/demo.py [--image assets/demo.png] [--question "what letter is in the top left corner?"]
+                           [--model DIR_OR_HUB_ID] [--picture outputs/demo.png]
+
+Without --question, the bundled image's five questions (one per mini-VTCBench dimension) are asked.
 """
 
 import argparse
@@ -9,20 +13,35 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from qmop_tools.demo import DEFAULT_IMAGE, answer, default_model, format_report  # noqa: E402
+from qmop_tools.demo import DEFAULT_IMAGE, DEFAULT_QUESTIONS, answer_with, default_model, format_report, load  # noqa: E402
+
+DEFAULT_PICTURE = os.path.join("outputs", "demo.png")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image", default=DEFAULT_IMAGE, help="path or URL of the image")
-    parser.add_argument("--question", default="What colour is the circle?")
+    parser.add_argument("--question", action="append", help="repeatable (default: the five bundled questions)")
     parser.add_argument("--model", default=None, help="checkpoint folder or Hub id (default: the bundled tiny one)")
     parser.add_argument("--num-visual-tokens", type=int, default=None, help="budget M (default: the checkpoint's)")
     parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser.add_argument("--picture", default=DEFAULT_PICTURE, help="where to write the picture ('' for none)")
     args = parser.parse_args(argv)
-    model, trained = (args.model, True) if args.model else default_model()
-    result = answer(model, args.image, args.question, args.num_visual_tokens, args.max_new_tokens)
-    print(format_report(result, model, trained))
+    path, trained = (args.model, True) if args.model else default_model()
+    model, processor = load(path)
+    results = []
+    for question in args.question or DEFAULT_QUESTIONS:
+        result = answer_with(model, processor, args.image, question, args.num_visual_tokens, args.max_new_tokens)
+        print(format_report(result, path, trained) + "\n")
+        results.append(result)
+    if args.picture:
+        from qmop_tools.vtcbench.visualize import contact_sheet, render_analysis
+
+        os.makedirs(os.path.dirname(os.path.abspath(args.picture)), exist_ok=True)
+        tmp = args.picture + ".tmp.png"
+        contact_sheet([render_analysis(r) for r in results], columns=1 if len(results) == 1 else 2).save(tmp)
+        os.replace(tmp, args.picture)
+        print(f"picture:  {args.picture} (kept patches of the pruning branch over the image, router weights)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,42 @@
+"""python -m qmop_tools.vtcbench: the mini VTCBench from nothing to results (see `pipeline.py`)."""
+
+import argparse
+import logging
+import sys
+
+from .experiment import VARIANTS, Settings
+from .pipeline import run
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m qmop_tools.vtcbench",
+        description="Mini VTCBench: procedural VQA data, tiny CLIP + LLM pre-training, QMoP and its baselines trained "
+        "in two stages over several seeds, accuracy per question dimension, a plot and pictures of what was kept.",
+    )
+    parser.add_argument("--output", default="outputs/vtcbench", help="folder for everything (resumable)")
+    parser.add_argument("--smoke", action="store_true", help="a tiny version that runs in about a minute (tests)")
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), help="default: all")
+    parser.add_argument("--seeds", nargs="+", type=int, help="default: 0 1 2")
+    parser.add_argument("--budget", type=int, help="visual tokens per image (perfect square; default 36)")
+    parser.add_argument("--workers", type=int, help="training processes in parallel (default 2)")
+    parser.add_argument("--export-checkpoint", metavar="DIR",
+                        help="copy the best QMoP run (by val accuracy) here, with a model card, e.g. checkpoints/qmop-tiny")
+    parser.add_argument("--fresh", action="store_true", help="delete the output folder first")
+    args = parser.parse_args(argv)
+    settings = Settings.smoke() if args.smoke else Settings()
+    for name in ("variants", "seeds", "budget", "workers"):
+        if getattr(args, name) is not None:
+            setattr(settings, name, getattr(args, name))
+    if "qmop" not in settings.variants and args.export_checkpoint:
+        parser.error("--export-checkpoint needs the qmop variant")
+    logging.basicConfig(format="%(asctime)s %(name)s %(message)s", level=logging.INFO, stream=sys.stdout)
+    logging.getLogger("transformers").setLevel(logging.WARNING)
+    logging.getLogger("qmop_tools.train").setLevel(logging.WARNING)
+    summary = run(args.output, settings, fresh=args.fresh, export_checkpoint=args.export_checkpoint)
+    print(open(f"{args.output}/results.md").read())
+    return summary
+
+
+if __name__ == "__main__":
+    main()

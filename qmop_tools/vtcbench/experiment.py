@@ -1,0 +1,327 @@
+"""The mini VTCBench experiment: variants x seeds, each trained in two stages through `qmop_tools.train`, then
+evaluated on the test split.
+
+Every run is a job `(variant, seed)`: a base checkpoint (the frozen foundation + a projector initialised with the
+seed) -> stage 1 (projector only, captions, `plain`) -> stage 2 (projector + LLM, VQA, `llava_hf`, the template the
+processor's chat template renders) -> greedy answers to every test question. Jobs run in worker processes (one
+thread each); a finished job leaves `runs/<variant>-s<seed>/result.json` and is not run again.
+
+Speed: the vision tower is frozen and deterministic, so its output for an image never changes. `FeatureCache`
+memoises `QMoPModel.get_vision_features` by the bytes of each image's pixel values: exact, and it saves running
+the 577-token tower on every step (the LLM, text encoder, router and branches still run every time).
+"""
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+ALL_BRANCHES = ["pooling", "resampler", "pruning"]
+VARIANTS = {
+    "qmop": {"branches": ALL_BRANCHES, "router_mode": "query", "router_top_k": 2},
+    "pooling": {"branches": ["pooling"], "router_top_k": 1},
+    "resampler": {"branches": ["resampler"], "router_top_k": 1},
+    "pruning": {"branches": ["pruning"], "router_top_k": 1},
+    "uniform": {"branches": ALL_BRANCHES, "router_mode": "uniform"},
+    "vision_router": {"branches": ALL_BRANCHES, "router_mode": "vision", "router_top_k": 2},
+    "full576": {"branches": ["pooling"], "router_top_k": 1, "num_visual_tokens": 576},
+}
+VARIANT_LABELS = {
+    "qmop": "QMoP (query-guided router)",
+    "pooling": "pooling only",
+    "resampler": "resampler only",
+    "pruning": "pruning only",
+    "uniform": "equal-weight fusion of all three",
+    "vision_router": "QMoP, router without the question",
+    "full576": "uncompressed, 576 tokens",
+}
+
+
+@dataclass
+class Settings:
+    train_images: int = 1600
+    val_images: int = 200
+    test_images: int = 200
+    data_seed: int = 0
+    clip_steps: int = 300
+    clip_batch_size: int = 64
+    llm_steps: int = 300
+    budget: int = 36
+    variants: list = field(default_factory=lambda: list(VARIANTS))
+    seeds: list = field(default_factory=lambda: [0, 1, 2])
+    batch_size: int = 32
+    stage1_epochs: float = 1.0
+    stage2_epochs: float = 1.5
+    stage1_lr: float = 2e-3
+    stage2_lr: float = 2e-3
+    workers: int = 2
+    eval_batch_size: int = 50
+
+    @classmethod
+    def smoke(cls) -> "Settings":
+        return cls(train_images=40, val_images=10, test_images=10, clip_steps=3, clip_batch_size=16, llm_steps=5,
+                   variants=["qmop", "pooling"], seeds=[0], batch_size=8, stage1_epochs=0.25, stage2_epochs=0.25,
+                   workers=1, eval_batch_size=25)
+
+    def qmop_settings(self, variant: str) -> dict:
+        settings = {"num_visual_tokens": self.budget, "router_hidden_size": 64, "resampler_num_layers": 1}
+        settings.update(VARIANTS[variant])
+        return settings
+
+
+# ===================================================================================== feature cache
+class FeatureCache:
+    """Memoises `QMoPModel.get_vision_features` per image; valid while the vision tower is frozen and identical
+    across the models it is installed on (here: every model starts from the same pre-trained tower)."""
+
+    def __init__(self):
+        self.store = {}
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(pixel_row: torch.Tensor) -> bytes:
+        return hashlib.blake2b(pixel_row.detach().contiguous().cpu().numpy().tobytes(), digest_size=16).digest()
+
+    def install(self, model) -> None:
+        core = model.model if hasattr(model, "model") and hasattr(model.model, "get_vision_features") else model
+        original = core.get_vision_features
+        index = core.config.vision_feature_hidden_state_index
+        feature_layer = core.vision_tower.encoder.layers[index - 1] if index > 0 else None
+        cache = self
+
+        def get_vision_features(pixel_values):
+            keys = [cache.key(row) for row in pixel_values]
+            missing = [i for i, k in enumerate(keys) if k not in cache.store]
+            if missing:
+                with torch.no_grad():
+                    hidden, layer_input, _ = original(pixel_values[missing])
+                for row, i in enumerate(missing):
+                    cache.store[keys[i]] = (hidden[row].clone(), None if layer_input is None else layer_input[row].clone())
+            cache.hits += len(keys) - len(missing)
+            cache.misses += len(missing)
+            hidden = torch.stack([cache.store[k][0] for k in keys])
+            layer_input = None if feature_layer is None else torch.stack([cache.store[k][1] for k in keys])
+            return hidden, layer_input, feature_layer
+
+        core.get_vision_features = get_vision_features
+
+
+_WORKER_CACHE = FeatureCache()
+
+
+# ===================================================================================== one job
+def _training_arguments(output_dir: str, settings: Settings, stage: int, seed: int):
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    # transformers 5 folds warmup_ratio into warmup_steps (a float below 1 is a ratio); 4.57 has both.
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    warmup = {"warmup_ratio": 0.05} if "warmup_ratio" in names else {"warmup_steps": 0.05}
+    return TrainingArguments(
+        **warmup,
+        output_dir=output_dir,
+        per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.stage1_lr if stage == 1 else settings.stage2_lr,
+        num_train_epochs=settings.stage1_epochs if stage == 1 else settings.stage2_epochs,
+        lr_scheduler_type="cosine",
+        weight_decay=0.0,
+        logging_steps=20,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=seed,
+        data_seed=seed,
+    )
+
+
+def _train_stage(model_dir: str, output_dir: str, data_dir: str, settings: Settings, stage: int, seed: int) -> dict:
+    from transformers import TrainerCallback
+
+    from qmop_tools.train import DataArguments, ModelArguments, run
+
+    class InstallCache(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            from qmop_tools.train import unwrap_qmop
+
+            _WORKER_CACHE.install(unwrap_qmop(model))
+
+    model_args = ModelArguments(model_name_or_path=model_dir, stage=stage)
+    data_args = DataArguments(
+        data_path=os.path.join(data_dir, "train_captions.json" if stage == 1 else "train_vqa.json"),
+        image_folder=os.path.join(data_dir, "images"),
+        template="plain" if stage == 1 else "llava_hf",
+        model_max_length=1024,
+    )
+    result = run(model_args, data_args, _training_arguments(output_dir, settings, stage, seed), callbacks=[InstallCache()])
+    history = [entry for entry in result.trainer.state.log_history if "loss" in entry]
+    return {
+        "train_loss": result.metrics.get("train_loss"),
+        "train_runtime": result.metrics.get("train_runtime"),
+        "steps": result.trainer.state.global_step,
+        "loss_curve": [(entry["step"], round(entry["loss"], 4)) for entry in history],
+        "skipped_samples": result.metrics.get("skipped_samples"),
+    }
+
+
+def run_job(output: str, variant: str, seed: int, settings: Settings) -> dict:
+    """Train one (variant, seed) in two stages and evaluate it; returns (and writes) its result."""
+    from transformers import AutoProcessor
+
+    from .towers import base_checkpoint, save_atomically
+    from transformers import CLIPModel, LlamaForCausalLM
+
+    name = f"{variant}-s{seed}"
+    run_dir = os.path.join(output, "runs", name)
+    result_path = os.path.join(run_dir, "result.json")
+    if os.path.exists(result_path):
+        with open(result_path) as f:
+            return json.load(f)
+    start = time.time()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    data_dir = os.path.join(output, "data")
+    foundation = os.path.join(output, "foundation")
+    processor = AutoProcessor.from_pretrained(os.path.join(foundation, "processor"), trust_remote_code=True)
+    clip = CLIPModel.from_pretrained(os.path.join(foundation, "clip"))
+    llm = LlamaForCausalLM.from_pretrained(os.path.join(foundation, "llm"))
+    settings_for_variant = settings.qmop_settings(variant)
+    processor.num_visual_tokens = settings_for_variant["num_visual_tokens"]
+    base = base_checkpoint(os.path.join(run_dir, "base"), processor, clip, llm, seed=seed, **settings_for_variant)
+    stage1 = _train_stage(base, os.path.join(run_dir, "stage1"), data_dir, settings, stage=1, seed=seed)
+    stage2 = _train_stage(os.path.join(run_dir, "stage1"), os.path.join(run_dir, "model"), data_dir, settings,
+                          stage=2, seed=seed)
+    for leftover in ("base", "stage1"):
+        shutil.rmtree(os.path.join(run_dir, leftover), ignore_errors=True)
+    model_dir = os.path.join(run_dir, "model")
+    splits = ["test", "val"] if variant == "qmop" else ["test"]
+    evaluation = {split: evaluate(model_dir, data_dir, split, settings.eval_batch_size) for split in splits}
+    result = {
+        "variant": variant,
+        "seed": seed,
+        "settings": settings_for_variant,
+        "stage1": stage1,
+        "stage2": stage2,
+        "evaluation": {split: {k: v for k, v in e.items() if k != "predictions"} for split, e in evaluation.items()},
+        "seconds": round(time.time() - start, 1),
+        "feature_cache": {"hits": _WORKER_CACHE.hits, "misses": _WORKER_CACHE.misses},
+    }
+    with open(os.path.join(run_dir, "predictions.json"), "w") as f:
+        json.dump(evaluation["test"]["predictions"], f)
+    tmp = result_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, result_path)
+    logger.info("%s done in %.0f s: test accuracy %.3f", name, result["seconds"], result["evaluation"]["test"]["overall"])
+    return result
+
+
+# ===================================================================================== evaluation
+def normalise_answer(text: str) -> str:
+    words = text.strip().lower().split()
+    return words[0].strip(".,!?;:'\"") if words else ""
+
+
+@torch.no_grad()
+def evaluate(model_dir: str, data_dir: str, split: str, batch_size: int = 50, limit: Optional[int] = None,
+             model=None, processor=None) -> dict:
+    """Greedy answers (as a Hub user gets them: Auto* classes, the processor's chat template, `generate`) to every
+    question of a split; exact match of the first word. Router weights are read from a forward pass of the same
+    inputs."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if model is None:
+        model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=True).eval()
+        _WORKER_CACHE.install(model)
+    if processor is None:
+        processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    with open(os.path.join(data_dir, f"{split}_vqa.json")) as f:
+        samples = json.load(f)[:limit]
+    config = model.config
+    routed = config.uses_router
+    predictions = []
+    for begin in range(0, len(samples), batch_size):
+        batch = samples[begin:begin + batch_size]
+        images = [Image.open(os.path.join(data_dir, "images", s["image"])).convert("RGB") for s in batch]
+        questions = [s["conversations"][0]["value"].replace("<image>", "").strip() for s in batch]
+        prompts = [
+            processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}], add_generation_prompt=True
+            )
+            for q in questions
+        ]
+        inputs = processor(images=images, text=prompts, return_tensors="pt")
+        generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        texts = processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        weights = model(**inputs).router_weights.tolist() if routed else None
+        for i, (sample, text) in enumerate(zip(batch, texts)):
+            answer = sample["conversations"][1]["value"]
+            predictions.append({
+                "id": sample["id"],
+                "dimension": sample["dimension"],
+                "question": questions[i],
+                "answer": answer,
+                "prediction": text.strip(),
+                "correct": normalise_answer(text) == answer,
+                "router_weights": None if weights is None else [round(w, 4) for w in weights[i]],
+            })
+    return summarise_predictions(predictions, config.branches) | {"predictions": predictions}
+
+
+def summarise_predictions(predictions: list, branches: list) -> dict:
+    by_dimension = defaultdict(list)
+    weights = defaultdict(list)
+    for p in predictions:
+        by_dimension[p["dimension"]].append(p["correct"])
+        if p["router_weights"] is not None:
+            weights[p["dimension"]].append(p["router_weights"])
+    summary = {
+        "overall": sum(p["correct"] for p in predictions) / len(predictions),
+        "per_dimension": {d: sum(v) / len(v) for d, v in sorted(by_dimension.items())},
+        "count": len(predictions),
+    }
+    if weights:
+        summary["router_weights_per_dimension"] = {
+            d: dict(zip(branches, torch.tensor(w).mean(0).tolist())) for d, w in sorted(weights.items())
+        }
+    return summary
+
+
+# ===================================================================================== worker processes
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+    logging.basicConfig(format="%(asctime)s %(processName)s %(message)s", level=logging.INFO)
+    for noisy in ("transformers", "qmop_tools.train"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_jobs(output: str, settings: Settings, jobs: list, threads_per_worker: int = 1) -> list:
+    """Run (variant, seed) jobs, longest first (the 576-token ones), in `settings.workers` processes."""
+    jobs = sorted(jobs, key=lambda job: (job[0] != "full576", job))
+    if settings.workers <= 1:
+        _worker_init(max(1, threads_per_worker))
+        return [run_job(output, variant, seed, settings) for variant, seed in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(settings.workers, mp_context=context, initializer=_worker_init,
+                             initargs=(threads_per_worker,)) as pool:
+        futures = [pool.submit(run_job, output, variant, seed, settings) for variant, seed in jobs]
+        return [future.result() for future in futures]
+
+
+def settings_dict(settings: Settings) -> dict:
+    return asdict(settings)

@@ -1,0 +1,121 @@
+"""One command from nothing to the mini VTCBench's results: data, foundation, all runs, table, plot, pictures.
+
+    python -m qmop_tools.vtcbench --output outputs/vtcbench [--smoke] [--export-checkpoint checkpoints/qmop-tiny]
+
+Every stage leaves its output on disk and is skipped when run again with the same settings (delete the folder, or
+pass --fresh, to start over).
+"""
+
+import json
+import logging
+import os
+import shutil
+import time
+
+import torch
+
+from .experiment import Settings, run_jobs, settings_dict
+
+logger = logging.getLogger(__name__)
+
+
+def _write_json(path: str, content) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(content, f, indent=1)
+    os.replace(tmp, path)
+
+
+def prepare_data(output: str, settings: Settings) -> str:
+    from .data import dataset_marker, write_dataset
+
+    data_dir = os.path.join(output, "data")
+    sizes = {"train": settings.train_images, "val": settings.val_images, "test": settings.test_images}
+    marker = os.path.join(data_dir, "dataset.json")
+    if os.path.exists(marker):
+        with open(marker) as f:
+            if json.load(f) == dataset_marker(settings.data_seed, sizes):
+                return data_dir
+    start = time.time()
+    write_dataset(data_dir, sizes, seed=settings.data_seed)
+    logger.info("data: %s images in %.0f s", sizes, time.time() - start)
+    return data_dir
+
+
+def prepare_foundation(output: str, settings: Settings) -> dict:
+    """Tokenizers + processor, contrastive CLIP, text-pre-trained LLM (on the train split only)."""
+    from conversion.tiny import build_processor
+
+    from .data import IMAGE_SIZE, PATCH_SIZE, corpus, generate_split
+    from .towers import TowerShapes, clip_retrieval_accuracy, pretrain_clip, pretrain_llm, save_atomically
+
+    foundation = os.path.join(output, "foundation")
+    report_path = os.path.join(foundation, "report.json")
+    from .data import DATA_VERSION
+
+    wanted = {"data_version": DATA_VERSION, "clip_steps": settings.clip_steps, "clip_batch_size": settings.clip_batch_size,
+              "llm_steps": settings.llm_steps, "train_images": settings.train_images, "data_seed": settings.data_seed,
+              "shapes": TowerShapes().__dict__}
+    if os.path.exists(report_path):
+        with open(report_path) as f:
+            report = json.load(f)
+        if report.get("settings") == wanted:
+            return report
+    shapes = TowerShapes()
+    start = time.time()
+    data_dir = os.path.join(output, "data")
+    scenes = generate_split("train", settings.train_images, settings.data_seed)
+    lines = corpus(scenes)
+    processor = build_processor(settings.budget, IMAGE_SIZE, PATCH_SIZE, corpus=lines)
+    with open(os.path.join(data_dir, "train.json")) as f:
+        records = json.load(f)
+    with open(os.path.join(data_dir, "val.json")) as f:
+        val_records = json.load(f)
+    clip, clip_report = pretrain_clip(processor, os.path.join(data_dir, "images"), records, shapes,
+                                      steps=settings.clip_steps, batch_size=settings.clip_batch_size,
+                                      seed=settings.data_seed)
+    probe = val_records[:100]
+    clip_report["val_retrieval_top1"] = clip_retrieval_accuracy(clip, processor, os.path.join(data_dir, "images"), probe)
+    clip_report["val_retrieval_chance"] = 1 / len(probe)
+    llm, llm_report = pretrain_llm(processor.tokenizer, lines, shapes, steps=settings.llm_steps, seed=settings.data_seed)
+    os.makedirs(foundation, exist_ok=True)
+    save_atomically(os.path.join(foundation, "processor"), processor)
+    save_atomically(os.path.join(foundation, "clip"), clip)
+    save_atomically(os.path.join(foundation, "llm"), llm)
+    logger.info("foundation in %.0f s: CLIP val retrieval top-1 %.2f (chance %.2f), LLM loss %.2f -> %.2f",
+                time.time() - start, clip_report["val_retrieval_top1"], clip_report["val_retrieval_chance"],
+                llm_report["first_loss"], llm_report["last_loss"])
+    report = {"settings": wanted, "clip": clip_report, "llm": llm_report,
+              "vocab": {"llm": len(processor.tokenizer), "query": len(processor.query_tokenizer)}}
+    _write_json(report_path, report)
+    return report
+
+
+def run(output: str, settings: Settings, fresh: bool = False, export_checkpoint=None, threads_per_worker=None) -> dict:
+    from .report import write_report
+
+    output = os.path.abspath(output)
+    if fresh and os.path.exists(output):
+        shutil.rmtree(output)
+    os.makedirs(output, exist_ok=True)
+    settings_path = os.path.join(output, "settings.json")
+    if os.path.exists(settings_path):
+        with open(settings_path) as f:
+            previous = json.load(f)
+        if previous != settings_dict(settings):
+            logger.info("settings changed since the last run in %s: previous runs are discarded", output)
+            shutil.rmtree(os.path.join(output, "runs"), ignore_errors=True)
+    _write_json(settings_path, settings_dict(settings))
+    start = time.time()
+    timings = {}
+    prepare_data(output, settings)
+    timings["data"] = time.time() - start
+    foundation = prepare_foundation(output, settings)
+    timings["foundation"] = time.time() - start - timings["data"]
+    jobs = [(variant, seed) for variant in settings.variants for seed in settings.seeds]
+    threads = threads_per_worker or max(1, (os.cpu_count() or 1) // max(1, settings.workers))
+    results = run_jobs(output, settings, jobs, threads_per_worker=threads)
+    timings["runs"] = time.time() - start - timings["data"] - timings["foundation"]
+    summary = write_report(output, settings, foundation, results, timings, export_checkpoint_to=export_checkpoint)
+    logger.info("done in %.0f s; results in %s", time.time() - start, os.path.join(output, "results.md"))
+    return summary

@@ -1,0 +1,307 @@
+"""Tables, plot and pictures of the mini VTCBench, and the export of the best QMoP run as a checkpoint."""
+
+import json
+import os
+import shutil
+import statistics
+import tempfile
+
+from .data import DIMENSIONS
+from .experiment import VARIANT_LABELS, evaluate
+
+CHANCE = {"global": 1 / 6, "local": 1 / 8, "spatial": 1 / 2, "counting": 1 / 4, "style": 1 / 5}
+PICTURE_QUESTIONS = 6  # test questions drawn for the contact sheet
+
+
+def _mean_std(values: list) -> tuple:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(results: list, split: str = "test") -> dict:
+    """{variant: {"overall": (mean, std), dimension: (mean, std), "seeds": [...], "router": {...}}}"""
+    by_variant = {}
+    for result in results:
+        by_variant.setdefault(result["variant"], []).append(result)
+    table = {}
+    for variant, runs in by_variant.items():
+        runs = [r for r in runs if split in r["evaluation"]]
+        if not runs:
+            continue
+        row = {"seeds": [r["seed"] for r in runs], "overall": _mean_std([r["evaluation"][split]["overall"] for r in runs])}
+        for dimension in DIMENSIONS:
+            row[dimension] = _mean_std([r["evaluation"][split]["per_dimension"].get(dimension, 0.0) for r in runs])
+        row["seconds"] = statistics.fmean(r["seconds"] for r in runs)
+        routers = [r["evaluation"][split].get("router_weights_per_dimension") for r in runs]
+        if all(routers):
+            row["router"] = {
+                d: {b: statistics.fmean(router[d][b] for router in routers) for b in routers[0][d]} for d in routers[0]
+            }
+        table[variant] = row
+    return table
+
+
+def markdown_table(table: dict, settings) -> str:
+    order = [v for v in settings.variants if v in table]
+    header = "| variant | tokens | overall | " + " | ".join(DIMENSIONS) + " | seeds | train+eval s/run |"
+    lines = [header, "|" + " --- |" * (len(DIMENSIONS) + 5)]
+    for variant in order:
+        row = table[variant]
+        tokens = 576 if variant == "full576" else settings.budget
+        cells = [f"{VARIANT_LABELS[variant]}", str(tokens), _fmt(row["overall"])]
+        cells += [_fmt(row[d]) for d in DIMENSIONS]
+        cells += [str(len(row["seeds"])), f"{row['seconds']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    chance = statistics.fmean(CHANCE.values())
+    lines.append("| chance | - | " + _pct(chance) + " | " + " | ".join(_pct(CHANCE[d]) for d in DIMENSIONS) + " | - | - |")
+    return "\n".join(lines)
+
+
+def router_table(table: dict) -> str:
+    lines = []
+    for variant in ("qmop", "vision_router"):
+        router = table.get(variant, {}).get("router")
+        if not router:
+            continue
+        branches = list(next(iter(router.values())))
+        lines.append(f"{VARIANT_LABELS[variant]}: mean router weight per question dimension (test, mean of seeds)\n")
+        lines.append("| dimension | " + " | ".join(branches) + " |")
+        lines.append("|" + " --- |" * (len(branches) + 1))
+        for dimension in DIMENSIONS:
+            if dimension in router:
+                lines.append(f"| {dimension} | " + " | ".join(f"{router[dimension][b]:.2f}" for b in branches) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _fmt(mean_std) -> str:
+    mean, std = mean_std
+    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def findings(table: dict) -> list:
+    """Plain statements of what the table says about the paper's claims (computed, not written by hand)."""
+    out = []
+    if "qmop" not in table:
+        return out
+    q = table["qmop"]["overall"]
+    singles = {v: table[v]["overall"] for v in ("pooling", "resampler", "pruning") if v in table}
+    if singles:
+        best = max(singles, key=lambda v: singles[v][0])
+        out.append(_compare("QMoP", q, f"the best single branch ({best})", singles[best]))
+    if "uniform" in table:
+        out.append(_compare("QMoP", q, "equal-weight fusion", table["uniform"]["overall"]))
+    if "vision_router" in table:
+        out.append(_compare("QMoP", q, "the router without the question", table["vision_router"]["overall"]))
+    if "full576" in table:
+        out.append(_compare("QMoP", q, "the uncompressed 576-token model", table["full576"]["overall"]))
+    for dimension in DIMENSIONS:
+        rows = {v: table[v][dimension][0] for v in ("pooling", "resampler", "pruning") if v in table}
+        if len(rows) == 3:
+            best = max(rows, key=rows.get)
+            out.append(f"{dimension}: best single branch is {best} ({100 * rows[best]:.1f}%)")
+    return out
+
+
+def _compare(name_a, a, name_b, b) -> str:
+    diff = a[0] - b[0]
+    noise = max(a[1], b[1])
+    verdict = "within one std (not distinguishable)" if abs(diff) <= noise else ("better" if diff > 0 else "worse")
+    return (f"{name_a} {100 * a[0]:.1f} ± {100 * a[1]:.1f} vs {name_b} {100 * b[0]:.1f} ± {100 * b[1]:.1f}: "
+            f"{diff * 100:+.1f} points, {verdict}")
+
+
+def plot(table: dict, settings, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = [v for v in settings.variants if v in table]
+    groups = ["overall", *DIMENSIONS]
+    width = 0.8 / max(1, len(order))
+    fig, ax = plt.subplots(figsize=(11, 4.2))
+    colours = plt.get_cmap("tab10")
+    for i, variant in enumerate(order):
+        means = [100 * table[variant][g][0] for g in groups]
+        stds = [100 * table[variant][g][1] for g in groups]
+        positions = [g + (i - (len(order) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(positions, means, width, yerr=stds, capsize=2, label=VARIANT_LABELS[variant], color=colours(i))
+    for g, group in enumerate(groups):
+        chance = statistics.fmean(CHANCE.values()) if group == "overall" else CHANCE[group]
+        ax.hlines(100 * chance, g - 0.45, g + 0.45, colors="black", linestyles="dotted", linewidth=1)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups)
+    ax.set_ylabel("test accuracy, % (mean ± std over seeds)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"Mini VTCBench: {settings.budget} visual tokens of 576 (dotted: chance)")
+    ax.legend(fontsize=7, ncol=2, loc="upper right")
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def best_qmop_run(results: list):
+    runs = [r for r in results if r["variant"] == "qmop" and "val" in r["evaluation"]]
+    if not runs:
+        return None
+    return max(runs, key=lambda r: (r["evaluation"]["val"]["overall"], -r["seed"]))
+
+
+def draw_pictures(output: str, model_dir: str, data_dir: str) -> list:
+    """Analysis pictures for the first test image's questions (one per dimension), and a contact sheet."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from .visualize import analyse, contact_sheet, render_analysis
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    with open(os.path.join(data_dir, "test_vqa.json")) as f:
+        samples = json.load(f)
+    chosen = samples[:5] + [s for s in samples[5:] if s["dimension"] == "local"][:1]
+    pictures_dir = os.path.join(output, "pictures")
+    os.makedirs(pictures_dir, exist_ok=True)
+    pictures, paths = [], []
+    for sample in chosen[:PICTURE_QUESTIONS]:
+        image = Image.open(os.path.join(data_dir, "images", sample["image"])).convert("RGB")
+        question = sample["conversations"][0]["value"].replace("<image>", "").strip()
+        result = analyse(model, processor, image, question)
+        picture = render_analysis(result, expected=sample["conversations"][1]["value"])
+        path = os.path.join(pictures_dir, f"{sample['id']}.png")
+        picture.save(path)
+        pictures.append(picture)
+        paths.append(path)
+    sheet = os.path.join(output, "pictures.png")
+    contact_sheet(pictures, columns=2).save(sheet)
+    return [sheet, *paths]
+
+
+def export_checkpoint(model_dir: str, target: str, card: str, results: dict) -> str:
+    """Copy the model folder to `target` with a model card and the results it was chosen by (atomic)."""
+    target = os.path.abspath(target)
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(target)}.tmp-")
+    try:
+        for name in os.listdir(model_dir):
+            source = os.path.join(model_dir, name)
+            if name in ("training_args.bin", "trainer_state.json", "all_results.json", "train_results.json"):
+                continue
+            if os.path.isdir(source):
+                shutil.copytree(source, os.path.join(tmp, name))
+            else:
+                shutil.copy2(source, os.path.join(tmp, name))
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(card)
+        with open(os.path.join(tmp, "vtcbench_results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        if os.path.exists(target):
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+SLICE_IMAGES = 40  # the fixed test slice of the accuracy test: the first 40 test images, 200 questions
+
+
+def write_report(output: str, settings, foundation: dict, results: list, timings: dict, export_checkpoint_to=None) -> dict:
+    table = aggregate(results)
+    best = best_qmop_run(results)
+    data_dir = os.path.join(output, "data")
+    summary = {
+        "settings": settings.__dict__,
+        "foundation": foundation,
+        "timings_seconds": {k: round(v, 1) for k, v in timings.items()},
+        "table": table,
+        "findings": findings(table),
+        "best_qmop": None if best is None else {"seed": best["seed"], "val": best["evaluation"]["val"]["overall"],
+                                                  "test": best["evaluation"]["test"]["overall"]},
+        "runs": results,
+    }
+    plot_path = os.path.join(output, "results.png")
+    plot(table, settings, plot_path)
+    pictures = []
+    if best is not None:
+        model_dir = os.path.join(output, "runs", f"qmop-s{best['seed']}", "model")
+        pictures = draw_pictures(output, model_dir, data_dir)
+        slice_eval = evaluate(model_dir, data_dir, "test", limit=SLICE_IMAGES * len(DIMENSIONS))
+        summary["best_qmop"]["test_slice"] = slice_eval["overall"]
+        summary["best_qmop"]["test_slice_questions"] = slice_eval["count"]
+    md = [
+        f"# Mini VTCBench results ({settings.budget} visual tokens of 576)",
+        "",
+        markdown_table(table, settings),
+        "",
+        "Test accuracy in % (exact match of the first word of the greedy answer), mean ± sample std over seeds "
+        f"{settings.seeds}; {settings.test_images} test images x 5 questions = {settings.test_images * 5} questions "
+        f"({settings.test_images} per dimension).",
+        "",
+        "## What it says",
+        "",
+        *[f"- {line}" for line in summary["findings"]],
+        "",
+        router_table(table),
+        f"Foundation: CLIP val image->caption retrieval top-1 {100 * foundation['clip']['val_retrieval_top1']:.0f}% "
+        f"(chance {100 * foundation['clip']['val_retrieval_chance']:.0f}%) after {foundation['clip']['steps']} steps; "
+        f"LLM text loss {foundation['llm']['first_loss']:.2f} -> {foundation['llm']['last_loss']:.2f}.",
+        "",
+        "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + ".",
+    ]
+    if best is not None:
+        md += ["", f"Best QMoP run by val accuracy: seed {best['seed']} (val {100 * best['evaluation']['val']['overall']:.1f}%, "
+               f"test {100 * best['evaluation']['test']['overall']:.1f}%, test slice of {summary['best_qmop']['test_slice_questions'] // 5} images "
+               f"{100 * summary['best_qmop']['test_slice']:.1f}%)."]
+    with open(os.path.join(output, "results.md.tmp"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    os.replace(os.path.join(output, "results.md.tmp"), os.path.join(output, "results.md"))
+    slim = {k: v for k, v in summary.items() if k != "runs"}
+    with open(os.path.join(output, "results.json.tmp"), "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(os.path.join(output, "results.json.tmp"), os.path.join(output, "results.json"))
+    if best is not None and export_checkpoint_to:
+        card = model_card(settings, table, summary, md)
+        export_checkpoint(os.path.join(output, "runs", f"qmop-s{best['seed']}", "model"), export_checkpoint_to, card,
+                          {"best_qmop": summary["best_qmop"], "table": table, "settings": settings.__dict__})
+    slim["pictures"] = pictures
+    slim["plot"] = plot_path
+    return slim
+
+
+def model_card(settings, table, summary, md_lines) -> str:
+    best = summary["best_qmop"]
+    return "\n".join([
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: image-text-to-text",
+        "tags: [qmop-llava, llava, token-compression, tiny, synthetic]",
+        "---",
+        "",
+        "# qmop-tiny: a QMoP-LLaVA trained on the mini VTCBench",
+        "",
+        f"A tiny QMoP-LLaVA ({settings.budget} visual tokens of 576, three branches, query-guided router) trained in two "
+        "stages on procedurally generated pictures (`python -m qmop_tools.vtcbench`). It answers short questions "
+        "about such pictures: background colour, the letter in a corner, left/right/above/below, counting shapes, "
+        "background texture. It knows nothing else.",
+        "",
+        f"Chosen as the best of seeds {settings.seeds} by validation accuracy: seed {best['seed']}, val "
+        f"{100 * best['val']:.1f}%, test {100 * best['test']:.1f}%, test slice (first {best['test_slice_questions'] // 5} test images) "
+        f"{100 * best['test_slice']:.1f}%.",
+        "",
+        "```python",
+        "from transformers import AutoModelForImageTextToText, AutoProcessor",
+        'model = AutoModelForImageTextToText.from_pretrained("checkpoints/qmop-tiny", trust_remote_code=True)',
+        'processor = AutoProcessor.from_pretrained("checkpoints/qmop-tiny", trust_remote_code=True)',
+        "```",
+        "",
+        *md_lines,
+        "",
+    ])

@@ -1,0 +1,169 @@
+"""Mini VTCBench: the data generator, the exact feature cache, the pictures, the whole pipeline in miniature, and the
+committed tiny checkpoint's accuracy on a fixed test slice."""
+
+import json
+import os
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO_ROOT, make_image
+
+from qmop_tools.vtcbench.data import ANSWERS, DIMENSIONS, IMAGE_SIZE, PATCH_SIZE, draw_scene, generate_split, write_dataset
+from qmop_tools.vtcbench.experiment import FeatureCache, normalise_answer
+
+BUNDLED = os.path.join(REPO_ROOT, "checkpoints", "qmop-tiny")
+
+
+def test_scenes_are_deterministic_per_seed_and_split():
+    a, b = generate_split("test", 6, seed=3), generate_split("test", 6, seed=3)
+    assert [s.caption() for s in a] == [s.caption() for s in b]
+    assert draw_scene(a[0]).tobytes() == draw_scene(b[0]).tobytes()
+    assert [s.caption() for s in a] != [s.caption() for s in generate_split("train", 6, seed=3)]
+    assert [s.caption() for s in a] != [s.caption() for s in generate_split("test", 6, seed=4)]
+    # a prefix of a split does not depend on the split's size (the accuracy test relies on it)
+    assert [s.caption() for s in generate_split("test", 3, seed=3)] == [s.caption() for s in a[:3]]
+
+
+def test_every_scene_asks_one_question_per_dimension_with_a_known_answer():
+    for scene in generate_split("train", 30, seed=0):
+        assert [q["dimension"] for q in scene.questions] == list(DIMENSIONS)
+        for q in scene.questions:
+            assert q["answer"] in ANSWERS[q["dimension"]], q
+        assert 2 <= len(scene.shapes) <= 5 and len(scene.tags) == 2
+        assert len({(s.colour, s.shape) for s in scene.shapes}) == len(scene.shapes)  # names are unambiguous
+        counting = scene.questions[3]
+        shape = re.search(r"(circle|square|triangle|diamond)s", counting["question"]).group(1)
+        assert ("one", "two", "three", "four")[sum(s.shape == shape for s in scene.shapes) - 1] == counting["answer"]
+    image = draw_scene(generate_split("val", 1)[0])
+    assert image.size == (IMAGE_SIZE, IMAGE_SIZE) and IMAGE_SIZE // PATCH_SIZE == 24
+
+
+def test_write_dataset_writes_llava_files_and_rejects_bad_sizes(tmp_path):
+    write_dataset(str(tmp_path / "data"), {"train": 3, "test": 2}, seed=0)
+    vqa = json.load(open(tmp_path / "data" / "train_vqa.json"))
+    captions = json.load(open(tmp_path / "data" / "train_captions.json"))
+    assert len(vqa) == 15 and len(captions) == 3
+    assert vqa[0]["conversations"][0]["value"].startswith("<image>\n")
+    assert os.path.exists(tmp_path / "data" / "images" / vqa[0]["image"])
+    with pytest.raises(ValueError, match="num_images"):
+        write_dataset(str(tmp_path / "bad"), {"train": 0})
+    with pytest.raises(ValueError, match="Unknown split"):
+        generate_split("dev", 2)
+    assert not os.path.exists(tmp_path / "bad")
+
+
+def test_normalise_answer():
+    assert normalise_answer(" Red.") == "red"
+    assert normalise_answer(" two triangles") == "two"
+    assert normalise_answer("") == ""
+
+
+def test_feature_cache_is_exact():
+    from conversion.tiny import build_tiny
+
+    model, processor = build_tiny()  # its own model: the cache patches the instance
+    inputs = processor(images=[make_image(seed=0), make_image(seed=1)], text=["<image>\nwhat?", "<image>\nwhy?"],
+                       return_tensors="pt")
+    with torch.no_grad():
+        reference = model(**inputs)
+        cache = FeatureCache()
+        cache.install(model)
+        first = model(**inputs)
+        second = model(**inputs)
+    assert cache.misses == 2 and cache.hits == 2
+    torch.testing.assert_close(first.logits, reference.logits, rtol=0, atol=0)
+    torch.testing.assert_close(second.logits, reference.logits, rtol=0, atol=0)
+    assert torch.equal(second.router_weights, reference.router_weights)
+
+
+def test_analysis_picture_shows_kept_patches_and_router(tiny):
+    from qmop_tools.vtcbench.visualize import analyse, contact_sheet, render_analysis
+
+    model, processor = tiny
+    result = analyse(model, processor, make_image(seed=0), "what colour is the circle?", max_new_tokens=2)
+    grid = model.config.patch_grid
+    assert len(result["kept_patches"]) == result["visual_tokens"] == model.config.num_visual_tokens
+    assert all(0 <= i < grid * grid for i in result["kept_patches"])
+    assert abs(sum(result["router_weights"].values()) - 1) < 1e-5
+    picture = render_analysis(result)
+    assert picture.height >= 3 * result["image"].height and picture.width > picture.height
+    # a kept patch keeps its pixels, a dropped one is dimmed
+    side = grid * round(result["image"].width * 3 / grid)
+    patch = side // grid
+    big = result["image"].resize((side, side), Image.NEAREST)
+    dropped = next(i for i in range(grid * grid) if i not in result["kept_patches"])
+    for index, kept in ((result["kept_patches"][0], True), (dropped, False)):
+        row, col = divmod(index, grid)
+        centre = (col * patch + patch // 2, row * patch + patch // 2)
+        original, drawn = big.getpixel(centre), picture.getpixel(centre)
+        if kept:
+            assert drawn == original
+        else:
+            assert all(abs(d - 128) <= abs(o - 128) for d, o in zip(drawn, original)) and drawn != original
+    sheet = contact_sheet([picture, picture, picture], columns=2)
+    assert sheet.size == (2 * picture.width, 2 * picture.height)
+
+
+def test_smoke_pipeline_end_to_end(tmp_path):
+    from qmop_tools.vtcbench.__main__ import main
+
+    output, checkpoint = tmp_path / "vtc", tmp_path / "ckpt"
+    summary = main(["--smoke", "--output", str(output), "--export-checkpoint", str(checkpoint)])
+    table = open(output / "results.md").read()
+    assert "| QMoP (query-guided router) | 36 |" in table and "| pooling only | 36 |" in table
+    header = next(line for line in table.splitlines() if line.startswith("| variant"))
+    assert [c.strip() for c in header.strip("|").split("|")][2:8] == ["overall", *DIMENSIONS]
+    assert "mean router weight per question dimension" in table
+    for path in (output / "results.png", output / "pictures.png", output / "results.json"):
+        assert os.path.getsize(path) > 1000
+    assert set(summary["table"]) == {"qmop", "pooling"}
+    results = json.load(open(output / "results.json"))
+    run = next(r for r in results["runs"] if r["variant"] == "qmop")
+    assert run["stage1"]["steps"] > 0 and run["stage2"]["steps"] > 0
+    assert run["evaluation"]["test"]["count"] == 50 and "val" in run["evaluation"]
+    assert run["feature_cache"]["hits"] > 0  # the frozen tower ran once per image, not once per step
+    # the exported checkpoint loads as a Hub user loads it, with its card
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(str(checkpoint), trust_remote_code=True)
+    assert model.config.num_visual_tokens == 36 and model.config.patch_grid == 24
+    assert "qmop-tiny" in open(checkpoint / "README.md").read()
+    # a second run reuses everything already on disk
+    import time
+
+    start = time.time()
+    main(["--smoke", "--output", str(output)])
+    assert time.time() - start < 30
+
+
+def test_bundled_checkpoint_accuracy_on_a_fixed_test_slice(tmp_path):
+    """The committed tiny checkpoint answers the first 40 test images' 200 questions at least as well as the table
+    says, minus a small margin (recomputed here from scratch: data, processor, generate)."""
+    from qmop_tools.vtcbench.experiment import evaluate
+    from qmop_tools.vtcbench.report import SLICE_IMAGES
+
+    assert os.path.exists(os.path.join(BUNDLED, "config.json")), "checkpoints/qmop-tiny is missing"
+    recorded = json.load(open(os.path.join(BUNDLED, "vtcbench_results.json")))["best_qmop"]
+    write_dataset(str(tmp_path / "data"), {"test": SLICE_IMAGES}, seed=0)
+    result = evaluate(BUNDLED, str(tmp_path / "data"), "test")
+    assert result["count"] == SLICE_IMAGES * 5
+    assert result["overall"] >= recorded["test"] - 0.05, (result["overall"], recorded)
+    assert abs(result["overall"] - recorded["test_slice"]) <= 0.02, (result["overall"], recorded)
+
+
+def test_demo_answers_the_bundled_questions(tmp_path):
+    """The README's main command on the bundled image: right answers, and the picture is written."""
+    import subprocess
+    import sys
+
+    picture = tmp_path / "demo.png"
+    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "scripts", "demo.py"), "--picture", str(picture)],
+                            capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = json.load(open(os.path.join(REPO_ROOT, "assets", "demo.json")))["answers"]
+    answers = [line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("answer:")]
+    assert [normalise_answer(a) for a in answers] == expected, result.stdout
+    assert Image.open(picture).width > 400
