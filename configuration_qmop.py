@@ -6,7 +6,7 @@ silent, the default is this project's choice; shared/DESIGN.md section 2 explain
 """
 
 import math
-from typing import Literal, get_args
+from typing import Literal, Optional, get_args
 
 from transformers import AutoConfig, CLIPTextConfig, CLIPVisionConfig, PretrainedConfig
 
@@ -17,6 +17,7 @@ TemperatureSchedule = Literal["cosine", "linear", "exponential", "constant"]
 
 # Canonical branch order: router logits and `router_weights` columns follow it (restricted to `branches`).
 BRANCH_ORDER = get_args(BranchName)
+DEFAULT_ROUTER_TOP_K = 2  # the paper mixes the two best branches per image
 
 # Shipped with every save so that `pipeline("image-to-text", model=..., trust_remote_code=True)` works on both
 # transformers 4.57 and 5.x (the built-in task cannot caption from an image alone).
@@ -108,8 +109,10 @@ class QMoPConfig(PretrainedConfig):
             `"query"`: the paper's Query Guided Router (vision CLS + question EOS). `"vision"`: ablation
             that sees only the image. `"uniform"`: naive equal-weight fusion of all branches (no router).
         router_hidden_size (`int`, *optional*, defaults to 512): hidden width of the router MLP.
-        router_top_k (`int`, *optional*, defaults to 2):
+        router_top_k (`int`, *optional*):
             Branches kept per image; their weights are renormalised. Equal to the number of branches = dense.
+            Defaults to 2, or to the number of branches when there are fewer (a single-branch baseline needs no
+            setting).
         router_temperature (`float`, *optional*, defaults to 1.0): softmax temperature at the start of training.
         router_min_temperature (`float`, *optional*, defaults to 0.1):
             Floor of the annealed temperature; also the temperature used in eval mode.
@@ -144,7 +147,7 @@ class QMoPConfig(PretrainedConfig):
         pruning_recycle: bool = False,
         router_mode: RouterMode = "query",
         router_hidden_size: int = 512,
-        router_top_k: int = 2,
+        router_top_k: Optional[int] = None,
         router_temperature: float = 1.0,
         router_min_temperature: float = 0.1,
         router_temperature_schedule: TemperatureSchedule = "cosine",
@@ -174,7 +177,8 @@ class QMoPConfig(PretrainedConfig):
         self.pruning_recycle = pruning_recycle
         self.router_mode = router_mode
         self.router_hidden_size = router_hidden_size
-        self.router_top_k = router_top_k
+        branch_count = len(self.branches) if isinstance(self.branches, (list, tuple)) else 0
+        self.router_top_k = router_top_k if router_top_k is not None else max(1, min(DEFAULT_ROUTER_TOP_K, branch_count))
         self.router_temperature = router_temperature
         self.router_min_temperature = router_min_temperature
         self.router_temperature_schedule = router_temperature_schedule

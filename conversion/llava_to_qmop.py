@@ -24,7 +24,6 @@ into place.
 """
 
 import gc
-import inspect
 import json
 import logging
 import math
@@ -479,9 +478,6 @@ def load_sources(settings: ConversionSettings) -> Sources:
 def build_qmop_config(sources: Sources, num_visual_tokens: int, branches, pad_to_square: bool, overrides=None) -> QMoPConfig:
     image_token_id = sources.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     overrides = dict(overrides or {})
-    # The config's default top-k (2) is invalid with a single branch: cap it at the number of branches.
-    default_top_k = inspect.signature(QMoPConfig.__init__).parameters["router_top_k"].default
-    overrides.setdefault("router_top_k", min(default_top_k, len(branches)))
     return QMoPConfig(
         vision_config=sources.vision_config.to_dict(),
         text_encoder_config=sources.text_encoder_config.to_dict(),

@@ -77,8 +77,11 @@ def test_patch_grid_must_divide():
 
 
 def test_single_branch_and_uniform_need_no_router():
-    single = QMoPConfig(vision_config=TINY_VISION, num_visual_tokens=16, branches=["pooling"], router_top_k=1)
-    assert not single.uses_router and not single.uses_query
+    single = QMoPConfig(vision_config=TINY_VISION, num_visual_tokens=16, branches=["pooling"])  # top-k follows
+    assert not single.uses_router and not single.uses_query and single.router_top_k == 1
+    assert QMoPConfig(vision_config=TINY_VISION, num_visual_tokens=16).router_top_k == 2
+    with pytest.raises(ValueError, match="router_top_k"):  # an explicit value is still checked
+        QMoPConfig(vision_config=TINY_VISION, num_visual_tokens=16, branches=["pooling"], router_top_k=2)
     uniform = QMoPConfig(vision_config=TINY_VISION, num_visual_tokens=16, router_mode="uniform")
     assert not uniform.uses_router and not uniform.uses_query
     question_pruning = QMoPConfig(
