@@ -32,12 +32,13 @@ setup(
             "qmop-convert-llava = conversion.convert_llava_to_qmop:main",
             "qmop-train = qmop_tools.train.run:main",
             "qmop-bench = qmop_tools.bench.__main__:main",
+            "qmop-vtcbench = qmop_tools.vtcbench.__main__:main",
         ]
     },
     extras_require={
         "quant": ["bitsandbytes>=0.45"],
         "train": ["peft>=0.13", "tensorboard"],
-        "bench": ["matplotlib"],
+        "bench": ["matplotlib"],  # also the mini VTCBench's plot
         "test": ["pytest"],
     },
 )

@@ -5,9 +5,9 @@ under `checkpoints/qmop-tiny` (mini VTCBench, `python -m qmop_tools.vtcbench`); 
 random weights is built locally and the demo says that its answers are noise.
 """
 
+import json
 import os
 
-import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_IMAGE = os.path.join(REPO_ROOT, "assets", "demo.png")
@@ -26,14 +26,19 @@ def default_model() -> tuple[str, bool]:
     return RANDOM_TINY_CHECKPOINT, False
 
 
-# The bundled picture (test split of the mini VTCBench, never trained on) and one question per dimension.
-DEFAULT_QUESTIONS = (
-    "what colour is the background?",
-    "what letter is in the top left corner?",
-    "is the yellow circle left or right of the red square?",
-    "how many triangles are there?",
-    "what is the texture of the background?",
-)
+# The bundled picture (a test-split scene of the mini VTCBench, never trained on) and its five questions, one per
+# dimension, with the answers the scene's generator knows (assets/demo.json).
+DEMO_SPEC = os.path.join(REPO_ROOT, "assets", "demo.json")
+
+
+def _default_questions() -> tuple:
+    if os.path.exists(DEMO_SPEC):
+        with open(DEMO_SPEC) as f:
+            return tuple(json.load(f)["questions"])
+    return ("what colour is the background?",)
+
+
+DEFAULT_QUESTIONS = _default_questions()
 
 
 def load(model_path: str, device=None):
@@ -64,10 +69,15 @@ def answer(model_path: str, image, question: str, num_visual_tokens=None, max_ne
     return answer_with(model, processor, image, question, num_visual_tokens, max_new_tokens)
 
 
-def format_report(result: dict, model_path: str, trained: bool) -> str:
+def format_model_line(model_path: str, trained: bool) -> str:
+    shown = os.path.relpath(model_path) if os.path.isabs(model_path) and model_path.startswith(os.getcwd()) else model_path
+    return f"model:    {shown}" + ("" if trained else "  (tiny, RANDOM weights: the answer is noise)")
+
+
+def format_report(result: dict, model_path: str, trained: bool, with_model: bool = True) -> str:
     weights = ", ".join(f"{name} {value:.3f}" for name, value in result["router_weights"].items())
-    lines = [
-        f"model:    {model_path}" + ("" if trained else "  (tiny, RANDOM weights: the answer is noise)"),
+    lines = [format_model_line(model_path, trained)] if with_model else []
+    lines += [
         f"prompt:   {result['prompt']!r}",
         f"answer:   {result['answer']!r}",
         f"router:   {weights}",

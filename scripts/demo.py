@@ -13,7 +13,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from qmop_tools.demo import DEFAULT_IMAGE, DEFAULT_QUESTIONS, answer_with, default_model, format_report, load  # noqa: E402
+from qmop_tools.demo import (  # noqa: E402
+    DEFAULT_IMAGE, DEFAULT_QUESTIONS, answer_with, default_model, format_model_line, format_report, load,
+)
 
 DEFAULT_PICTURE = os.path.join("outputs", "demo.png")
 
@@ -29,10 +31,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     path, trained = (args.model, True) if args.model else default_model()
     model, processor = load(path)
+    print(format_model_line(path, trained) + "\n")
     results = []
     for question in args.question or DEFAULT_QUESTIONS:
         result = answer_with(model, processor, args.image, question, args.num_visual_tokens, args.max_new_tokens)
-        print(format_report(result, path, trained) + "\n")
+        print(format_report(result, path, trained, with_model=False) + "\n")
         results.append(result)
     if args.picture:
         from qmop_tools.vtcbench.visualize import contact_sheet, render_analysis

@@ -119,7 +119,8 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert "mean router weight per question dimension" in table
     for path in (output / "results.png", output / "pictures.png", output / "results.json"):
         assert os.path.getsize(path) > 1000
-    assert set(summary["table"]) == {"qmop", "pooling"}
+    assert set(summary["table"]) == {"qmop", "pooling", "qmop_long"}
+    assert "| QMoP, longer stage 2 | 36 |" in table
     results = json.load(open(output / "results.json"))
     run = next(r for r in results["runs"] if r["variant"] == "qmop")
     assert run["stage1"]["steps"] > 0 and run["stage2"]["steps"] > 0

@@ -22,18 +22,22 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, help="training processes in parallel (default 2)")
     parser.add_argument("--export-checkpoint", metavar="DIR",
                         help="copy the best QMoP run (by val accuracy) here, with a model card, e.g. checkpoints/qmop-tiny")
+    parser.add_argument("--export-demo-image", metavar="PNG",
+                        help="copy a test picture the best QMoP run answers right here, with its questions (.json), "
+                        "e.g. assets/demo.png")
     parser.add_argument("--fresh", action="store_true", help="delete the output folder first")
     args = parser.parse_args(argv)
     settings = Settings.smoke() if args.smoke else Settings()
     for name in ("variants", "seeds", "budget", "workers"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
-    if "qmop" not in settings.variants and args.export_checkpoint:
-        parser.error("--export-checkpoint needs the qmop variant")
+    if "qmop" not in settings.variants and (args.export_checkpoint or args.export_demo_image):
+        parser.error("--export-checkpoint and --export-demo-image need the qmop variant")
     logging.basicConfig(format="%(asctime)s %(name)s %(message)s", level=logging.INFO, stream=sys.stdout)
     logging.getLogger("transformers").setLevel(logging.WARNING)
     logging.getLogger("qmop_tools.train").setLevel(logging.WARNING)
-    summary = run(args.output, settings, fresh=args.fresh, export_checkpoint=args.export_checkpoint)
+    summary = run(args.output, settings, fresh=args.fresh, export_checkpoint=args.export_checkpoint,
+                  export_demo=args.export_demo_image)
     print(open(f"{args.output}/results.md").read())
     return summary
 

@@ -1,6 +1,7 @@
 """One command from nothing to the mini VTCBench's results: data, foundation, all runs, table, plot, pictures.
 
     python -m qmop_tools.vtcbench --output outputs/vtcbench [--smoke] [--export-checkpoint checkpoints/qmop-tiny]
+                                  [--export-demo-image assets/demo.png]
 
 Every stage leaves its output on disk and is skipped when run again with the same settings (delete the folder, or
 pass --fresh, to start over).
@@ -11,8 +12,6 @@ import logging
 import os
 import shutil
 import time
-
-import torch
 
 from .experiment import Settings, run_jobs, settings_dict
 
@@ -91,31 +90,27 @@ def prepare_foundation(output: str, settings: Settings) -> dict:
     return report
 
 
-def run(output: str, settings: Settings, fresh: bool = False, export_checkpoint=None, threads_per_worker=None) -> dict:
+def run(output: str, settings: Settings, fresh: bool = False, export_checkpoint=None, export_demo=None,
+        threads_per_worker=None) -> dict:
     from .report import write_report
 
     output = os.path.abspath(output)
     if fresh and os.path.exists(output):
         shutil.rmtree(output)
     os.makedirs(output, exist_ok=True)
-    settings_path = os.path.join(output, "settings.json")
-    if os.path.exists(settings_path):
-        with open(settings_path) as f:
-            previous = json.load(f)
-        if previous != settings_dict(settings):
-            logger.info("settings changed since the last run in %s: previous runs are discarded", output)
-            shutil.rmtree(os.path.join(output, "runs"), ignore_errors=True)
-    _write_json(settings_path, settings_dict(settings))
+    # A finished run is reused when its own settings (`Settings.job_key`) are unchanged; see `run_job`.
+    _write_json(os.path.join(output, "settings.json"), settings_dict(settings))
     start = time.time()
     timings = {}
     prepare_data(output, settings)
     timings["data"] = time.time() - start
     foundation = prepare_foundation(output, settings)
     timings["foundation"] = time.time() - start - timings["data"]
-    jobs = [(variant, seed) for variant in settings.variants for seed in settings.seeds]
+    jobs = settings.jobs()
     threads = threads_per_worker or max(1, (os.cpu_count() or 1) // max(1, settings.workers))
     results = run_jobs(output, settings, jobs, threads_per_worker=threads)
     timings["runs"] = time.time() - start - timings["data"] - timings["foundation"]
-    summary = write_report(output, settings, foundation, results, timings, export_checkpoint_to=export_checkpoint)
+    summary = write_report(output, settings, foundation, results, timings, export_checkpoint_to=export_checkpoint,
+                           export_demo_to=export_demo)
     logger.info("done in %.0f s; results in %s", time.time() - start, os.path.join(output, "results.md"))
     return summary

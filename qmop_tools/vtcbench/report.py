@@ -9,7 +9,9 @@ import tempfile
 from .data import DIMENSIONS
 from .experiment import VARIANT_LABELS, evaluate
 
-CHANCE = {"global": 1 / 6, "local": 1 / 8, "spatial": 1 / 2, "counting": 1 / 4, "style": 1 / 5}
+# Chance of a uniform guess among the answers the question allows (local: half the questions ask for one of 8 letters,
+# half for one of 6 tag colours; spatial: the question names its two options).
+CHANCE = {"global": 1 / 6, "local": 0.5 / 8 + 0.5 / 6, "spatial": 1 / 2, "counting": 1 / 4, "style": 1 / 5}
 PICTURE_QUESTIONS = 6  # test questions drawn for the contact sheet
 
 
@@ -48,8 +50,9 @@ def markdown_table(table: dict, settings) -> str:
     for variant in order:
         row = table[variant]
         tokens = 576 if variant == "full576" else settings.budget
-        cells = [f"{VARIANT_LABELS[variant]}", str(tokens), _fmt(row["overall"])]
-        cells += [_fmt(row[d]) for d in DIMENSIONS]
+        single = len(row["seeds"]) == 1
+        cells = [f"{VARIANT_LABELS[variant]}", str(tokens), _fmt(row["overall"], single)]
+        cells += [_fmt(row[d], single) for d in DIMENSIONS]
         cells += [str(len(row["seeds"])), f"{row['seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     chance = statistics.fmean(CHANCE.values())
@@ -59,7 +62,7 @@ def markdown_table(table: dict, settings) -> str:
 
 def router_table(table: dict) -> str:
     lines = []
-    for variant in ("qmop", "vision_router"):
+    for variant in ("qmop", "vision_router", "qmop_long"):
         router = table.get(variant, {}).get("router")
         if not router:
             continue
@@ -74,9 +77,9 @@ def router_table(table: dict) -> str:
     return "\n".join(lines)
 
 
-def _fmt(mean_std) -> str:
+def _fmt(mean_std, single_seed: bool = False) -> str:
     mean, std = mean_std
-    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+    return f"{100 * mean:.1f}" if single_seed else f"{100 * mean:.1f} ± {100 * std:.1f}"
 
 
 def _pct(value: float) -> str:
@@ -99,6 +102,9 @@ def findings(table: dict) -> list:
         out.append(_compare("QMoP", q, "the router without the question", table["vision_router"]["overall"]))
     if "full576" in table:
         out.append(_compare("QMoP", q, "the uncompressed 576-token model", table["full576"]["overall"]))
+    if "qmop_long" in table:
+        out.append(_compare("QMoP with the longer stage 2", table["qmop_long"]["overall"], "QMoP",
+                            q) + " (more training, not a method difference)")
     for dimension in DIMENSIONS:
         rows = {v: table[v][dimension][0] for v in ("pooling", "resampler", "pruning") if v in table}
         if len(rows) == 3:
@@ -110,7 +116,8 @@ def findings(table: dict) -> list:
 def _compare(name_a, a, name_b, b) -> str:
     diff = a[0] - b[0]
     noise = max(a[1], b[1])
-    verdict = "within one std (not distinguishable)" if abs(diff) <= noise else ("better" if diff > 0 else "worse")
+    verdict = ("within one std (not distinguishable)" if abs(diff) <= noise
+               else ("higher" if diff > 0 else "lower") + " by more than one std")
     return (f"{name_a} {100 * a[0]:.1f} ± {100 * a[1]:.1f} vs {name_b} {100 * b[0]:.1f} ± {100 * b[1]:.1f}: "
             f"{diff * 100:+.1f} points, {verdict}")
 
@@ -148,7 +155,8 @@ def plot(table: dict, settings, path: str) -> None:
 
 
 def best_qmop_run(results: list):
-    runs = [r for r in results if r["variant"] == "qmop" and "val" in r["evaluation"]]
+    """The QMoP run (any training length) with the best validation accuracy."""
+    runs = [r for r in results if r["variant"] in ("qmop", "qmop_long") and "val" in r["evaluation"]]
     if not runs:
         return None
     return max(runs, key=lambda r: (r["evaluation"]["val"]["overall"], -r["seed"]))
@@ -213,7 +221,8 @@ def export_checkpoint(model_dir: str, target: str, card: str, results: dict) -> 
 SLICE_IMAGES = 40  # the fixed test slice of the accuracy test: the first 40 test images, 200 questions
 
 
-def write_report(output: str, settings, foundation: dict, results: list, timings: dict, export_checkpoint_to=None) -> dict:
+def write_report(output: str, settings, foundation: dict, results: list, timings: dict, export_checkpoint_to=None,
+                 export_demo_to=None) -> dict:
     table = aggregate(results)
     best = best_qmop_run(results)
     data_dir = os.path.join(output, "data")
@@ -223,7 +232,9 @@ def write_report(output: str, settings, foundation: dict, results: list, timings
         "timings_seconds": {k: round(v, 1) for k, v in timings.items()},
         "table": table,
         "findings": findings(table),
-        "best_qmop": None if best is None else {"seed": best["seed"], "val": best["evaluation"]["val"]["overall"],
+        "best_qmop": None if best is None else {"variant": best["variant"], "seed": best["seed"],
+                                                  "stage2_epochs": best["job_key"]["stage2_epochs"],
+                                                  "val": best["evaluation"]["val"]["overall"],
                                                   "test": best["evaluation"]["test"]["overall"]},
         "runs": results,
     }
@@ -231,7 +242,7 @@ def write_report(output: str, settings, foundation: dict, results: list, timings
     plot(table, settings, plot_path)
     pictures = []
     if best is not None:
-        model_dir = os.path.join(output, "runs", f"qmop-s{best['seed']}", "model")
+        model_dir = os.path.join(output, "runs", f"{best['variant']}-s{best['seed']}", "model")
         pictures = draw_pictures(output, model_dir, data_dir)
         slice_eval = evaluate(model_dir, data_dir, "test", limit=SLICE_IMAGES * len(DIMENSIONS))
         summary["best_qmop"]["test_slice"] = slice_eval["overall"]
@@ -242,8 +253,10 @@ def write_report(output: str, settings, foundation: dict, results: list, timings
         markdown_table(table, settings),
         "",
         "Test accuracy in % (exact match of the first word of the greedy answer), mean ± sample std over seeds "
-        f"{settings.seeds}; {settings.test_images} test images x 5 questions = {settings.test_images * 5} questions "
-        f"({settings.test_images} per dimension).",
+        f"{settings.seeds} (one seed, {settings.long_seeds}, for the longer stage 2 of "
+        f"{settings.long_stage2_epochs:g} epochs instead of {settings.stage2_epochs:g}); {settings.test_images} test "
+        f"images x 5 questions = {settings.test_images * 5} questions ({settings.test_images} per dimension). "
+        "Chance: a uniform guess among the answers each question allows.",
         "",
         "## What it says",
         "",
@@ -254,10 +267,11 @@ def write_report(output: str, settings, foundation: dict, results: list, timings
         f"(chance {100 * foundation['clip']['val_retrieval_chance']:.0f}%) after {foundation['clip']['steps']} steps; "
         f"LLM text loss {foundation['llm']['first_loss']:.2f} -> {foundation['llm']['last_loss']:.2f}.",
         "",
-        "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + ".",
+        "Wall time of this invocation (s; finished runs are reused, not re-timed): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + ".",
     ]
     if best is not None:
-        md += ["", f"Best QMoP run by val accuracy: seed {best['seed']} (val {100 * best['evaluation']['val']['overall']:.1f}%, "
+        md += ["", f"Best QMoP run by val accuracy: {VARIANT_LABELS[best['variant']]}, seed {best['seed']} (val {100 * best['evaluation']['val']['overall']:.1f}%, "
                f"test {100 * best['evaluation']['test']['overall']:.1f}%, test slice of {summary['best_qmop']['test_slice_questions'] // 5} images "
                f"{100 * summary['best_qmop']['test_slice']:.1f}%)."]
     with open(os.path.join(output, "results.md.tmp"), "w") as f:
@@ -269,8 +283,10 @@ def write_report(output: str, settings, foundation: dict, results: list, timings
     os.replace(os.path.join(output, "results.json.tmp"), os.path.join(output, "results.json"))
     if best is not None and export_checkpoint_to:
         card = model_card(settings, table, summary, md)
-        export_checkpoint(os.path.join(output, "runs", f"qmop-s{best['seed']}", "model"), export_checkpoint_to, card,
+        export_checkpoint(os.path.join(output, "runs", f"{best['variant']}-s{best['seed']}", "model"), export_checkpoint_to, card,
                           {"best_qmop": summary["best_qmop"], "table": table, "settings": settings.__dict__})
+    if best is not None and export_demo_to:
+        slim["demo"] = export_demo_image(output, f"{best['variant']}-s{best['seed']}", export_demo_to)
     slim["pictures"] = pictures
     slim["plot"] = plot_path
     return slim
@@ -292,7 +308,8 @@ def model_card(settings, table, summary, md_lines) -> str:
         "about such pictures: background colour, the letter in a corner, left/right/above/below, counting shapes, "
         "background texture. It knows nothing else.",
         "",
-        f"Chosen as the best of seeds {settings.seeds} by validation accuracy: seed {best['seed']}, val "
+        f"Chosen as the best QMoP run by validation accuracy: {VARIANT_LABELS[best['variant']]} "
+        f"({best['stage2_epochs']:g} epochs of stage 2), seed {best['seed']}, val "
         f"{100 * best['val']:.1f}%, test {100 * best['test']:.1f}%, test slice (first {best['test_slice_questions'] // 5} test images) "
         f"{100 * best['test_slice']:.1f}%.",
         "",
@@ -305,3 +322,36 @@ def model_card(settings, table, summary, md_lines) -> str:
         *md_lines,
         "",
     ])
+
+
+def export_demo_image(output: str, run_name: str, target_png: str) -> dict:
+    """Copy to `target_png` the first test picture on which the chosen QMoP run answered all five questions right,
+    and write its questions and the generator's answers next to it (`.json`). The choice is recorded in the JSON:
+    the demo shows a picture the model gets right, the table says how often that happens."""
+    data_dir = os.path.join(output, "data")
+    with open(os.path.join(output, "runs", run_name, "predictions.json")) as f:
+        predictions = json.load(f)
+    by_image = {}
+    for p in predictions:
+        by_image.setdefault(p["id"].rsplit("-", 1)[0], []).append(p)
+    ranked = sorted(by_image.items(), key=lambda item: (-sum(p["correct"] for p in item[1]), int(item[0].split("-")[1])))
+    image_id, questions = ranked[0]
+    split, index = image_id.split("-")
+    source = os.path.join(data_dir, "images", split, f"{int(index):05d}.png")
+    spec = {
+        "image": os.path.basename(target_png),
+        "source": f"mini VTCBench {split} split, image {int(index)} (data seed 0), never trained on",
+        "chosen_because": f"first {split} picture on which {run_name} answered "
+                          f"{sum(p['correct'] for p in questions)} of {len(questions)} questions right",
+        "questions": [p["question"] for p in questions],
+        "answers": [p["answer"] for p in questions],
+        "dimensions": [p["dimension"] for p in questions],
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(target_png)), exist_ok=True)
+    shutil.copyfile(source, target_png + ".tmp")
+    os.replace(target_png + ".tmp", target_png)
+    spec_path = os.path.splitext(target_png)[0] + ".json"
+    with open(spec_path + ".tmp", "w") as f:
+        json.dump(spec, f, indent=1)
+    os.replace(spec_path + ".tmp", spec_path)
+    return spec

@@ -1,0 +1,302 @@
+# Copyright 2026 The QMoP-LLaVA authors. Licensed under the Apache License, Version 2.0.
+"""QMoP-LLaVA configuration.
+
+One field per knob of the Query Guided Mixture-of-Projector (QMoP, arXiv March 2026). Where the paper is
+silent, the default is this project's choice; shared/DESIGN.md section 2 explains each one.
+"""
+
+import math
+from typing import Literal, Optional, get_args
+
+from transformers import AutoConfig, CLIPTextConfig, CLIPVisionConfig, PretrainedConfig
+
+BranchName = Literal["pooling", "resampler", "pruning"]
+PruningScore = Literal["cls_attention", "question_relevance"]
+RouterMode = Literal["query", "vision", "uniform"]
+TemperatureSchedule = Literal["cosine", "linear", "exponential", "constant"]
+
+# Canonical branch order: router logits and `router_weights` columns follow it (restricted to `branches`).
+BRANCH_ORDER = get_args(BranchName)
+DEFAULT_ROUTER_TOP_K = 2  # the paper mixes the two best branches per image
+
+# Shipped with every save so that `pipeline("image-to-text", model=..., trust_remote_code=True)` works on both
+# transformers 4.57 and 5.x (the built-in task cannot caption from an image alone).
+DEFAULT_CUSTOM_PIPELINES = {
+    "image-to-text": {
+        "impl": "pipeline_qmop.QMoPImageToTextPipeline",
+        "pt": ["AutoModelForImageTextToText"],
+        "tf": [],
+        "type": "multimodal",
+    }
+}
+
+
+# Defaults are LLaVA-1.5-7B's shapes: CLIP ViT-L/14-336, the CLIP-L text tower, Vicuna-7B (llava-hf vocabulary).
+CLIP_L_336_VISION = dict(
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336,
+    patch_size=14, projection_dim=768, hidden_act="quick_gelu",
+)
+CLIP_L_TEXT = dict(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768,
+    max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+    vocab_size=49408,
+)
+VICUNA_7B = dict(
+    hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
+    pad_token_id=32001, tie_word_embeddings=False,
+)
+_DEFAULTS = {"clip_vision_model": CLIP_L_336_VISION, "clip_text_model": CLIP_L_TEXT, "llama": VICUNA_7B}
+
+
+def _sub_config(value, default_cls, default_model_type, field):
+    """Accept a config object, a dict (with or without `model_type`) or None (LLaVA-1.5-7B's shapes)."""
+    if value is None:
+        value = dict(_DEFAULTS[default_model_type], model_type=default_model_type)
+    if isinstance(value, PretrainedConfig):
+        return value
+    if isinstance(value, dict):
+        value = dict(value)
+        model_type = value.pop("model_type", default_model_type)
+        if model_type == default_model_type and default_cls is not None:
+            return default_cls(**value)
+        return AutoConfig.for_model(model_type, **value)
+    raise TypeError(f"`{field}` must be a PretrainedConfig, a dict or None, got {type(value).__name__}.")
+
+
+class QMoPConfig(PretrainedConfig):
+    r"""Configuration of [`QMoPForConditionalGeneration`]: a LLaVA-1.5 model whose projector compresses the
+    vision tower's patch tokens to `num_visual_tokens` with three branches mixed by a query-guided router.
+
+    Args:
+        vision_config (`CLIPVisionConfig` or `dict`, *optional*):
+            The vision tower (CLIP ViT-L/14-336 in LLaVA-1.5). Its patch grid must be square.
+        text_encoder_config (`CLIPTextConfig` or `dict`, *optional*):
+            The CLIP text encoder that reads the user's question for the router (frozen; 77 tokens).
+        text_config (`PretrainedConfig` or `dict`, *optional*):
+            Any causal language model config (`model_type` picks the class); Llama (Vicuna) by default.
+        num_visual_tokens (`int`, *optional*, defaults to 144):
+            Training budget M: visual tokens per image after compression. A perfect square, at most the
+            number of patches. A call may use another square budget through the processor's placeholders.
+        branches (`list[str]`, *optional*, defaults to all three):
+            Non-empty subset of `"pooling"`, `"resampler"`, `"pruning"`. One branch is the single-strategy
+            baseline (no router is built).
+        image_token_id (`int`, *optional*, defaults to 32000):
+            Id of the `<image>` placeholder in the language model's vocabulary (llava-hf convention).
+        vision_feature_layer (`int`, *optional*, defaults to -2):
+            Hidden state of the vision tower taken as features (-2 = penultimate layer, as in LLaVA-1.5).
+            Layers after it are never run.
+        projector_hidden_act (`str`, *optional*, defaults to `"gelu"`):
+            Activation of each branch's expert MLP (LLaVA's `mlp2x_gelu`).
+        resampler_num_layers (`int`, *optional*, defaults to 2):
+            Cross-attention layers in the resampler branch.
+        resampler_num_heads (`int`, *optional*):
+            Heads of the resampler's cross-attention; defaults to the vision tower's.
+        resampler_intermediate_size (`int`, *optional*):
+            FFN width of the resampler layers; defaults to the vision tower's.
+        resampler_query_init (`str`, *optional*, defaults to `"pooled"`):
+            `"pooled"`: queries start from the pooled patch grid plus a learned position embedding (any
+            square budget works). `"learned"`: Perceiver-style learned queries only (interpolated from the
+            training grid when another budget is asked for).
+        pruning_score (`str`, *optional*, defaults to `"cls_attention"`):
+            How the pruning branch ranks patches. `"cls_attention"`: CLS-to-patch attention of the feature
+            layer, recomputed from its q/k (works under SDPA/flash). `"question_relevance"`: QG-VTC Eq. 4,
+            the question's EOS embedding mapped into the vision space by a learned MLP, queried against
+            the feature layer's keys.
+        pruning_recycle (`bool`, *optional*, defaults to `False`):
+            QG-VTC Eq. 5: add the dropped patches back into the kept ones, weighted by attention.
+        router_mode (`str`, *optional*, defaults to `"query"`):
+            `"query"`: the paper's Query Guided Router (vision CLS + question EOS). `"vision"`: ablation
+            that sees only the image. `"uniform"`: naive equal-weight fusion of all branches (no router).
+        router_hidden_size (`int`, *optional*, defaults to 512): hidden width of the router MLP.
+        router_top_k (`int`, *optional*):
+            Branches kept per image; their weights are renormalised. Equal to the number of branches = dense.
+            Defaults to 2, or to the number of branches when there are fewer (a single-branch baseline needs no
+            setting).
+        router_temperature (`float`, *optional*, defaults to 1.0): softmax temperature at the start of training.
+        router_min_temperature (`float`, *optional*, defaults to 0.1):
+            Floor of the annealed temperature; also the temperature used in eval mode.
+        router_temperature_schedule (`str`, *optional*, defaults to `"cosine"`):
+            How training anneals the temperature from `router_temperature` to `router_min_temperature`.
+        router_gumbel_noise (`bool`, *optional*, defaults to `True`): add Gumbel noise to router logits in training.
+        router_aux_loss_coef (`float`, *optional*, defaults to 0.01):
+            Weight of the switch-style load-balancing loss added to the LM loss when labels are given.
+        query_max_length (`int`, *optional*, defaults to 77): CLIP text encoder's context (longer questions are truncated).
+        pad_to_square (`bool`, *optional*, defaults to `False`):
+            Default of the processor's LLaVA-1.5 `expand2square` (the original repo pads; llava-hf does not).
+    """
+
+    model_type = "qmop_llava"
+    sub_configs = {"vision_config": AutoConfig, "text_encoder_config": AutoConfig, "text_config": AutoConfig}
+
+    def __init__(
+        self,
+        vision_config=None,
+        text_encoder_config=None,
+        text_config=None,
+        num_visual_tokens: int = 144,
+        branches=("pooling", "resampler", "pruning"),
+        image_token_id: int = 32000,
+        vision_feature_layer: int = -2,
+        projector_hidden_act: str = "gelu",
+        resampler_num_layers: int = 2,
+        resampler_num_heads=None,
+        resampler_intermediate_size=None,
+        resampler_query_init: Literal["pooled", "learned"] = "pooled",
+        pruning_score: PruningScore = "cls_attention",
+        pruning_recycle: bool = False,
+        router_mode: RouterMode = "query",
+        router_hidden_size: int = 512,
+        router_top_k: Optional[int] = None,
+        router_temperature: float = 1.0,
+        router_min_temperature: float = 0.1,
+        router_temperature_schedule: TemperatureSchedule = "cosine",
+        router_gumbel_noise: bool = True,
+        router_aux_loss_coef: float = 0.01,
+        query_max_length: int = 77,
+        pad_to_square: bool = False,
+        custom_pipelines=None,
+        **kwargs,
+    ):
+        self.vision_config = _sub_config(vision_config, CLIPVisionConfig, "clip_vision_model", "vision_config")
+        self.text_encoder_config = _sub_config(
+            text_encoder_config, CLIPTextConfig, "clip_text_model", "text_encoder_config"
+        )
+        self.text_config = _sub_config(text_config, None, "llama", "text_config")
+
+        self.num_visual_tokens = num_visual_tokens
+        self.branches = [b for b in BRANCH_ORDER if b in list(branches)] if not isinstance(branches, str) else branches
+        self.image_token_id = image_token_id
+        self.vision_feature_layer = vision_feature_layer
+        self.projector_hidden_act = projector_hidden_act
+        self.resampler_num_layers = resampler_num_layers
+        self.resampler_num_heads = resampler_num_heads or self.vision_config.num_attention_heads
+        self.resampler_intermediate_size = resampler_intermediate_size or self.vision_config.intermediate_size
+        self.resampler_query_init = resampler_query_init
+        self.pruning_score = pruning_score
+        self.pruning_recycle = pruning_recycle
+        self.router_mode = router_mode
+        self.router_hidden_size = router_hidden_size
+        branch_count = len(self.branches) if isinstance(self.branches, (list, tuple)) else 0
+        self.router_top_k = router_top_k if router_top_k is not None else max(1, min(DEFAULT_ROUTER_TOP_K, branch_count))
+        self.router_temperature = router_temperature
+        self.router_min_temperature = router_min_temperature
+        self.router_temperature_schedule = router_temperature_schedule
+        self.router_gumbel_noise = router_gumbel_noise
+        self.router_aux_loss_coef = router_aux_loss_coef
+        self.query_max_length = query_max_length
+        self.pad_to_square = pad_to_square
+
+        kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
+        super().__init__(**kwargs)
+        # Set after super().__init__: 4.x's PretrainedConfig pops and re-sets `custom_pipelines` itself.
+        self.custom_pipelines = custom_pipelines if custom_pipelines is not None else DEFAULT_CUSTOM_PIPELINES
+        self._validate(branches)
+
+    # ------------------------------------------------------------------------------------------ derived sizes
+    @property
+    def patch_grid(self) -> int:
+        """Side of the vision tower's patch grid (24 for CLIP-L/14 at 336 px)."""
+        return self.vision_config.image_size // self.vision_config.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.patch_grid**2
+
+    @property
+    def vision_feature_hidden_state_index(self) -> int:
+        """Index into the tower's hidden states (embeddings output is 0): vision layers actually run."""
+        num_states = self.vision_config.num_hidden_layers + 1
+        return self.vision_feature_layer % num_states
+
+    @property
+    def uses_router(self) -> bool:
+        return len(self.branches) > 1 and self.router_mode != "uniform"
+
+    @property
+    def uses_query(self) -> bool:
+        """Whether the CLIP text encoder must run (and `query_input_ids` are required)."""
+        return (self.uses_router and self.router_mode == "query") or (
+            "pruning" in self.branches and self.pruning_score == "question_relevance"
+        )
+
+    def get_text_config(self, *args, **kwargs):
+        # The language model's config, for generation and cache set-up (the CLIP text encoder is not it).
+        return self.text_config
+
+    # ------------------------------------------------------------------------------------------ validation
+    def validate_num_visual_tokens(self, num_visual_tokens: int, field: str = "num_visual_tokens") -> None:
+        """Raise a ValueError naming `field` unless the budget is a positive square within the patch grid."""
+        if not isinstance(num_visual_tokens, int) or isinstance(num_visual_tokens, bool) or num_visual_tokens < 1:
+            raise ValueError(f"`{field}` must be a positive integer, got {num_visual_tokens!r}.")
+        side = math.isqrt(num_visual_tokens)
+        if side * side != num_visual_tokens:
+            raise ValueError(
+                f"`{field}`={num_visual_tokens} is not a perfect square; QMoP pools to a square grid "
+                f"(e.g. 36, 64, 144, 576)."
+            )
+        if num_visual_tokens > self.num_patches:
+            raise ValueError(
+                f"`{field}`={num_visual_tokens} is larger than the vision tower's {self.num_patches} patches "
+                f"({self.patch_grid}x{self.patch_grid})."
+            )
+
+    def _validate(self, branches_arg) -> None:
+        if isinstance(branches_arg, str) or not branches_arg:
+            raise ValueError(f"`branches` must be a non-empty list drawn from {list(BRANCH_ORDER)}, got {branches_arg!r}.")
+        unknown = [b for b in branches_arg if b not in BRANCH_ORDER]
+        if unknown:
+            raise ValueError(f"`branches` has unknown branch(es) {unknown}; choose from {list(BRANCH_ORDER)}.")
+        if len(set(branches_arg)) != len(list(branches_arg)):
+            raise ValueError(f"`branches` lists a branch twice: {list(branches_arg)}.")
+        vc = self.vision_config
+        if vc.image_size % vc.patch_size:
+            raise ValueError(
+                f"`vision_config.image_size`={vc.image_size} is not a multiple of `patch_size`={vc.patch_size}."
+            )
+        self.validate_num_visual_tokens(self.num_visual_tokens)
+        if not -(vc.num_hidden_layers + 1) <= self.vision_feature_layer <= vc.num_hidden_layers:
+            raise ValueError(
+                f"`vision_feature_layer`={self.vision_feature_layer} is outside the tower's "
+                f"{vc.num_hidden_layers + 1} hidden states."
+            )
+        if self.vision_feature_hidden_state_index == 0 and "pruning" in self.branches:
+            raise ValueError("`vision_feature_layer` must select a transformer layer (not the embeddings) for pruning.")
+        choices = {
+            "resampler_query_init": ("pooled", "learned"),
+            "pruning_score": get_args(PruningScore),
+            "router_mode": get_args(RouterMode),
+            "router_temperature_schedule": get_args(TemperatureSchedule),
+        }
+        for field, allowed in choices.items():
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"`{field}` must be one of {list(allowed)}, got {getattr(self, field)!r}.")
+        if not 1 <= self.router_top_k <= len(self.branches):
+            raise ValueError(
+                f"`router_top_k`={self.router_top_k} must be between 1 and the number of branches "
+                f"({len(self.branches)}: {self.branches})."
+            )
+        if self.router_min_temperature <= 0 or self.router_temperature < self.router_min_temperature:
+            raise ValueError(
+                f"`router_min_temperature` must be > 0 and <= `router_temperature`; got "
+                f"{self.router_min_temperature} and {self.router_temperature}."
+            )
+        for field in ("resampler_num_layers", "router_hidden_size", "query_max_length"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"`{field}` must be >= 1, got {getattr(self, field)}.")
+        if vc.hidden_size % self.resampler_num_heads:
+            raise ValueError(
+                f"`resampler_num_heads`={self.resampler_num_heads} does not divide the vision width {vc.hidden_size}."
+            )
+        if self.router_aux_loss_coef < 0:
+            raise ValueError(f"`router_aux_loss_coef` must be >= 0, got {self.router_aux_loss_coef}.")
+        max_pos = getattr(self.text_encoder_config, "max_position_embeddings", None)
+        if max_pos is not None and self.query_max_length > max_pos:
+            raise ValueError(
+                f"`query_max_length`={self.query_max_length} exceeds the text encoder's {max_pos} positions."
+            )
+
+
+QMoPConfig.register_for_auto_class()
+
+__all__ = ["QMoPConfig"]

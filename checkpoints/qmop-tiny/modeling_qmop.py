@@ -1,0 +1,960 @@
+# Copyright 2026 The QMoP-LLaVA authors. Licensed under the Apache License, Version 2.0.
+"""QMoP-LLaVA: LLaVA-1.5 with a Query Guided Mixture-of-Projector.
+
+    image ─CLIP ViT─► hidden state `vision_feature_layer` ─► patches X (N, P, Cv), CLS v (N, Cv)
+    question ─CLIP text encoder─► EOS embedding t (N, Ct)
+    pooling branch   : X ─2-D average pool to √M×√M──────────────► (N, M, Cv) ─expert MLP─► (N, M, D)
+    resampler branch : M queries cross-attend to X ─────────────► (N, M, Cv) ─expert MLP─► (N, M, D)
+    pruning branch   : score patches, keep top-M in raster order ► (N, M, Cv) ─expert MLP─► (N, M, D)
+    router           : g = top-k(softmax((MLP([LN v; LN t]) + Gumbel) / τ))                  (N, 3)
+    fusion           : Z = Σ_b g_b · branch_b(X)                                            (N, M, D)
+    language model   : text embeddings with Z scattered into the M `<image>` placeholders of each image
+
+Shapes use one alphabet: N images, B prompts, T text positions, P patches, S = 1 + P vision tokens, M visual
+tokens kept per image, Cv / Ct vision / text-encoder width, D language-model width, H heads, h head width.
+Sources: QMoP (arXiv, March 2026) and QG-VTC (arXiv 2504.00654) for Eq. 4-5; choices in shared/DESIGN.md.
+"""
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+from transformers import AutoModel, CLIPTextModel, CLIPVisionModel, GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import ModelOutput
+from transformers.utils import logging
+
+try:  # remote code (transformers_modules.<repo>) or installed package
+    from .configuration_qmop import BRANCH_ORDER, QMoPConfig
+except ImportError:  # flat checkout on sys.path (tests, conversion scripts)
+    from configuration_qmop import BRANCH_ORDER, QMoPConfig
+
+logger = logging.get_logger(__name__)
+
+
+# ===================================================================================== transformers versions
+# The only place that branches on the transformers version (4.57.x and 5.x are supported).
+TRANSFORMERS_V5 = int(transformers.__version__.split(".")[0]) >= 5
+# 5.x tells prepare_inputs_for_generation whether this is the prefill; 4.x passes cache_position instead.
+_GENERATE_HAS_FIRST_ITERATION = (
+    "is_first_iteration" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+)
+
+
+def _unwrap_clip(model: nn.Module) -> nn.Module:
+    """4.x wraps CLIP towers as `.vision_model` / `.text_model`; 5.x does not. Unwrapping gives both versions
+    the same module paths and checkpoint keys (`vision_tower.encoder.layers.0...`)."""
+    return getattr(model, "vision_model", None) or getattr(model, "text_model", None) or model
+
+
+def _run_clip_encoder_layer(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """One CLIPEncoderLayer without masks: 5.x takes (hidden, mask) and returns a tensor, 4.x takes
+    (hidden, mask, causal_mask) and returns a tuple."""
+    out = layer(hidden_states, None) if TRANSFORMERS_V5 else layer(hidden_states, None, None)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _is_first_generation_step(kwargs: dict) -> bool:
+    if _GENERATE_HAS_FIRST_ITERATION:
+        return bool(kwargs.get("is_first_iteration", False))
+    cache_position = kwargs.get("cache_position")
+    return cache_position is None or int(cache_position[0]) == 0
+
+
+# ===================================================================================== helpers
+def _execution_device(module: nn.Module) -> Optional[torch.device]:
+    """Device a module computes on: accelerate's hook device under device_map/offload, else its parameters'."""
+    hook_device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if hook_device is not None:
+        return torch.device(hook_device) if not isinstance(hook_device, torch.device) else hook_device
+    for param in module.parameters():
+        if param.device.type != "meta":
+            return param.device
+    return None
+
+
+def _to(tensor: Optional[torch.Tensor], device: Optional[torch.device]) -> Optional[torch.Tensor]:
+    return tensor if tensor is None or device is None else tensor.to(device)
+
+
+def _check_pixel_values(pixel_values: torch.Tensor) -> None:
+    if not torch.is_floating_point(pixel_values):
+        raise TypeError(f"`pixel_values` must be a float tensor (from QMoPProcessor), got dtype {pixel_values.dtype}.")
+    if pixel_values.ndim != 4:
+        raise ValueError(
+            f"`pixel_values` must have shape (num_images, channels, height, width), got {tuple(pixel_values.shape)}."
+        )
+
+
+def router_temperature_at(config: QMoPConfig, progress: float) -> float:
+    """Annealed router temperature at training progress in [0, 1] (shape: `router_temperature_schedule`)."""
+    start, end = config.router_temperature, config.router_min_temperature
+    progress = min(max(float(progress), 0.0), 1.0)
+    schedule = config.router_temperature_schedule
+    if schedule == "constant":
+        return start
+    if schedule == "linear":
+        return start + (end - start) * progress
+    if schedule == "exponential":
+        return start * (end / start) ** progress
+    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * progress))  # cosine
+
+
+# ===================================================================================== outputs
+@dataclass
+class QMoPProjectorOutput(ModelOutput):
+    """
+    image_features (`torch.FloatTensor` of shape `(num_images, M, D)`): fused visual tokens for the LLM.
+    router_weights (`torch.FloatTensor` of shape `(num_images, num_branches)`): weight of each branch per image
+        (columns follow `config.branches`; zero for branches the top-k dropped).
+    router_probs (`torch.FloatTensor` of shape `(num_images, num_branches)`): router softmax before top-k.
+    kept_patch_indices (`torch.LongTensor` of shape `(num_images, M)`): patches the pruning branch kept, in raster
+        order; -1 for images whose router did not select pruning. `None` without a pruning branch.
+    aux_loss (`torch.FloatTensor`): load-balancing loss of the router (`None` without a router).
+    """
+
+    image_features: Optional[torch.FloatTensor] = None
+    router_weights: Optional[torch.FloatTensor] = None
+    router_probs: Optional[torch.FloatTensor] = None
+    kept_patch_indices: Optional[torch.LongTensor] = None
+    aux_loss: Optional[torch.FloatTensor] = None
+
+
+@dataclass
+class QMoPModelOutputWithPast(ModelOutput):
+    """Output of [`QMoPModel`]: the language model's output plus what the projector decided (see
+    [`QMoPProjectorOutput`]); the image fields are `None` on decode steps, where no image is processed."""
+
+    last_hidden_state: Optional[torch.FloatTensor] = None
+    past_key_values: Optional[object] = None
+    hidden_states: Optional[tuple] = None
+    attentions: Optional[tuple] = None
+    image_hidden_states: Optional[torch.FloatTensor] = None
+    router_weights: Optional[torch.FloatTensor] = None
+    router_probs: Optional[torch.FloatTensor] = None
+    kept_patch_indices: Optional[torch.LongTensor] = None
+    aux_loss: Optional[torch.FloatTensor] = None
+
+
+@dataclass
+class QMoPCausalLMOutputWithPast(ModelOutput):
+    """Output of [`QMoPForConditionalGeneration`]. `loss` = LM loss + `router_aux_loss_coef` · `aux_loss` when
+    labels are given."""
+
+    loss: Optional[torch.FloatTensor] = None
+    logits: Optional[torch.FloatTensor] = None
+    past_key_values: Optional[object] = None
+    hidden_states: Optional[tuple] = None
+    attentions: Optional[tuple] = None
+    image_hidden_states: Optional[torch.FloatTensor] = None
+    router_weights: Optional[torch.FloatTensor] = None
+    router_probs: Optional[torch.FloatTensor] = None
+    kept_patch_indices: Optional[torch.LongTensor] = None
+    aux_loss: Optional[torch.FloatTensor] = None
+
+
+# ===================================================================================== branches
+class QMoPExpertMLP(nn.Module):
+    """LLaVA-1.5's `mlp2x_gelu` projector, one per branch: Cv → D → D."""
+
+    def __init__(self, config: QMoPConfig):
+        super().__init__()
+        self.linear_1 = nn.Linear(config.vision_config.hidden_size, config.text_config.hidden_size)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(config.text_config.hidden_size, config.text_config.hidden_size)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (N, M, Cv) -> (N, M, D)
+        return self.linear_2(self.act(self.linear_1(tokens)))
+
+
+def pool_patch_grid(patches: torch.Tensor, side: int) -> torch.Tensor:
+    """Adaptive 2-D average pooling of a square patch grid: (N, P, C) -> (N, side², C)."""
+    num_images, num_patches, channels = patches.shape
+    grid = math.isqrt(num_patches)
+    x = patches.transpose(1, 2).reshape(num_images, channels, grid, grid)  # (N, C, √P, √P)
+    x = F.adaptive_avg_pool2d(x, side)  # (N, C, side, side)
+    return x.flatten(2).transpose(1, 2)  # (N, side², C)
+
+
+class QMoPPoolingBranch(nn.Module):
+    """Coarse global semantics: average-pool the 2-D patch grid to √M×√M (M = P is the identity: LLaVA-1.5)."""
+
+    def __init__(self, config: QMoPConfig):
+        super().__init__()
+        self.expert = QMoPExpertMLP(config)
+
+    def forward(self, patches: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        pooled = pool_patch_grid(patches, math.isqrt(num_tokens))  # (N, M, Cv)
+        return self.expert(pooled)  # (N, M, D)
+
+
+class QMoPCrossAttentionLayer(nn.Module):
+    """Pre-norm block: queries attend to all patches (SDPA), then an FFN."""
+
+    def __init__(self, config: QMoPConfig):
+        super().__init__()
+        width = config.vision_config.hidden_size
+        self.num_heads = config.resampler_num_heads
+        self.head_dim = width // self.num_heads
+        eps = config.vision_config.layer_norm_eps
+        self.query_norm = nn.LayerNorm(width, eps=eps)
+        self.context_norm = nn.LayerNorm(width, eps=eps)
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.o_proj = nn.Linear(width, width)
+        self.ffn_norm = nn.LayerNorm(width, eps=eps)
+        self.fc1 = nn.Linear(width, config.resampler_intermediate_size)
+        self.act = ACT2FN[config.vision_config.hidden_act]
+        self.fc2 = nn.Linear(config.resampler_intermediate_size, width)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:  # (N, L, Cv) -> (N, H, L, h)
+        return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, queries: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        q_in, kv_in = self.query_norm(queries), self.context_norm(context)  # (N, M, Cv), (N, P, Cv)
+        attended = F.scaled_dot_product_attention(
+            self._heads(self.q_proj(q_in)), self._heads(self.k_proj(kv_in)), self._heads(self.v_proj(kv_in))
+        )  # (N, H, M, h)
+        attended = attended.transpose(1, 2).reshape(queries.shape)  # (N, M, Cv)
+        queries = queries + self.o_proj(attended)
+        return queries + self.fc2(self.act(self.fc1(self.ffn_norm(queries))))
+
+
+class QMoPResamplerBranch(nn.Module):
+    """High-level semantics: M queries (pooled grid + learned position embedding) cross-attend to all patches.
+
+    The learned embedding is stored for the training budget's grid and bilinearly resized for other budgets.
+    """
+
+    def __init__(self, config: QMoPConfig):
+        super().__init__()
+        self.query_init = config.resampler_query_init
+        side = math.isqrt(config.num_visual_tokens)
+        self.query_embed = nn.Parameter(torch.zeros(side * side, config.vision_config.hidden_size))
+        self.layers = nn.ModuleList(QMoPCrossAttentionLayer(config) for _ in range(config.resampler_num_layers))
+        self.norm = nn.LayerNorm(config.vision_config.hidden_size, eps=config.vision_config.layer_norm_eps)
+        self.expert = QMoPExpertMLP(config)
+
+    def query_embedding(self, side: int) -> torch.Tensor:  # -> (side², Cv)
+        stored = math.isqrt(self.query_embed.shape[0])
+        if side == stored:
+            return self.query_embed
+        grid = self.query_embed.T.reshape(1, -1, stored, stored)  # (1, Cv, s0, s0)
+        grid = F.interpolate(grid.float(), size=(side, side), mode="bilinear", align_corners=False)
+        return grid.reshape(-1, side * side).T.to(self.query_embed.dtype)  # (side², Cv)
+
+    def forward(self, patches: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        side = math.isqrt(num_tokens)
+        queries = self.query_embedding(side).unsqueeze(0).to(patches.dtype)  # (1, M, Cv)
+        if self.query_init == "pooled":
+            queries = pool_patch_grid(patches, side) + queries  # (N, M, Cv)
+        else:
+            queries = queries.expand(patches.shape[0], -1, -1)  # (N, M, Cv)
+        for layer in self.layers:
+            queries = layer(queries, patches)
+        return self.expert(self.norm(queries))  # (N, M, D)
+
+
+class QMoPQuestionProjection(nn.Module):
+    """MLP aligning the question's EOS embedding with the vision space (QG-VTC Section 3.2): Ct → Cv → Cv."""
+
+    def __init__(self, text_width: int, vision_width: int, act: str):
+        super().__init__()
+        self.linear_1 = nn.Linear(text_width, vision_width)
+        self.act = ACT2FN[act]
+        self.linear_2 = nn.Linear(vision_width, vision_width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class QMoPPruningBranch(nn.Module):
+    """Fine local detail: keep the M highest-scoring patches in raster order, optionally recycle the rest.
+
+    Scores come from the feature layer's own query/key projections, recomputed by [`QMoPModel.pruning_scores`]
+    next to the vision tower, so the tower can run under SDPA or flash attention (it is never asked for
+    attention weights):
+      - "cls_attention": softmax(q_CLS · Kᵀ / √h) of the feature layer, averaged over heads, patch columns.
+      - "question_relevance" (QG-VTC Eq. 4): q = W_Q · `question_proj`(t); C = softmax(q · K_patchesᵀ / √h). Top-M
+        is not differentiable, so kept tokens are scaled by a straight-through factor (value 1) that trains the MLP.
+    With `pruning_recycle` (QG-VTC Eq. 5): kept_i += Σ_{j dropped} A(i, j) · X_j, A the feature layer's attention.
+    """
+
+    def __init__(self, config: QMoPConfig):
+        super().__init__()
+        self.score = config.pruning_score
+        self.recycle = config.pruning_recycle
+        if self.score == "question_relevance":
+            text_width, vision_width = config.text_encoder_config.hidden_size, config.vision_config.hidden_size
+            self.question_proj = QMoPQuestionProjection(text_width, vision_width, config.projector_hidden_act)
+        self.expert = QMoPExpertMLP(config)
+
+    def forward(
+        self,
+        patches: torch.Tensor,
+        scores: torch.Tensor,
+        patch_attention: Optional[torch.Tensor],
+        num_tokens: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # patches (N, P, Cv); scores (N, P); patch_attention (N, P, P) head-averaged, or None
+        kept = scores.topk(num_tokens, dim=-1).indices.sort(dim=-1).values  # (N, M), raster order
+        gather_index = kept.unsqueeze(-1).expand(-1, -1, patches.shape[-1])  # (N, M, Cv)
+        tokens = patches.gather(1, gather_index)  # (N, M, Cv)
+
+        if self.recycle and patch_attention is not None and num_tokens < patches.shape[1]:
+            rows = kept.unsqueeze(-1).expand(-1, -1, patch_attention.shape[-1])  # (N, M, P)
+            attention = patch_attention.gather(1, rows)  # (N, M, P): kept patch -> every patch
+            dropped = torch.ones_like(scores, dtype=torch.bool).scatter(1, kept, False)  # (N, P)
+            attention = attention * dropped.unsqueeze(1)  # only what is dropped is recycled
+            tokens = tokens + attention.to(patches.dtype) @ patches  # (N, M, Cv)
+
+        if self.score == "question_relevance":
+            kept_scores = scores.gather(1, kept).unsqueeze(-1)  # (N, M, 1)
+            tokens = tokens * (1.0 + kept_scores - kept_scores.detach()).to(tokens.dtype)
+        return self.expert(tokens), kept  # (N, M, D), (N, M)
+
+
+# ===================================================================================== router
+class QueryGuidedRouter(nn.Module):
+    """Query Guided Router (QGR): weights for each branch from the vision CLS token and the question's EOS.
+
+    logits = Linear(GELU(Linear([LN(v); LN(t)])))                          (N, num_branches)
+    training: probs = softmax((logits + Gumbel) / τ), τ annealed by the trainer (`temperature`)
+    eval:     probs = softmax(logits / router_min_temperature), deterministic
+    weights = probs restricted to the top-k branches, renormalised.
+    aux loss (switch-style load balancing) = num_branches · Σ_b fraction_routed_b · mean_prob_b.
+    """
+
+    def __init__(self, config: QMoPConfig):
+        super().__init__()
+        self.uses_query = config.router_mode == "query"
+        self.num_branches = len(config.branches)
+        self.top_k = config.router_top_k
+        self.gumbel_noise = config.router_gumbel_noise
+        self.eval_temperature = config.router_min_temperature
+        # Current training temperature; set by the training loop (`QMoPForConditionalGeneration.set_router_temperature`).
+        self.temperature = config.router_temperature
+        vision_width = config.vision_config.hidden_size
+        text_width = config.text_encoder_config.hidden_size if self.uses_query else 0
+        eps = config.vision_config.layer_norm_eps
+        self.vision_norm = nn.LayerNorm(vision_width, eps=eps)
+        if self.uses_query:
+            self.query_norm = nn.LayerNorm(text_width, eps=eps)
+        self.linear_1 = nn.Linear(vision_width + text_width, config.router_hidden_size)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(config.router_hidden_size, self.num_branches)
+
+    def forward(
+        self, cls_token: torch.Tensor, query_embeds: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dtype = self.linear_2.bias.dtype  # a bias is never quantized (unlike a Linear weight under 4-bit)
+        features = [self.vision_norm(cls_token.to(dtype))]  # (N, Cv)
+        if self.uses_query:
+            features.append(self.query_norm(query_embeds.to(dtype)))  # (N, Ct)
+        logits = self.linear_2(self.act(self.linear_1(torch.cat(features, dim=-1)))).float()  # (N, nb)
+
+        if self.training:
+            if self.gumbel_noise:
+                uniform = torch.rand_like(logits).clamp_(1e-6, 1.0 - 1e-6)
+                logits = logits - torch.log(-torch.log(uniform))
+            probs = torch.softmax(logits / self.temperature, dim=-1)
+        else:
+            probs = torch.softmax(logits / self.eval_temperature, dim=-1)
+
+        top = probs.topk(self.top_k, dim=-1).indices  # (N, k)
+        selected = torch.zeros_like(probs, dtype=torch.bool).scatter(1, top, True)  # (N, nb)
+        weights = probs * selected
+        weights = weights / weights.sum(dim=-1, keepdim=True)  # (N, nb)
+
+        fraction_routed = selected.float().mean(dim=0) / self.top_k  # (nb,)
+        aux_loss = self.num_branches * (fraction_routed * probs.mean(dim=0)).sum()
+        return weights, probs, aux_loss
+
+
+# ===================================================================================== projector
+class QMoPProjector(nn.Module):
+    """The three branches, the router and MoE-style fusion: M tokens out per image (not 3·M).
+
+    Only branches that carry weight for at least one image are computed, and only on those images.
+    """
+
+    def __init__(self, config: QMoPConfig):
+        super().__init__()
+        self.branches = list(config.branches)
+        self.uses_query = config.uses_query
+        self.router_mode = config.router_mode
+        if "pooling" in self.branches:
+            self.pooling_branch = QMoPPoolingBranch(config)
+        if "resampler" in self.branches:
+            self.resampler_branch = QMoPResamplerBranch(config)
+        if "pruning" in self.branches:
+            self.pruning_branch = QMoPPruningBranch(config)
+        self.router = QueryGuidedRouter(config) if config.uses_router else None
+        self.output_width = config.text_config.hidden_size
+
+    def forward(
+        self,
+        patches: torch.Tensor,
+        cls_token: torch.Tensor,
+        query_embeds: Optional[torch.Tensor],
+        num_tokens: int,
+        pruning_scores: Optional[torch.Tensor] = None,
+        patch_attention: Optional[torch.Tensor] = None,
+    ) -> QMoPProjectorOutput:
+        """patches (N, P, Cv), cls_token (N, Cv), query_embeds (N, Ct) or None; for the pruning branch, its patch
+        scores (N, P) and, with recycling, the feature layer's patch-to-patch attention (N, P, P)."""
+        num_images = patches.shape[0]
+        router_probs, aux_loss = None, None
+        if self.router is not None:
+            weights, router_probs, aux_loss = self.router(cls_token, query_embeds)  # (N, nb) each
+        else:  # single branch, or naive equal-weight fusion ("uniform")
+            weights = patches.new_full((num_images, len(self.branches)), 1.0 / len(self.branches), dtype=torch.float32)
+
+        expert_dtype = getattr(self, f"{self.branches[0]}_branch").expert.linear_2.bias.dtype
+        fused = patches.new_zeros(num_images, num_tokens, self.output_width, dtype=expert_dtype)  # (N, M, D)
+        kept_patch_indices = None
+        if "pruning" in self.branches:
+            kept_patch_indices = torch.full((num_images, num_tokens), -1, dtype=torch.long, device=patches.device)
+
+        for column, name in enumerate(self.branches):
+            rows = (weights[:, column] > 0).nonzero().flatten()  # images that use this branch
+            if rows.numel() == 0:
+                continue
+            branch_patches = patches[rows]  # (n, P, Cv)
+            if name == "pooling":
+                out = self.pooling_branch(branch_patches, num_tokens)
+            elif name == "resampler":
+                out = self.resampler_branch(branch_patches, num_tokens)
+            else:
+                out, kept = self.pruning_branch(
+                    branch_patches,
+                    pruning_scores[rows],
+                    None if patch_attention is None else patch_attention[rows],
+                    num_tokens,
+                )
+                kept_patch_indices[rows] = kept
+            gate = weights[rows, column].to(out.dtype)[:, None, None]  # (n, 1, 1)
+            fused = fused.index_add(0, rows, gate * out)  # (N, M, D)
+        return QMoPProjectorOutput(
+            image_features=fused,
+            router_weights=weights,
+            router_probs=router_probs,
+            kept_patch_indices=kept_patch_indices,
+            aux_loss=aux_loss,
+        )
+
+
+# ===================================================================================== pre-trained base
+class QMoPPreTrainedModel(PreTrainedModel):
+    config_class = QMoPConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = [
+        "QMoPProjector",
+        "CLIPEncoderLayer",
+        "CLIPVisionEmbeddings",
+        "CLIPTextEmbeddings",
+        "LlamaDecoderLayer",
+    ]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True  # 5.x name
+    _supports_flash_attn_2 = True  # 4.x name
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _supports_cache_class = True
+    _supports_static_cache = True
+
+    def _init_weights(self, module):
+        std = getattr(self.config.text_config, "initializer_range", 0.02)
+        if isinstance(module, QMoPResamplerBranch):
+            nn.init.normal_(module.query_embed, std=std)
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, with bitsandbytes quantization limited to the language model's linear
+        layers by default: the vision tower, CLIP text encoder, projector/router and `lm_head` stay in the compute
+        dtype. A user-given `llm_int8_skip_modules` is kept, with `lm_head` added if missing.
+        `load_in_4bit=True` / `load_in_8bit=True` are accepted as shorthands for a `BitsAndBytesConfig`."""
+        shorthand = {k: kwargs.pop(k) for k in ("load_in_4bit", "load_in_8bit") if k in kwargs}
+        if any(shorthand.values()):
+            from transformers import BitsAndBytesConfig
+
+            if kwargs.get("quantization_config") is not None:
+                raise ValueError("Pass either `quantization_config` or `load_in_4bit`/`load_in_8bit`, not both.")
+            kwargs["quantization_config"] = BitsAndBytesConfig(**shorthand)
+        if kwargs.get("quantization_config") is not None:
+            kwargs["quantization_config"] = _skip_non_llm_modules(kwargs["quantization_config"])
+        return super().from_pretrained(*args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save weights, config and code. The folder (and a push) always carries the remote-code files,
+        `pipeline_qmop.py` included, and an `auto_map` that points at them, whatever the model was loaded from."""
+        self.config.auto_map = dict(AUTO_MAP)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+# Modules bitsandbytes must not quantize: they are small, precision-sensitive, and read by the router.
+# transformers 5.x matches skip patterns from the start of a module's full name, 4.x anywhere in it: both spellings.
+_TOP_LEVEL_MODULES = ("vision_tower", "text_encoder", "projector")
+BNB_SKIP_MODULES = [f"model.{name}" for name in _TOP_LEVEL_MODULES] + list(_TOP_LEVEL_MODULES) + ["lm_head"]
+
+
+def _skip_non_llm_modules(quantization_config):
+    """A copy of a bitsandbytes config (object or dict) whose skip list protects BNB_SKIP_MODULES by default."""
+    import copy
+
+    is_dict = isinstance(quantization_config, dict)
+    method = quantization_config.get("quant_method") if is_dict else getattr(quantization_config, "quant_method", None)
+    method = getattr(method, "value", method)
+    if method != "bitsandbytes":
+        return quantization_config
+    quantization_config = copy.deepcopy(quantization_config)
+    skip = quantization_config.get("llm_int8_skip_modules") if is_dict else quantization_config.llm_int8_skip_modules
+    if skip is None:
+        skip = list(BNB_SKIP_MODULES)
+    else:
+        skip = list(skip)
+        skip += [f"model.{name}" for name in skip if name in _TOP_LEVEL_MODULES and f"model.{name}" not in skip]
+        if "lm_head" not in skip:  # a given list replaces transformers' default, which is what protects lm_head
+            skip.append("lm_head")
+    if is_dict:
+        quantization_config["llm_int8_skip_modules"] = skip
+    else:
+        quantization_config.llm_int8_skip_modules = skip
+    return quantization_config
+
+
+def _pipeline_code_is_shipped():  # pragma: no cover - never called
+    # The import below is never executed. transformers finds relative imports by reading this file, so it
+    # copies pipeline_qmop.py next to modeling_qmop.py on every save and every remote-code load.
+    from .pipeline_qmop import QMoPImageToTextPipeline  # noqa: F401
+
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_qmop.QMoPConfig",
+    "AutoModel": "modeling_qmop.QMoPModel",
+    "AutoModelForImageTextToText": "modeling_qmop.QMoPForConditionalGeneration",
+    "AutoModelForVision2Seq": "modeling_qmop.QMoPForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_qmop.QMoPForConditionalGeneration",
+}
+
+
+# ===================================================================================== model
+class QMoPModel(QMoPPreTrainedModel):
+    """Vision tower, CLIP text encoder, QMoP projector and the language model without its head."""
+
+    def __init__(self, config: QMoPConfig):
+        super().__init__(config)
+        self.vision_tower = _unwrap_clip(CLIPVisionModel(config.vision_config))
+        self.text_encoder = _unwrap_clip(CLIPTextModel(config.text_encoder_config))
+        self.projector = QMoPProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        lm_no_split = getattr(self.language_model, "_no_split_modules", None) or []
+        self._no_split_modules = list(dict.fromkeys(list(self._no_split_modules) + list(lm_no_split)))
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_decoder(self):
+        return self.language_model
+
+    # ---------------------------------------------------------------------------------------- vision
+    def get_vision_features(self, pixel_values: torch.Tensor):
+        """Run the tower up to `vision_feature_layer` only (later layers are never run).
+
+        Returns the feature layer's output (N, S, Cv), its input (N, S, Cv) (for the pruning scores; `None` when
+        the feature layer is the embeddings) and the feature layer module.
+        """
+        tower = self.vision_tower
+        _check_pixel_values(pixel_values)
+        patch_weight = tower.embeddings.patch_embedding.weight  # a Conv2d: never quantized
+        pixel_values = pixel_values.to(device=_execution_device(tower.embeddings), dtype=patch_weight.dtype)
+        hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))  # (N, S, Cv)
+        index = self.config.vision_feature_hidden_state_index
+        layer_input, feature_layer = None, None
+        for layer in tower.encoder.layers[:index]:
+            layer_input, feature_layer = hidden, layer
+            hidden = _run_clip_encoder_layer(layer, hidden)
+        return hidden, layer_input, feature_layer
+
+    def get_query_embeds(self, query_input_ids: torch.Tensor, query_attention_mask: Optional[torch.Tensor]):
+        """EOS embedding of the question from the CLIP text encoder: (N, Ct)."""
+        if torch.is_floating_point(query_input_ids):
+            raise TypeError(f"`query_input_ids` must be integer token ids, got dtype {query_input_ids.dtype}.")
+        device = _execution_device(self.text_encoder)
+        output = self.text_encoder(
+            input_ids=_to(query_input_ids, device), attention_mask=_to(query_attention_mask, device)
+        )
+        return output.pooler_output  # (N, Ct)
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        query_input_ids: Optional[torch.Tensor] = None,
+        query_attention_mask: Optional[torch.Tensor] = None,
+        num_visual_tokens: Optional[int] = None,
+    ) -> QMoPProjectorOutput:
+        """Compress images to `num_visual_tokens` (default: the config's budget) tokens each, guided by the query."""
+        num_visual_tokens = num_visual_tokens or self.config.num_visual_tokens
+        self.config.validate_num_visual_tokens(num_visual_tokens, "num_visual_tokens")
+        num_images = pixel_values.shape[0]
+        query_embeds = None
+        if self.config.uses_query:
+            if query_input_ids is None:
+                raise ValueError(
+                    "`pixel_values` were given without `query_input_ids`: the query-guided router reads the question "
+                    "through the CLIP text encoder. Build inputs with QMoPProcessor (it returns `query_input_ids` and "
+                    "`query_attention_mask`, one row per image)."
+                )
+            if query_input_ids.shape[0] != num_images:
+                raise ValueError(
+                    f"`query_input_ids` has {query_input_ids.shape[0]} rows but there are {num_images} images; "
+                    "the processor returns one query row per image."
+                )
+            query_embeds = self.get_query_embeds(query_input_ids, query_attention_mask)
+
+        hidden, layer_input, feature_layer = self.get_vision_features(pixel_values)
+        patches, cls_token = hidden[:, 1:], hidden[:, 0]  # (N, P, Cv), (N, Cv)
+        scores, patch_attention = None, None
+        if "pruning" in self.config.branches:
+            scores, patch_attention = self.pruning_scores(layer_input, feature_layer, query_embeds)
+        device = _execution_device(self.projector)
+        return self.projector(
+            _to(patches, device),
+            _to(cls_token, device),
+            _to(query_embeds, device),
+            num_visual_tokens,
+            pruning_scores=_to(scores, device),
+            patch_attention=_to(patch_attention, device),
+        )
+
+    def pruning_scores(self, layer_input: torch.Tensor, feature_layer: nn.Module, query_embeds: Optional[torch.Tensor]):
+        """Patch scores (N, P) of the pruning branch and, with recycling, patch-to-patch attention (N, P, P), from the
+        feature layer's q/k projections applied to its input (N, S, Cv). See [`QMoPPruningBranch`]."""
+        attn = feature_layer.self_attn
+        if attn.k_proj.weight.device.type == "meta" and layer_input.device.type != "meta":
+            raise RuntimeError(
+                "The pruning branch reads the vision tower's feature layer, which is offloaded (meta weights). "
+                "Keep `model.vision_tower` on a device in `device_map` (it is small)."
+            )
+        branch = self.projector.pruning_branch
+        num_heads, scale = attn.num_heads, attn.head_dim**-0.5
+
+        def heads(x):  # (N, L, Cv) -> (N, H, L, h)
+            return x.view(x.shape[0], x.shape[1], num_heads, -1).transpose(1, 2)
+
+        normed = feature_layer.layer_norm1(layer_input)  # (N, S, Cv)
+        keys = heads(attn.k_proj(normed))  # (N, H, S, h)
+        if branch.score == "cls_attention":
+            cls_query = heads(attn.q_proj(normed[:, :1]))  # (N, H, 1, h)
+            probs = torch.softmax((cls_query @ keys.transpose(-1, -2)).float() * scale, dim=-1)  # (N, H, 1, S)
+            scores = probs.mean(dim=1)[:, 0, 1:]  # (N, P)
+        else:
+            question = branch.question_proj(_to(query_embeds, normed.device).to(normed.dtype))  # (N, Cv)
+            query = heads(attn.q_proj(question.unsqueeze(1)))  # (N, H, 1, h)
+            logits = (query @ keys[:, :, 1:].transpose(-1, -2)).float() * scale  # (N, H, 1, P)
+            scores = torch.softmax(logits, dim=-1).mean(dim=1)[:, 0]  # (N, P)
+        patch_attention = None
+        if branch.recycle:
+            patch_queries = heads(attn.q_proj(normed[:, 1:]))  # (N, H, P, h)
+            attention = torch.softmax((patch_queries @ keys.transpose(-1, -2)).float() * scale, dim=-1)  # (N, H, P, S)
+            patch_attention = attention.mean(dim=1)[:, :, 1:]  # (N, P, P)
+        return scores, patch_attention
+
+    # ---------------------------------------------------------------------------------------- merge
+    def _visual_tokens_per_image(self, image_mask: torch.Tensor, num_images: int) -> int:
+        num_placeholders = int(image_mask.sum())
+        token_id = self.config.image_token_id
+        if num_placeholders == 0:
+            raise ValueError(
+                f"`pixel_values` hold {num_images} image(s) but `input_ids` have no `<image>` placeholder "
+                f"(id {token_id}). Build prompts with QMoPProcessor, which expands each `<image>` to M placeholders."
+            )
+        if num_placeholders % num_images:
+            raise ValueError(
+                f"Image features and image tokens do not match: {num_placeholders} `<image>` placeholders "
+                f"for {num_images} images (every image needs the same number M of placeholders)."
+            )
+        per_image = num_placeholders // num_images
+        self.config.validate_num_visual_tokens(per_image, "number of `<image>` placeholders per image")
+        # Every run of consecutive placeholders must hold whole images.
+        padded = F.pad(image_mask.int(), (1, 1))  # (B, T + 2)
+        edges = padded[:, 1:] - padded[:, :-1]
+        run_lengths = (edges == -1).nonzero()[:, 1] - (edges == 1).nonzero()[:, 1]
+        if bool((run_lengths % per_image).any()):
+            raise ValueError(
+                f"Image features and image tokens do not match: runs of `<image>` placeholders of lengths "
+                f"{run_lengths.tolist()} cannot be split into images of {per_image} tokens."
+            )
+        return per_image
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        pixel_values: Optional[torch.FloatTensor] = None,
+        query_input_ids: Optional[torch.LongTensor] = None,
+        query_attention_mask: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values=None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> QMoPModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        if input_ids is not None and torch.is_floating_point(input_ids):
+            raise TypeError(f"`input_ids` must be integer token ids, got dtype {input_ids.dtype}.")
+
+        embeddings = self.get_input_embeddings()
+        image_mask = None
+        if input_ids is not None:
+            input_ids = _to(input_ids, _execution_device(embeddings))
+            image_mask = input_ids == self.config.image_token_id  # (B, T)
+            # Placeholder ids need not be inside the vocabulary: they are embedded as 0, then overwritten.
+            inputs_embeds = embeddings(input_ids.masked_fill(image_mask, 0))  # (B, T, D)
+
+        projected = None
+        if pixel_values is not None:
+            if image_mask is None:
+                raise ValueError("`pixel_values` need `input_ids` (with `<image>` placeholders), not `inputs_embeds`.")
+            _check_pixel_values(pixel_values)
+            if pixel_values.shape[0] > 0:
+                per_image = self._visual_tokens_per_image(image_mask, pixel_values.shape[0])
+                projected = self.get_image_features(
+                    pixel_values, query_input_ids, query_attention_mask, num_visual_tokens=per_image
+                )
+                features = projected.image_features.to(inputs_embeds.device, inputs_embeds.dtype)  # (N, M, D)
+                scatter_mask = image_mask.to(inputs_embeds.device).unsqueeze(-1).expand_as(inputs_embeds)
+                inputs_embeds = inputs_embeds.masked_scatter(scatter_mask, features)  # (B, T, D)
+        elif image_mask is not None and bool(image_mask.any()) and past_key_values is None:
+            raise ValueError(
+                f"`input_ids` hold {int(image_mask.sum())} `<image>` placeholders but no `pixel_values` were given."
+            )
+
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
+        )
+        return QMoPModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=None if projected is None else projected.image_features,
+            router_weights=None if projected is None else projected.router_weights,
+            router_probs=None if projected is None else projected.router_probs,
+            kept_patch_indices=None if projected is None else projected.kept_patch_indices,
+            aux_loss=None if projected is None else projected.aux_loss,
+        )
+
+
+# ===================================================================================== generation head
+class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
+    """QMoP-LLaVA for image-text-to-text generation.
+
+    Example:
+        ```python
+        >>> from transformers import AutoModelForImageTextToText, AutoProcessor
+        >>> model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True)
+        >>> processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
+        >>> inputs = processor(images=image, text="USER: <image>\\nWhat is shown? ASSISTANT:")
+        >>> out = model.generate(**inputs, max_new_tokens=20)
+        >>> processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        ```
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: QMoPConfig):
+        super().__init__(config)
+        self.model = QMoPModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self._no_split_modules = self.model._no_split_modules
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def get_decoder(self):
+        return self.model.get_decoder()
+
+    # Sub-modules by their paper names, for users and for PEFT target patterns.
+    @property
+    def vision_tower(self):
+        return self.model.vision_tower
+
+    @property
+    def text_encoder(self):
+        return self.model.text_encoder
+
+    @property
+    def projector(self):
+        return self.model.projector
+
+    @property
+    def language_model(self):
+        return self.model.language_model
+
+    def get_image_features(self, pixel_values, query_input_ids=None, query_attention_mask=None, num_visual_tokens=None):
+        return self.model.get_image_features(pixel_values, query_input_ids, query_attention_mask, num_visual_tokens)
+
+    def set_router_temperature(self, temperature: float) -> None:
+        """Set the router's training temperature (the trainer anneals it; eval mode uses the config's floor)."""
+        if self.model.projector.router is not None:
+            if temperature <= 0:
+                raise ValueError(f"router temperature must be > 0, got {temperature}.")
+            self.model.projector.router.temperature = float(temperature)
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        pixel_values: Optional[torch.FloatTensor] = None,
+        query_input_ids: Optional[torch.LongTensor] = None,
+        query_attention_mask: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values=None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        logits_to_keep=0,
+        **kwargs,
+    ) -> QMoPCausalLMOutputWithPast:
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            query_input_ids=query_input_ids,
+            query_attention_mask=query_attention_mask,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state  # (B, T, D)
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])  # (B, T', V)
+
+        loss = None
+        if labels is not None:
+            labels = labels.to(logits.device)
+            if input_ids is not None:  # never learn to predict placeholders
+                labels = labels.masked_fill(input_ids.to(labels.device) == self.config.image_token_id, -100)
+            shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # (B·(T-1), V)
+            shift_labels = labels[:, 1:].reshape(-1)  # (B·(T-1),)
+            if num_items_in_batch is not None:  # Trainer's gradient-accumulation-exact normalisation
+                loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+                loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
+            else:
+                loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+            if outputs.aux_loss is not None and self.config.router_aux_loss_coef > 0:
+                loss = loss + self.config.router_aux_loss_coef * outputs.aux_loss.to(loss.device)
+
+        return QMoPCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+            router_weights=outputs.router_weights,
+            router_probs=outputs.router_probs,
+            kept_patch_indices=outputs.kept_patch_indices,
+            aux_loss=outputs.aux_loss,
+        )
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids,
+        past_key_values=None,
+        inputs_embeds=None,
+        pixel_values=None,
+        query_input_ids=None,
+        query_attention_mask=None,
+        attention_mask=None,
+        **kwargs,
+    ):
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            **kwargs,
+        )
+        # Images are encoded once, at prefill; decode steps reuse the KV cache.
+        if _is_first_generation_step(kwargs) or not kwargs.get("use_cache", True):
+            model_inputs["pixel_values"] = pixel_values
+            model_inputs["query_input_ids"] = query_input_ids
+            model_inputs["query_attention_mask"] = query_attention_mask
+        else:
+            for key in ("pixel_values", "query_input_ids", "query_attention_mask"):
+                model_inputs.pop(key, None)
+        return model_inputs
+
+
+QMoPModel.register_for_auto_class("AutoModel")
+QMoPForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+
+__all__ = [
+    "QMoPProjectorOutput",
+    "QMoPModelOutputWithPast",
+    "QMoPCausalLMOutputWithPast",
+    "QMoPPoolingBranch",
+    "QMoPResamplerBranch",
+    "QMoPPruningBranch",
+    "QueryGuidedRouter",
+    "QMoPProjector",
+    "QMoPPreTrainedModel",
+    "QMoPModel",
+    "QMoPForConditionalGeneration",
+    "router_temperature_at",
+]

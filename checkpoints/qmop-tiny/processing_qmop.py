@@ -1,0 +1,450 @@
+# Copyright 2026 The QMoP-LLaVA authors. Licensed under the Apache License, Version 2.0.
+"""QMoP-LLaVA processor: CLIP image processor, the LLM tokenizer and a CLIP tokenizer for the question.
+
+    processor(images=..., text=..., queries=None, num_visual_tokens=None)
+      -> input_ids, attention_mask            (B, T)   each `<image>` expanded to M placeholders, left padded
+         pixel_values                         (N, 3, H, W)
+         query_input_ids, query_attention_mask (N, ≤77) the question of the user turn holding each image
+
+Decisions (shared/DESIGN.md sections 3-4):
+- A prompt with images but no `<image>` at all gets one `<image>\\n` per image prepended (with a warning once);
+  a prompt with some, but not as many as its images, is an error.
+- The query is the user's question: for a raw prompt, the text of the user turn that holds the image, with
+  image tokens and role markers removed; `queries=` overrides it. No question (captioning) = empty query.
+- Questions longer than the CLIP context are truncated, with a warning once.
+"""
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from io import BytesIO
+from typing import Optional, Union
+
+import numpy as np
+import torch
+import transformers
+from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, ProcessorMixin
+from transformers.utils import cached_file, logging
+
+logger = logging.get_logger(__name__)
+
+# ===================================================================================== transformers versions
+# The only place that branches on the transformers version. 4.x finds sub-processors through `*_class`
+# attributes; 5.x reads the __init__ signature and logs a deprecation for `image_processor_class`.
+TRANSFORMERS_V5 = int(transformers.__version__.split(".")[0]) >= 5
+
+# llava-hf's llava-1.5 chat template: "USER: <image>\n{question} ASSISTANT:" (no system prompt).
+LLAVA_15_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+QUERY_TOKENIZER_SUBFOLDER = "query_tokenizer"
+PROCESSOR_CONFIG_NAME = "processor_config.json"
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "trust_remote_code", "proxies")
+# Role markers of the llava-1.5 / vicuna-v1 prompts: a turn runs from its marker to the next one.
+_ROLE_MARKER = re.compile(r"(?:^|\s)(USER|ASSISTANT|SYSTEM|HUMAN|GPT)\s*:", re.IGNORECASE)
+
+ImageInput = Union["PIL.Image.Image", np.ndarray, torch.Tensor, str, bytes]  # noqa: F821
+
+
+def _to_pil_rgb(image, index: int):
+    """PIL RGB image from a PIL image, an array (HWC/CHW), a tensor, raw bytes, a path or a URL."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if isinstance(image, (bytes, bytearray)):
+            image = Image.open(BytesIO(image))
+            image.load()
+        elif isinstance(image, str):
+            from transformers.image_utils import load_image
+
+            image = load_image(image)
+        elif isinstance(image, (np.ndarray, torch.Tensor)):
+            from transformers.image_transforms import to_pil_image
+
+            array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else image
+            if array.ndim not in (2, 3):
+                raise ValueError(f"an image array must have 2 or 3 dimensions, got shape {array.shape}")
+            image = to_pil_image(array)
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"Image {index} could not be decoded (corrupt or unsupported bytes): {error}") from error
+    if not isinstance(image, Image.Image):
+        raise TypeError(
+            f"Image {index} has unsupported type {type(image).__name__}; pass PIL images, numpy arrays, "
+            "tensors, bytes, paths or URLs."
+        )
+    if image.width < 1 or image.height < 1:
+        raise ValueError(f"Image {index} is empty ({image.width}x{image.height}).")
+    return image.convert("RGB")  # grayscale, palette, RGBA (alpha dropped, as LLaVA does), CMYK
+
+
+def expand_to_square(image, background: tuple):
+    """LLaVA-1.5's `expand2square`: pad the shorter side, centred, with the image mean colour."""
+    from PIL import Image
+
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), background)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def extract_question(prompt: str, image_token: str, occurrence: int = 0) -> str:
+    """The text of the user turn that holds image number `occurrence` of `prompt`, without image tokens or
+    role markers; the whole prompt (without image tokens) when it has no role markers."""
+    markers = list(_ROLE_MARKER.finditer(prompt))
+    if not markers:
+        turn = prompt
+    else:
+        spans = [(m.group(1).upper(), m.end(), nxt.start() if nxt else len(prompt))
+                 for m, nxt in zip(markers, markers[1:] + [None])]
+        image_positions = [m.start() for m in re.finditer(re.escape(image_token), prompt)]
+        position = image_positions[occurrence] if occurrence < len(image_positions) else None
+        turn = next((prompt[s:e] for role, s, e in spans if position is not None and s <= position < e), None)
+        if turn is None:  # image before any marker: take the first user turn
+            turn = next((prompt[s:e] for role, s, e in spans if role in ("USER", "HUMAN")), prompt)
+    return " ".join(turn.replace(image_token, " ").split())
+
+
+class QMoPProcessor(ProcessorMixin):
+    r"""Processor for QMoP-LLaVA.
+
+    Args:
+        image_processor: CLIP image processor of the vision tower.
+        tokenizer: the language model's tokenizer; must know `image_token` as a single (special) token.
+        query_tokenizer: the CLIP tokenizer of the query encoder (saved in `query_tokenizer/`).
+        chat_template (`str`, *optional*): defaults to llava-hf's llava-1.5 template.
+        num_visual_tokens (`int`, defaults to 144): placeholders per image (the model's budget M).
+        image_token (`str`, defaults to `"<image>"`).
+        patch_size (`int`, defaults to 14): the vision tower's patch, to check that M fits the patch grid.
+        pad_to_square (`bool`, defaults to `False`): LLaVA-1.5's `expand2square` before the image processor.
+        query_max_length (`int`, defaults to 77): CLIP context; longer questions are truncated (warning once).
+        caption_prompt (`str`): LLM prompt used when images come without text (captioning, empty query).
+    """
+
+    attributes = ["image_processor", "tokenizer", "query_tokenizer"]
+    if not TRANSFORMERS_V5:
+        image_processor_class = "AutoImageProcessor"
+        tokenizer_class = "AutoTokenizer"
+        query_tokenizer_class = "AutoTokenizer"
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        query_tokenizer=None,
+        chat_template: Optional[str] = None,
+        num_visual_tokens: int = 144,
+        image_token: str = "<image>",
+        patch_size: int = 14,
+        pad_to_square: bool = False,
+        query_max_length: int = 77,
+        caption_prompt: str = "USER: <image>\n ASSISTANT:",
+        **kwargs,
+    ):
+        if image_processor is None or tokenizer is None or query_tokenizer is None:
+            raise ValueError("QMoPProcessor needs an image_processor, a tokenizer and a query_tokenizer.")
+        self.num_visual_tokens = num_visual_tokens
+        self.image_token = image_token
+        self.patch_size = patch_size
+        self.pad_to_square = pad_to_square
+        self.query_max_length = query_max_length
+        self.caption_prompt = caption_prompt
+        tokenizer.padding_side = "left"  # batched generation (decoder-only models continue on the right)
+        query_tokenizer.padding_side = "right"  # CLIP pools at the first EOS: padding must come after it
+        image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        if image_token_id is None or image_token_id == tokenizer.unk_token_id:
+            raise ValueError(f"The tokenizer has no single token for the image placeholder {image_token!r}.")
+        self.image_token_id = image_token_id
+        super().__init__(image_processor, tokenizer, query_tokenizer, chat_template=chat_template or LLAVA_15_CHAT_TEMPLATE)
+
+    # ---------------------------------------------------------------------------------------- budget
+    @property
+    def num_patches(self) -> int:
+        crop = getattr(self.image_processor, "crop_size", None) or self.image_processor.size
+        side = crop if isinstance(crop, int) else crop.get("height") or crop.get("shortest_edge")  # dict / SizeDict
+        return (int(side) // self.patch_size) ** 2
+
+    def _check_budget(self, num_visual_tokens) -> int:
+        if not isinstance(num_visual_tokens, int) or isinstance(num_visual_tokens, bool) or num_visual_tokens < 1:
+            raise ValueError(f"`num_visual_tokens` must be a positive integer, got {num_visual_tokens!r}.")
+        side = int(round(num_visual_tokens**0.5))
+        if side * side != num_visual_tokens:
+            raise ValueError(f"`num_visual_tokens`={num_visual_tokens} is not a perfect square (e.g. 36, 64, 144).")
+        if num_visual_tokens > self.num_patches:
+            raise ValueError(
+                f"`num_visual_tokens`={num_visual_tokens} is larger than the vision tower's {self.num_patches} patches."
+            )
+        return num_visual_tokens
+
+    # ---------------------------------------------------------------------------------------- call
+    def __call__(
+        self,
+        images=None,
+        text=None,
+        queries=None,
+        num_visual_tokens: Optional[int] = None,
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens: bool = True,
+        pad_to_square: Optional[bool] = None,
+        videos=None,
+        audio=None,
+        **kwargs,
+    ) -> BatchFeature:
+        if videos is not None or audio is not None:
+            raise ValueError("QMoPProcessor handles images and text only (no videos or audio).")
+        budget = self._check_budget(self.num_visual_tokens if num_visual_tokens is None else num_visual_tokens)
+        pad_to_square = self.pad_to_square if pad_to_square is None else pad_to_square
+        kwargs.pop("return_token_type_ids", None)
+        kwargs.pop("padding_side", None)
+
+        texts, per_sample_images = self._pair(images, text)
+        prompts, query_texts = [], []
+        for i, (prompt, sample_images) in enumerate(zip(texts, per_sample_images)):
+            placeholders = prompt.count(self.image_token)
+            if sample_images and placeholders == 0:
+                logger.warning_once(
+                    f"A prompt has images but no {self.image_token!r}: one {self.image_token!r} per image was "
+                    "prepended. Use the chat template (processor.apply_chat_template) to place images."
+                )
+                prompt = f"{self.image_token}\n" * len(sample_images) + prompt
+                placeholders = len(sample_images)
+            if placeholders != len(sample_images):
+                raise ValueError(
+                    f"Prompt {i} has {placeholders} {self.image_token!r} placeholder(s) but {len(sample_images)} "
+                    "image(s) were given for it."
+                )
+            query_texts += [extract_question(prompt, self.image_token, k) for k in range(placeholders)]
+            prompts.append(prompt.replace(self.image_token, self.image_token * budget))
+
+        query_texts = self._queries(queries, query_texts, per_sample_images)
+        encoding = self.tokenizer(
+            prompts,
+            padding=padding,
+            return_tensors=return_tensors,
+            add_special_tokens=add_special_tokens,
+            return_token_type_ids=False,
+            **kwargs,
+        )
+        for i, sample_images in enumerate(per_sample_images):
+            found = sum(1 for t in encoding["input_ids"][i] if int(t) == self.image_token_id)
+            if found != len(sample_images) * budget:
+                raise ValueError(
+                    f"Prompt {i} tokenized to {found} image placeholders instead of {len(sample_images)}x{budget}: "
+                    f"the tokenizer must keep {self.image_token!r} as one special token."
+                )
+        data = dict(encoding)
+
+        flat_images = [image for sample_images in per_sample_images for image in sample_images]
+        if flat_images:
+            pil_images = [_to_pil_rgb(image, k) for k, image in enumerate(flat_images)]
+            if pad_to_square:
+                mean = getattr(self.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
+                background = tuple(int(round(255 * c)) for c in mean)
+                pil_images = [expand_to_square(image, background) for image in pil_images]
+            # RGB PIL images, channels last: said explicitly so a 1x1 or 3-pixel-wide image is not misread.
+            data["pixel_values"] = self.image_processor(
+                pil_images, return_tensors="pt", input_data_format="channels_last"
+            )["pixel_values"]
+            data.update(self._tokenize_queries(query_texts))
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _pair(self, images, text):
+        """Normalise to (list of prompts, list of per-prompt image lists)."""
+        if isinstance(text, str):
+            texts = [text]
+        elif text is None:
+            texts = None
+        elif isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
+            texts = list(text)
+        else:
+            raise TypeError("`text` must be a string or a list of strings.")
+
+        if images is None:
+            if texts is None:
+                raise ValueError("Pass `images`, `text` or both.")
+            return texts, [[] for _ in texts]
+        nested = isinstance(images, (list, tuple)) and any(isinstance(x, (list, tuple)) for x in images)
+        if nested:
+            groups = [list(x) if isinstance(x, (list, tuple)) else [x] for x in images]
+        else:
+            flat = list(images) if isinstance(images, (list, tuple)) else [images]
+            groups = None
+        if texts is None or all(not t.strip() for t in texts):  # captioning: image(s) only
+            groups = groups or [[image] for image in flat]
+            if texts is not None and len(texts) != len(groups):
+                raise ValueError(f"{len(texts)} prompts but {len(groups)} images (or image groups).")
+            return [self.caption_prompt.replace(self.image_token, self.image_token * len(g)) for g in groups], groups
+        if groups is not None:
+            if len(groups) != len(texts):
+                raise ValueError(f"{len(texts)} prompts but {len(groups)} image groups: give one group per prompt.")
+            return texts, groups
+        counts = [t.count(self.image_token) for t in texts]
+        if sum(counts) == len(flat):  # images fill the placeholders in order
+            groups, start = [], 0
+            for count in counts:
+                groups.append(flat[start : start + count])
+                start += count
+            return texts, groups
+        if sum(counts) == 0 and len(flat) == len(texts):  # one image per prompt, placeholders to prepend
+            return texts, [[image] for image in flat]
+        raise ValueError(
+            f"{len(flat)} images for {len(texts)} prompts holding {sum(counts)} {self.image_token!r} placeholders: "
+            "the batch sizes disagree. Pass one image per placeholder, or nested lists (one list per prompt)."
+        )
+
+    def _queries(self, queries, extracted, per_sample_images):
+        if queries is None:
+            return extracted
+        if isinstance(queries, str):
+            queries = [queries]
+        queries = list(queries)
+        if len(queries) == len(extracted):  # one per image
+            return [q or "" for q in queries]
+        if len(queries) == len(per_sample_images):  # one per prompt, shared by its images
+            return [q or "" for q, images in zip(queries, per_sample_images) for _ in images]
+        raise ValueError(
+            f"`queries` has {len(queries)} entries; give one per image ({len(extracted)}) or one per prompt "
+            f"({len(per_sample_images)})."
+        )
+
+    def _tokenize_queries(self, query_texts):
+        lengths = [len(ids) for ids in self.query_tokenizer(query_texts, add_special_tokens=True)["input_ids"]]
+        if max(lengths) > self.query_max_length:
+            logger.warning_once(
+                f"A question is longer than the CLIP text encoder's {self.query_max_length} tokens "
+                f"({max(lengths)}); it was truncated for the router."
+            )
+        encoded = self.query_tokenizer(
+            query_texts,
+            padding=True,
+            truncation=True,
+            max_length=self.query_max_length,
+            return_tensors="pt",
+            return_token_type_ids=False,
+        )
+        return {"query_input_ids": encoded["input_ids"], "query_attention_mask": encoded["attention_mask"]}
+
+    # ---------------------------------------------------------------------------------------- decoding
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs):
+        return self.tokenizer.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    @property
+    def model_input_names(self):
+        return ["input_ids", "attention_mask", "pixel_values", "query_input_ids", "query_attention_mask"]
+
+    # ---------------------------------------------------------------------------------------- save / load
+    def _processor_dict(self) -> dict:
+        return {
+            "processor_class": type(self).__name__,
+            "auto_map": {"AutoProcessor": "processing_qmop.QMoPProcessor"},
+            "num_visual_tokens": self.num_visual_tokens,
+            "image_token": self.image_token,
+            "patch_size": self.patch_size,
+            "pad_to_square": self.pad_to_square,
+            "query_max_length": self.query_max_length,
+            "caption_prompt": self.caption_prompt,
+        }
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """Same layout on transformers 4.57 and 5.x: image processor and LLM tokenizer at the root, the CLIP
+        tokenizer in `query_tokenizer/`, `processor_config.json`, `chat_template.jinja` and this code file.
+        Written to a temporary folder first, then moved into place."""
+        save_directory = str(save_directory)
+        os.makedirs(save_directory, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=save_directory, prefix=".tmp-processor-") as tmp:
+            self.image_processor.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            self.query_tokenizer.save_pretrained(os.path.join(tmp, QUERY_TOKENIZER_SUBFOLDER))
+            with open(os.path.join(tmp, PROCESSOR_CONFIG_NAME), "w") as f:
+                json.dump(self._processor_dict(), f, indent=2, sort_keys=True)
+            with open(os.path.join(tmp, "chat_template.jinja"), "w") as f:
+                f.write(self.chat_template)
+            shutil.copy(os.path.abspath(__file__).replace(".pyc", ".py"), os.path.join(tmp, "processing_qmop.py"))
+            _make_portable(tmp)
+            _make_portable(os.path.join(tmp, QUERY_TOKENIZER_SUBFOLDER))
+            move_into(tmp, save_directory)
+        if push_to_hub:
+            repo_id = kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(save_directory))
+            return self.push_to_hub(repo_id, **kwargs)
+        return [save_directory]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        # The sub-processors are standard classes: no remote code unless the caller allows it explicitly.
+        hub.setdefault("trust_remote_code", False)
+        path = str(pretrained_model_name_or_path)
+        subfolder = kwargs.get("subfolder") or ""
+        file_hub = {k: v for k, v in hub.items() if k != "trust_remote_code"}
+        config_file = cached_file(path, PROCESSOR_CONFIG_NAME, subfolder=subfolder, **file_hub)
+        with open(config_file) as f:
+            settings = json.load(f)
+        for key in ("processor_class", "auto_map"):
+            settings.pop(key, None)
+        image_processor = AutoImageProcessor.from_pretrained(path, subfolder=subfolder, **hub)
+        tokenizer = AutoTokenizer.from_pretrained(path, subfolder=subfolder, **hub)
+        query_tokenizer = AutoTokenizer.from_pretrained(
+            path, subfolder=f"{subfolder}/{QUERY_TOKENIZER_SUBFOLDER}" if subfolder else QUERY_TOKENIZER_SUBFOLDER, **hub
+        )
+        try:
+            template_file = cached_file(path, "chat_template.jinja", subfolder=subfolder, **file_hub)
+        except OSError:
+            template_file = None
+        if template_file:
+            with open(template_file) as f:
+                settings["chat_template"] = f.read()
+        for key in ("num_visual_tokens", "pad_to_square", "query_max_length", "caption_prompt", "chat_template"):
+            if key in kwargs:
+                settings[key] = kwargs[key]
+        return cls(image_processor=image_processor, tokenizer=tokenizer, query_tokenizer=query_tokenizer, **settings)
+
+
+def move_into(source_dir: str, target_dir: str) -> None:
+    """Move every file of `source_dir` into `target_dir` (same file system), replacing files of the same name."""
+    for root, _, files in os.walk(source_dir):
+        for name in files:
+            source = os.path.join(root, name)
+            target = os.path.join(target_dir, os.path.relpath(source, source_dir))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(source, target)
+
+
+def _make_portable(folder: str) -> None:
+    """Version shims for files written by transformers 5.x, so that 4.57 reads them too: a generic fast tokenizer
+    is saved as "TokenizersBackend" (unknown to 4.x) and, without torchvision, the image processor as "...Pil"."""
+    tokenizer_config = os.path.join(folder, "tokenizer_config.json")
+    if os.path.exists(tokenizer_config):
+        with open(tokenizer_config) as f:
+            config = json.load(f)
+        if config.get("tokenizer_class") == "TokenizersBackend":
+            config["tokenizer_class"] = "PreTrainedTokenizerFast"
+            with open(tokenizer_config, "w") as f:
+                json.dump(config, f, indent=2)
+    image_config = os.path.join(folder, "preprocessor_config.json")
+    if os.path.exists(image_config):
+        with open(image_config) as f:
+            config = json.load(f)
+        kind = config.get("image_processor_type", "")
+        if kind.endswith("Pil") or kind.endswith("Fast"):
+            config["image_processor_type"] = kind[: -len("Pil")] if kind.endswith("Pil") else kind[: -len("Fast")]
+            with open(image_config, "w") as f:
+                json.dump(config, f, indent=2)
+
+
+__all__ = ["QMoPProcessor", "extract_question", "expand_to_square", "move_into"]
