@@ -77,6 +77,13 @@ def test_feature_cache_is_exact():
     torch.testing.assert_close(first.logits, reference.logits, rtol=0, atol=0)
     torch.testing.assert_close(second.logits, reference.logits, rtol=0, atol=0)
     assert torch.equal(second.router_weights, reference.router_weights)
+    # a model with another vision tower does not get these features
+    other, _ = build_tiny(seed=1)
+    with torch.no_grad():
+        expected = other(**inputs).logits
+        cache.install(other)
+        assert torch.equal(other(**inputs).logits, expected)
+    assert cache.misses == 4
 
 
 def test_analysis_picture_shows_kept_patches_and_router(tiny):

@@ -104,8 +104,8 @@ class Settings:
 
 # ===================================================================================== feature cache
 class FeatureCache:
-    """Memoises `QMoPModel.get_vision_features` per image; valid while the vision tower is frozen and identical
-    across the models it is installed on (here: every model starts from the same pre-trained tower)."""
+    """Memoises `QMoPModel.get_vision_features` per (vision tower weights, image): exact while the tower is frozen.
+    Models with the same tower weights (every run here starts from the same pre-trained tower) share entries."""
 
     def __init__(self):
         self.store = {}
@@ -116,15 +116,24 @@ class FeatureCache:
     def key(pixel_row: torch.Tensor) -> bytes:
         return hashlib.blake2b(pixel_row.detach().contiguous().cpu().numpy().tobytes(), digest_size=16).digest()
 
+    @staticmethod
+    def fingerprint(module: torch.nn.Module) -> bytes:
+        digest = hashlib.blake2b(digest_size=16)
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
+        return digest.digest()
+
     def install(self, model) -> None:
         core = model.model if hasattr(model, "model") and hasattr(model.model, "get_vision_features") else model
         original = core.get_vision_features
+        tower = self.fingerprint(core.vision_tower)
         index = core.config.vision_feature_hidden_state_index
         feature_layer = core.vision_tower.encoder.layers[index - 1] if index > 0 else None
         cache = self
 
         def get_vision_features(pixel_values):
-            keys = [cache.key(row) for row in pixel_values]
+            keys = [tower + cache.key(row) for row in pixel_values]
             missing = [i for i, k in enumerate(keys) if k not in cache.store]
             if missing:
                 with torch.no_grad():
