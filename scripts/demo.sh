@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up everything on a fresh machine, then answer a question about a bundled image with the bundled checkpoint.
-#   bash scripts/demo.sh [--image PATH] [--question TEXT] [--model DIR_OR_HUB_ID] [--num-visual-tokens M]
+# Set up everything on a fresh machine, then answer the bundled picture's questions with the bundled trained checkpoint
+# (checkpoints/qmop-tiny) and write a picture of what the projector did (outputs/demo.png).
+#   bash scripts/demo.sh [--image PATH] [--question TEXT]... [--model DIR_OR_HUB_ID] [--num-visual-tokens M] [--picture PNG]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 QMOP_SKIP_457=1 bash scripts/setup_env.sh
