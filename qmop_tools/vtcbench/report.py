@@ -233,6 +233,7 @@ def write_report(output: str, settings, foundation: dict, results: list, timings
         "table": table,
         "findings": findings(table),
         "best_qmop": None if best is None else {"variant": best["variant"], "seed": best["seed"],
+                                                  "per_dimension": best["evaluation"]["test"]["per_dimension"],
                                                   "stage2_epochs": best["job_key"]["stage2_epochs"],
                                                   "val": best["evaluation"]["val"]["overall"],
                                                   "test": best["evaluation"]["test"]["overall"]},
@@ -304,9 +305,11 @@ def model_card(settings, table, summary, md_lines) -> str:
         "# qmop-tiny: a QMoP-LLaVA trained on the mini VTCBench",
         "",
         f"A tiny QMoP-LLaVA ({settings.budget} visual tokens of 576, three branches, query-guided router) trained in two "
-        "stages on procedurally generated pictures (`python -m qmop_tools.vtcbench`). It answers short questions "
-        "about such pictures: background colour, the letter in a corner, left/right/above/below, counting shapes, "
-        "background texture. It knows nothing else.",
+        "stages on procedurally generated pictures (`python -m qmop_tools.vtcbench`), to answer short questions "
+        "about such pictures: background colour, the letter or colour of a corner tag, left/right/above/below, "
+        "counting shapes, background texture. It knows nothing else. Test accuracy per dimension: "
+        + ", ".join(f"{d} {100 * v:.1f}% (chance {100 * CHANCE[d]:.1f}%)" for d, v in best["per_dimension"].items())
+        + ": compare with chance before trusting an answer.",
         "",
         f"Chosen as the best QMoP run by validation accuracy: {VARIANT_LABELS[best['variant']]} "
         f"({best['stage2_epochs']:g} epochs of stage 2), seed {best['seed']}, val "
