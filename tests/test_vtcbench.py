@@ -114,6 +114,16 @@ def test_analysis_picture_shows_kept_patches_and_router(tiny):
     assert sheet.size == (2 * picture.width, 2 * picture.height)
 
 
+def test_command_line_rejects_bad_settings(capsys):
+    from qmop_tools.vtcbench.__main__ import main
+
+    for argv, message in ((["--budget", "40"], "perfect square"), (["--workers", "0"], "--workers"),
+                          (["--variants", "pooling", "--export-checkpoint", "x"], "qmop")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err
+
+
 def test_smoke_pipeline_end_to_end(tmp_path):
     from qmop_tools.vtcbench.__main__ import main
 

@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import math
 import sys
 
 from .experiment import VARIANTS, Settings
@@ -31,8 +32,13 @@ def main(argv=None):
     for name in ("variants", "seeds", "budget", "workers"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
-    if "qmop" not in settings.variants and (args.export_checkpoint or args.export_demo_image):
-        parser.error("--export-checkpoint and --export-demo-image need the qmop variant")
+    if not {"qmop", "qmop_long"} & set(settings.variants) and (args.export_checkpoint or args.export_demo_image):
+        parser.error("--export-checkpoint and --export-demo-image need the qmop or qmop_long variant")
+    side = math.isqrt(settings.budget) if settings.budget > 0 else 0
+    if side * side != settings.budget or not 1 <= settings.budget <= 576:
+        parser.error(f"--budget must be a perfect square between 1 and 576 (the 24x24 patch grid), got {settings.budget}")
+    if settings.workers < 1 or not settings.seeds:
+        parser.error("--workers must be >= 1 and --seeds must name at least one seed")
     logging.basicConfig(format="%(asctime)s %(name)s %(message)s", level=logging.INFO, stream=sys.stdout)
     logging.getLogger("transformers").setLevel(logging.WARNING)
     logging.getLogger("qmop_tools.train").setLevel(logging.WARNING)
