@@ -9,6 +9,7 @@ CLIP text and Llama, all 32 wide with 2 layers.
 """
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
@@ -156,22 +157,36 @@ def build_tiny(num_visual_tokens: int = 16, seed: int = 0, processor_kwargs=None
     return build_model(build_config(processor, **config_kwargs), seed=seed), processor
 
 
-def save_tiny_checkpoint(output: str, **kwargs) -> str:
-    """Write a complete checkpoint folder (weights, config, processor, code) atomically."""
-    model, processor = build_tiny(**kwargs)
+@contextlib.contextmanager
+def atomic_folder(output: str):
+    """Yield a temporary folder beside `output`; when the block succeeds it replaces `output`, otherwise it is
+    removed. Nothing half-written ever stands at `output`."""
     output = os.path.abspath(output)
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(output)}.tmp-")
     try:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes the folder private; the result is an ordinary folder
         if os.path.exists(output):
             shutil.rmtree(output)
         os.replace(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return output
+
+
+def save_pretrained_atomically(output: str, *objects) -> str:
+    """`save_pretrained` every object (model, processor, config...) into one folder, atomically."""
+    with atomic_folder(output) as tmp:
+        for obj in objects:
+            obj.save_pretrained(tmp)
+    return os.path.abspath(output)
+
+
+def save_tiny_checkpoint(output: str, **kwargs) -> str:
+    """Write a complete checkpoint folder (weights, config, processor, code) atomically."""
+    model, processor = build_tiny(**kwargs)
+    return save_pretrained_atomically(output, model, processor)
 
 
 def main(argv=None):

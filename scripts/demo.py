@@ -38,12 +38,9 @@ def main(argv=None):
         print(format_report(result, path, trained, with_model=False) + "\n")
         results.append(result)
     if args.picture:
-        from qmop_tools.vtcbench.visualize import contact_sheet, render_analysis
+        from qmop_tools.vtcbench.visualize import contact_sheet, render_analysis, save_png
 
-        os.makedirs(os.path.dirname(os.path.abspath(args.picture)), exist_ok=True)
-        tmp = args.picture + ".tmp.png"
-        contact_sheet([render_analysis(r) for r in results], columns=1 if len(results) == 1 else 2).save(tmp)
-        os.replace(tmp, args.picture)
+        save_png(contact_sheet([render_analysis(r) for r in results], columns=1 if len(results) == 1 else 2), args.picture)
         print(f"picture:  {args.picture} (kept patches of the pruning branch over the image, router weights)")
 
 

@@ -26,8 +26,6 @@ pre-training of the tiny CLIP and for stage 1.
 import json
 import os
 import random
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 
 from PIL import Image, ImageDraw
@@ -311,10 +309,9 @@ def write_dataset(output_dir: str, sizes: dict, seed: int = 0) -> dict:
     """Write images/{split}/NNNNN.png and, per split, `{split}.json` (scenes, questions, captions) plus the LLaVA
     training files `{split}_captions.json` (stage 1) and `{split}_vqa.json` (stage 2). Written to a temporary folder
     and moved into place. Returns {split: number of images}."""
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".vtcbench-data-")
-    try:
+    from conversion.tiny import atomic_folder
+
+    with atomic_folder(output_dir) as tmp:
         for split, size in sizes.items():
             scenes = generate_split(split, size, seed)
             os.makedirs(os.path.join(tmp, "images", split))
@@ -347,11 +344,6 @@ def write_dataset(output_dir: str, sizes: dict, seed: int = 0) -> dict:
                     json.dump(content, f)
         with open(os.path.join(tmp, "dataset.json"), "w") as f:
             json.dump(dataset_marker(seed, sizes), f)
-        if os.path.exists(output_dir):
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dict(sizes)
 
 

@@ -24,6 +24,8 @@ from typing import Optional
 
 import torch
 
+from qmop_tools.bench.report import write_atomic
+
 logger = logging.getLogger(__name__)
 
 ALL_BRANCHES = ["pooling", "resampler", "pruning"]
@@ -229,7 +231,6 @@ def run_job(output: str, variant: str, seed: int, settings: Settings) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     settings = settings.for_variant(variant)
     start = time.time()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     data_dir = os.path.join(output, "data")
     foundation = os.path.join(output, "foundation")
     processor = AutoProcessor.from_pretrained(os.path.join(foundation, "processor"), trust_remote_code=True)
@@ -257,12 +258,8 @@ def run_job(output: str, variant: str, seed: int, settings: Settings) -> dict:
         "seconds": round(time.time() - start, 1),
         "feature_cache": {"hits": _WORKER_CACHE.hits, "misses": _WORKER_CACHE.misses},
     }
-    with open(os.path.join(run_dir, "predictions.json"), "w") as f:
-        json.dump(evaluation["test"]["predictions"], f)
-    tmp = result_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, result_path)
+    write_atomic(os.path.join(run_dir, "predictions.json"), json.dumps(evaluation["test"]["predictions"]))
+    write_atomic(result_path, json.dumps(result, indent=1))
     logger.info("%s done in %.0f s: test accuracy %.3f", name, result["seconds"], result["evaluation"]["test"]["overall"])
     return result
 

@@ -13,16 +13,15 @@ import os
 import shutil
 import time
 
+from qmop_tools.bench.report import write_atomic
+
 from .experiment import Settings, run_jobs, settings_dict
 
 logger = logging.getLogger(__name__)
 
 
 def _write_json(path: str, content) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(content, f, indent=1)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(content, indent=1))
 
 
 def prepare_data(output: str, settings: Settings) -> str:
@@ -46,7 +45,9 @@ def prepare_foundation(output: str, settings: Settings) -> dict:
     from conversion.tiny import build_processor
 
     from .data import IMAGE_SIZE, PATCH_SIZE, corpus, generate_split
-    from .towers import TowerShapes, clip_retrieval_accuracy, pretrain_clip, pretrain_llm, save_atomically
+    from conversion.tiny import save_pretrained_atomically
+
+    from .towers import TowerShapes, clip_retrieval_accuracy, pretrain_clip, pretrain_llm
 
     foundation = os.path.join(output, "foundation")
     report_path = os.path.join(foundation, "report.json")
@@ -78,9 +79,9 @@ def prepare_foundation(output: str, settings: Settings) -> dict:
     clip_report["val_retrieval_chance"] = 1 / len(probe)
     llm, llm_report = pretrain_llm(processor.tokenizer, lines, shapes, steps=settings.llm_steps, seed=settings.data_seed)
     os.makedirs(foundation, exist_ok=True)
-    save_atomically(os.path.join(foundation, "processor"), processor)
-    save_atomically(os.path.join(foundation, "clip"), clip)
-    save_atomically(os.path.join(foundation, "llm"), llm)
+    save_pretrained_atomically(os.path.join(foundation, "processor"), processor)
+    save_pretrained_atomically(os.path.join(foundation, "clip"), clip)
+    save_pretrained_atomically(os.path.join(foundation, "llm"), llm)
     logger.info("foundation in %.0f s: CLIP val retrieval top-1 %.2f (chance %.2f), LLM loss %.2f -> %.2f",
                 time.time() - start, clip_report["val_retrieval_top1"], clip_report["val_retrieval_chance"],
                 llm_report["first_loss"], llm_report["last_loss"])

@@ -1,10 +1,13 @@
 """Tables, plot and pictures of the mini VTCBench, and the export of the best QMoP run as a checkpoint."""
 
+import io
 import json
 import os
 import shutil
 import statistics
-import tempfile
+
+from conversion.tiny import atomic_folder
+from qmop_tools.bench.report import write_atomic
 
 from .data import DIMENSIONS
 from .experiment import VARIANT_LABELS, evaluate
@@ -148,10 +151,10 @@ def plot(table: dict, settings, path: str) -> None:
     ax.set_title(f"Mini VTCBench: {settings.budget} visual tokens of 576 (dotted: chance)")
     ax.legend(fontsize=7, ncol=2, loc="upper right")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
+    write_atomic(path, buffer.getvalue(), binary=True)
 
 
 def best_qmop_run(results: list):
@@ -167,7 +170,7 @@ def draw_pictures(output: str, model_dir: str, data_dir: str) -> list:
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from .visualize import analyse, contact_sheet, render_analysis
+    from .visualize import analyse, contact_sheet, render_analysis, save_png
 
     model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
@@ -175,29 +178,22 @@ def draw_pictures(output: str, model_dir: str, data_dir: str) -> list:
         samples = json.load(f)
     chosen = samples[:5] + [s for s in samples[5:] if s["dimension"] == "local"][:1]
     pictures_dir = os.path.join(output, "pictures")
-    os.makedirs(pictures_dir, exist_ok=True)
     pictures, paths = [], []
     for sample in chosen[:PICTURE_QUESTIONS]:
         image = Image.open(os.path.join(data_dir, "images", sample["image"])).convert("RGB")
         question = sample["conversations"][0]["value"].replace("<image>", "").strip()
         result = analyse(model, processor, image, question)
         picture = render_analysis(result, expected=sample["conversations"][1]["value"])
-        path = os.path.join(pictures_dir, f"{sample['id']}.png")
-        picture.save(path)
+        path = save_png(picture, os.path.join(pictures_dir, f"{sample['id']}.png"))
         pictures.append(picture)
         paths.append(path)
-    sheet = os.path.join(output, "pictures.png")
-    contact_sheet(pictures, columns=2).save(sheet)
+    sheet = save_png(contact_sheet(pictures, columns=2), os.path.join(output, "pictures.png"))
     return [sheet, *paths]
 
 
 def export_checkpoint(model_dir: str, target: str, card: str, results: dict) -> str:
     """Copy the model folder to `target` with a model card and the results it was chosen by (atomic)."""
-    target = os.path.abspath(target)
-    parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(target)}.tmp-")
-    try:
+    with atomic_folder(target) as tmp:
         for name in os.listdir(model_dir):
             source = os.path.join(model_dir, name)
             if name in ("training_args.bin", "trainer_state.json", "all_results.json", "train_results.json"):
@@ -210,12 +206,7 @@ def export_checkpoint(model_dir: str, target: str, card: str, results: dict) -> 
             f.write(card)
         with open(os.path.join(tmp, "vtcbench_results.json"), "w") as f:
             json.dump(results, f, indent=1)
-        if os.path.exists(target):
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return os.path.abspath(target)
 
 
 SLICE_IMAGES = 40  # the fixed test slice of the accuracy test: the first 40 test images, 200 questions
@@ -275,13 +266,9 @@ def write_report(output: str, settings, foundation: dict, results: list, timings
         md += ["", f"Best QMoP run by val accuracy: {VARIANT_LABELS[best['variant']]}, seed {best['seed']} (val {100 * best['evaluation']['val']['overall']:.1f}%, "
                f"test {100 * best['evaluation']['test']['overall']:.1f}%, test slice of {summary['best_qmop']['test_slice_questions'] // 5} images "
                f"{100 * summary['best_qmop']['test_slice']:.1f}%)."]
-    with open(os.path.join(output, "results.md.tmp"), "w") as f:
-        f.write("\n".join(md) + "\n")
-    os.replace(os.path.join(output, "results.md.tmp"), os.path.join(output, "results.md"))
+    write_atomic(os.path.join(output, "results.md"), "\n".join(md) + "\n")
+    write_atomic(os.path.join(output, "results.json"), json.dumps(summary, indent=1))
     slim = {k: v for k, v in summary.items() if k != "runs"}
-    with open(os.path.join(output, "results.json.tmp"), "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(os.path.join(output, "results.json.tmp"), os.path.join(output, "results.json"))
     if best is not None and export_checkpoint_to:
         card = model_card(settings, table, summary, md)
         export_checkpoint(os.path.join(output, "runs", f"{best['variant']}-s{best['seed']}", "model"), export_checkpoint_to, card,
@@ -322,7 +309,7 @@ def model_card(settings, table, summary, md_lines) -> str:
         'processor = AutoProcessor.from_pretrained("checkpoints/qmop-tiny", trust_remote_code=True)',
         "```",
         "",
-        *md_lines,
+        *(line for line in md_lines if not line.startswith("Wall time")),  # a card does not change with re-runs
         "",
     ])
 
@@ -350,11 +337,7 @@ def export_demo_image(output: str, run_name: str, target_png: str) -> dict:
         "answers": [p["answer"] for p in questions],
         "dimensions": [p["dimension"] for p in questions],
     }
-    os.makedirs(os.path.dirname(os.path.abspath(target_png)), exist_ok=True)
-    shutil.copyfile(source, target_png + ".tmp")
-    os.replace(target_png + ".tmp", target_png)
-    spec_path = os.path.splitext(target_png)[0] + ".json"
-    with open(spec_path + ".tmp", "w") as f:
-        json.dump(spec, f, indent=1)
-    os.replace(spec_path + ".tmp", spec_path)
+    with open(source, "rb") as f:
+        write_atomic(target_png, f.read(), binary=True)
+    write_atomic(os.path.splitext(target_png)[0] + ".json", json.dumps(spec, indent=1))
     return spec

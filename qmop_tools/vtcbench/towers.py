@@ -14,8 +14,6 @@ import logging
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -74,6 +72,35 @@ def load_pixels(processor, image_folder: str, records: list) -> torch.Tensor:
     return processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
 
 
+def _fit(name: str, model: torch.nn.Module, num_items: int, loss_of, steps: int, batch_size: int, lr: float,
+         seed: int, log_every: int) -> dict:
+    """AdamW with warm-up and cosine decay over `steps` batches of item indices drawn epoch by epoch (shuffled with
+    `seed`); `loss_of(indices)` returns the batch loss. Leaves the model in eval mode; returns a report."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    rng = random.Random(seed)
+    order, losses, start = [], [], time.time()
+    for step in range(steps):
+        if len(order) < batch_size:
+            order += rng.sample(range(num_items), num_items)
+        indices, order = order[:batch_size], order[batch_size:]
+        for group in optimizer.param_groups:
+            group["lr"] = _cosine_lr(step, steps, lr, warmup=max(1, steps // 20))
+        loss = loss_of(indices)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            recent = losses[-log_every:]
+            logger.info("%s step %d/%d loss %.3f (%.0f s)", name, step + 1, steps, sum(recent) / len(recent),
+                        time.time() - start)
+    model.eval()
+    return {"steps": steps, "batch_size": batch_size, "first_loss": losses[0],
+            "last_loss": sum(losses[-10:]) / len(losses[-10:]), "seconds": time.time() - start}
+
+
 def pretrain_clip(processor, image_folder: str, records: list, shapes: TowerShapes, steps: int, batch_size: int = 64,
                   lr: float = 2e-3, seed: int = 0, log_every: int = 25) -> tuple[CLIPModel, dict]:
     """Contrastive (InfoNCE both ways) pre-training on (image, caption) pairs; returns the model and a report."""
@@ -83,31 +110,17 @@ def pretrain_clip(processor, image_folder: str, records: list, shapes: TowerShap
         vision_config=vision_config(shapes, processor.image_processor.crop_size["height"], processor.patch_size).to_dict(),
         projection_dim=shapes.vision_width,
     )
-    model = CLIPModel(config).train()
+    model = CLIPModel(config)
     pixels = load_pixels(processor, image_folder, records)
     captions = processor.query_tokenizer([r["caption"] for r in records], padding=True, truncation=True,
                                          max_length=77, return_tensors="pt")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    rng = random.Random(seed)
-    order, losses, start = [], [], time.time()
-    for step in range(steps):
-        if len(order) < batch_size:
-            order += rng.sample(range(len(records)), len(records))
-        index, order = torch.tensor(order[:batch_size]), order[batch_size:]
-        for group in optimizer.param_groups:
-            group["lr"] = _cosine_lr(step, steps, lr, warmup=max(1, steps // 20))
-        out = model(input_ids=captions["input_ids"][index], attention_mask=captions["attention_mask"][index],
-                    pixel_values=pixels[index], return_loss=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(out.loss.item())
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            logger.info("clip step %d/%d loss %.3f (%.0f s)", step + 1, steps, sum(losses[-log_every:]) / len(losses[-log_every:]), time.time() - start)
-    model.eval()
-    return model, {"steps": steps, "batch_size": batch_size, "first_loss": losses[0], "last_loss": sum(losses[-10:]) / len(losses[-10:]),
-                   "seconds": time.time() - start}
+
+    def loss_of(indices):
+        index = torch.tensor(indices)
+        return model(input_ids=captions["input_ids"][index], attention_mask=captions["attention_mask"][index],
+                     pixel_values=pixels[index], return_loss=True).loss
+
+    return model, _fit("clip", model, len(records), loss_of, steps, batch_size, lr, seed, log_every)
 
 
 @torch.no_grad()
@@ -123,41 +136,21 @@ def pretrain_llm(tokenizer, lines: list, shapes: TowerShapes, steps: int, batch_
                  seed: int = 0, log_every: int = 50) -> tuple[LlamaForCausalLM, dict]:
     """Causal language modelling on text lines (each `<s> line </s>`)."""
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(llm_config(shapes, tokenizer)).train()
-    eos = tokenizer.eos_token
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    rng = random.Random(seed)
-    order, losses, start = [], [], time.time()
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "right"
-    try:
-        for step in range(steps):
-            if len(order) < batch_size:
-                order += rng.sample(range(len(lines)), len(lines))
-            batch, order = [lines[i] + eos for i in order[:batch_size]], order[batch_size:]
-            encoded = tokenizer(batch, padding=True, return_tensors="pt")
-            labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
-            for group in optimizer.param_groups:
-                group["lr"] = _cosine_lr(step, steps, lr, warmup=max(1, steps // 20))
-            loss = model(**encoded, labels=labels).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            if (step + 1) % log_every == 0 or step + 1 == steps:
-                logger.info("llm step %d/%d loss %.3f (%.0f s)", step + 1, steps, sum(losses[-log_every:]) / len(losses[-log_every:]), time.time() - start)
-    finally:
-        tokenizer.padding_side = padding_side
-    model.eval()
-    return model, {"steps": steps, "batch_size": batch_size, "first_loss": losses[0], "last_loss": sum(losses[-10:]) / len(losses[-10:]),
-                   "seconds": time.time() - start}
+    model = LlamaForCausalLM(llm_config(shapes, tokenizer))
+
+    def loss_of(indices):
+        batch = [lines[i] + tokenizer.eos_token for i in indices]
+        encoded = tokenizer(batch, padding=True, padding_side="right", return_tensors="pt")
+        labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
+        return model(**encoded, labels=labels).loss
+
+    return model, _fit("llm", model, len(lines), loss_of, steps, batch_size, lr, seed, log_every)
 
 
 def base_checkpoint(output: str, processor, clip: CLIPModel, llm: LlamaForCausalLM, seed: int, **qmop_settings) -> str:
     """A QMoP-LLaVA folder: the frozen CLIP towers and the pre-trained LLM, a projector initialised with `seed`."""
     from configuration_qmop import QMoPConfig
-    from modeling_qmop import QMoPForConditionalGeneration
+    from conversion.tiny import build_model, save_pretrained_atomically
 
     config = QMoPConfig(
         vision_config=clip.config.vision_config.to_dict(),
@@ -166,31 +159,9 @@ def base_checkpoint(output: str, processor, clip: CLIPModel, llm: LlamaForCausal
         image_token_id=processor.image_token_id,
         **qmop_settings,
     )
-    torch.manual_seed(seed)
-    model = QMoPForConditionalGeneration(config).eval()
+    model = build_model(config, seed=seed)  # seeded init, eval mode, generation ids from the LLM config
     model.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
     model.model.text_encoder.load_state_dict(clip.text_model.state_dict())
     model.model.language_model.load_state_dict(llm.model.state_dict())
     model.lm_head.load_state_dict(llm.lm_head.state_dict())
-    generation = model.generation_config
-    generation.bos_token_id = llm.config.bos_token_id
-    generation.eos_token_id = llm.config.eos_token_id
-    generation.pad_token_id = llm.config.pad_token_id
-    return save_atomically(output, model, processor)
-
-
-def save_atomically(output: str, *objects) -> str:
-    """`save_pretrained` every object into a temporary sibling folder, then move it into place."""
-    output = os.path.abspath(output)
-    parent = os.path.dirname(output)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(output)}.tmp-")
-    try:
-        for obj in objects:
-            obj.save_pretrained(tmp)
-        if os.path.exists(output):
-            shutil.rmtree(output)
-        os.replace(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return output
+    return save_pretrained_atomically(output, model, processor)

@@ -8,6 +8,7 @@ branch keeps, drawn over the image, next to the router's weight per branch.
 Pillow only (no plotting library), so the demo can draw it anywhere the model runs.
 """
 
+import io
 import math
 from typing import Optional
 
@@ -38,8 +39,12 @@ def analyse(model, processor, image, question: str, num_visual_tokens: Optional[
     weights = dict(zip(config.branches, outputs.router_weights[0].float().tolist()))
     kept, selected = None, False
     if "pruning" in config.branches:
-        kept = pruning_kept_patches(model, inputs, budget)
         selected = weights.get("pruning", 0.0) > 0
+        ran = outputs.kept_patch_indices  # -1 where the router did not run the branch for the image
+        if selected and ran is not None and int(ran[0, 0]) >= 0:
+            kept = ran[0].tolist()
+        else:  # what the branch would keep: the scores only, no branch forward
+            kept = pruning_kept_patches(model, inputs, budget)
     return {
         "image": image,
         "question": question,
@@ -136,6 +141,15 @@ def _wrap(text: str, width: int) -> list:
         else:
             line = f"{line} {word}".strip()
     return lines + ([line] if line else [])
+
+
+def save_png(picture: Image.Image, path: str) -> str:
+    """Write a PNG atomically (a temporary file renamed over `path`)."""
+    from qmop_tools.bench.report import write_atomic
+
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return write_atomic(path, buffer.getvalue(), binary=True)
 
 
 def contact_sheet(pictures: list, columns: int = 2) -> Image.Image:
