@@ -18,7 +18,7 @@ Sources: QMoP (arXiv, March 2026) and QG-VTC (arXiv 2504.00654) for Eq. 4-5; cho
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -113,16 +113,21 @@ class QMoPProjectorOutput(ModelOutput):
     router_weights (`torch.FloatTensor` of shape `(num_images, num_branches)`): weight of each branch per image
         (columns follow `config.branches`; zero for branches the top-k dropped).
     router_probs (`torch.FloatTensor` of shape `(num_images, num_branches)`): router softmax before top-k.
+    router_logits (`torch.FloatTensor` of shape `(num_images, num_branches)`): router logits before noise and
+        temperature (what `qmop_tools.router_diagnostics` analyses).
     kept_patch_indices (`torch.LongTensor` of shape `(num_images, M)`): patches the pruning branch kept, in raster
         order; -1 for images whose router did not select pruning. `None` without a pruning branch.
     aux_loss (`torch.FloatTensor`): load-balancing loss of the router (`None` without a router).
+    router_z_loss (`torch.FloatTensor`): z-loss of the router logits (`None` without a router).
     """
 
     image_features: Optional[torch.FloatTensor] = None
     router_weights: Optional[torch.FloatTensor] = None
     router_probs: Optional[torch.FloatTensor] = None
+    router_logits: Optional[torch.FloatTensor] = None
     kept_patch_indices: Optional[torch.LongTensor] = None
     aux_loss: Optional[torch.FloatTensor] = None
+    router_z_loss: Optional[torch.FloatTensor] = None
 
 
 @dataclass
@@ -137,14 +142,16 @@ class QMoPModelOutputWithPast(ModelOutput):
     image_hidden_states: Optional[torch.FloatTensor] = None
     router_weights: Optional[torch.FloatTensor] = None
     router_probs: Optional[torch.FloatTensor] = None
+    router_logits: Optional[torch.FloatTensor] = None
     kept_patch_indices: Optional[torch.LongTensor] = None
     aux_loss: Optional[torch.FloatTensor] = None
+    router_z_loss: Optional[torch.FloatTensor] = None
 
 
 @dataclass
 class QMoPCausalLMOutputWithPast(ModelOutput):
-    """Output of [`QMoPForConditionalGeneration`]. `loss` = LM loss + `router_aux_loss_coef` · `aux_loss` when
-    labels are given."""
+    """Output of [`QMoPForConditionalGeneration`]. `loss` = LM loss + `router_aux_loss_coef` · `aux_loss` +
+    `router_z_loss_coef` · `router_z_loss` when labels are given."""
 
     loss: Optional[torch.FloatTensor] = None
     logits: Optional[torch.FloatTensor] = None
@@ -154,8 +161,10 @@ class QMoPCausalLMOutputWithPast(ModelOutput):
     image_hidden_states: Optional[torch.FloatTensor] = None
     router_weights: Optional[torch.FloatTensor] = None
     router_probs: Optional[torch.FloatTensor] = None
+    router_logits: Optional[torch.FloatTensor] = None
     kept_patch_indices: Optional[torch.LongTensor] = None
     aux_loss: Optional[torch.FloatTensor] = None
+    router_z_loss: Optional[torch.FloatTensor] = None
 
 
 # ===================================================================================== branches
@@ -321,14 +330,26 @@ class QMoPPruningBranch(nn.Module):
 
 
 # ===================================================================================== router
+class RouterOutput(NamedTuple):
+    weights: torch.Tensor  # (N, nb) fusion weights (zero outside the top-k)
+    probs: torch.Tensor  # (N, nb) softmax before top-k
+    logits: torch.Tensor  # (N, nb) before noise and temperature
+    balance_loss: torch.Tensor  # () load balancing
+    z_loss: torch.Tensor  # () mean logsumexp²
+
+
 class QueryGuidedRouter(nn.Module):
     """Query Guided Router (QGR): weights for each branch from the vision CLS token and the question's EOS.
 
-    logits = Linear(GELU(Linear([LN(v); LN(t)])))                          (N, num_branches)
+    logits = Linear(GELU(Linear([LN(v); LN(t)])))                (N, num_branches), soft-capped if `router_logit_cap`
     training: probs = softmax((logits + Gumbel) / τ), τ annealed by the trainer (`temperature`)
-    eval:     probs = softmax(logits / router_min_temperature), deterministic
+    eval:     probs = softmax(logits / router_inference_temperature), deterministic
     weights = probs restricted to the top-k branches, renormalised.
-    aux loss (switch-style load balancing) = num_branches · Σ_b fraction_routed_b · mean_prob_b.
+    Losses (weighted by the config, added to the LM loss): switch-style load balancing
+    num_branches · Σ_b fraction_routed_b · mean_prob_b, and the z-loss mean(logsumexp(logits)²) (ST-MoE).
+
+    `uniform` (set by the trainer, e.g. for stage 1 whose query is one constant caption prompt): every branch gets
+    weight 1/num_branches, so all experts train and the router learns nothing it would have to unlearn.
     """
 
     def __init__(self, config: QMoPConfig):
@@ -337,9 +358,12 @@ class QueryGuidedRouter(nn.Module):
         self.num_branches = len(config.branches)
         self.top_k = config.router_top_k
         self.gumbel_noise = config.router_gumbel_noise
-        self.eval_temperature = config.router_min_temperature
-        # Current training temperature; set by the training loop (`QMoPForConditionalGeneration.set_router_temperature`).
+        self.eval_temperature = config.router_inference_temperature
+        self.logit_cap = config.router_logit_cap
+        # Training state, set by the training loop (`QMoPForConditionalGeneration.set_router_temperature` /
+        # `set_router_uniform`): the current temperature, and whether routing is replaced by equal weights.
         self.temperature = config.router_temperature
+        self.uniform = False
         vision_width = config.vision_config.hidden_size
         text_width = config.text_encoder_config.hidden_size if self.uses_query else 0
         eps = config.vision_config.layer_norm_eps
@@ -350,31 +374,42 @@ class QueryGuidedRouter(nn.Module):
         self.act = nn.GELU()
         self.linear_2 = nn.Linear(config.router_hidden_size, self.num_branches)
 
-    def forward(
-        self, cls_token: torch.Tensor, query_embeds: Optional[torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def logits(self, cls_token: torch.Tensor, query_embeds: Optional[torch.Tensor]) -> torch.Tensor:
+        """Router logits before noise and temperature, (N, Cv) + (N, Ct) -> (N, num_branches), float32."""
         dtype = self.linear_2.bias.dtype  # a bias is never quantized (unlike a Linear weight under 4-bit)
         features = [self.vision_norm(cls_token.to(dtype))]  # (N, Cv)
         if self.uses_query:
             features.append(self.query_norm(query_embeds.to(dtype)))  # (N, Ct)
         logits = self.linear_2(self.act(self.linear_1(torch.cat(features, dim=-1)))).float()  # (N, nb)
+        if self.logit_cap is not None:
+            logits = self.logit_cap * torch.tanh(logits / self.logit_cap)
+        return logits
+
+    def forward(self, cls_token: torch.Tensor, query_embeds: Optional[torch.Tensor]) -> RouterOutput:
+        logits = self.logits(cls_token, query_embeds)  # (N, nb)
+        z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
 
         if self.training:
+            noisy = logits
             if self.gumbel_noise:
                 uniform = torch.rand_like(logits).clamp_(1e-6, 1.0 - 1e-6)
-                logits = logits - torch.log(-torch.log(uniform))
-            probs = torch.softmax(logits / self.temperature, dim=-1)
+                noisy = logits - torch.log(-torch.log(uniform))
+            probs = torch.softmax(noisy / self.temperature, dim=-1)
         else:
             probs = torch.softmax(logits / self.eval_temperature, dim=-1)
 
-        top = probs.topk(self.top_k, dim=-1).indices  # (N, k)
-        selected = torch.zeros_like(probs, dtype=torch.bool).scatter(1, top, True)  # (N, nb)
-        weights = probs * selected
-        weights = weights / weights.sum(dim=-1, keepdim=True)  # (N, nb)
+        if self.uniform:
+            selected = torch.ones_like(probs, dtype=torch.bool)  # (N, nb)
+            weights = torch.full_like(probs, 1.0 / self.num_branches)
+        else:
+            top = probs.topk(self.top_k, dim=-1).indices  # (N, k)
+            selected = torch.zeros_like(probs, dtype=torch.bool).scatter(1, top, True)  # (N, nb)
+            weights = probs * selected
+            weights = weights / weights.sum(dim=-1, keepdim=True)  # (N, nb)
 
-        fraction_routed = selected.float().mean(dim=0) / self.top_k  # (nb,)
-        aux_loss = self.num_branches * (fraction_routed * probs.mean(dim=0)).sum()
-        return weights, probs, aux_loss
+        fraction_routed = selected.float().mean(dim=0) / selected.sum(dim=-1).float().mean()  # (nb,)
+        balance_loss = self.num_branches * (fraction_routed * probs.mean(dim=0)).sum()
+        return RouterOutput(weights, probs, logits, balance_loss, z_loss)
 
 
 # ===================================================================================== projector
@@ -410,9 +445,9 @@ class QMoPProjector(nn.Module):
         """patches (N, P, Cv), cls_token (N, Cv), query_embeds (N, Ct) or None; for the pruning branch, its patch
         scores (N, P) and, with recycling, the feature layer's patch-to-patch attention (N, P, P)."""
         num_images = patches.shape[0]
-        router_probs, aux_loss = None, None
+        router_probs = router_logits = aux_loss = z_loss = None
         if self.router is not None:
-            weights, router_probs, aux_loss = self.router(cls_token, query_embeds)  # (N, nb) each
+            weights, router_probs, router_logits, aux_loss, z_loss = self.router(cls_token, query_embeds)  # (N, nb)
         else:  # single branch, or naive equal-weight fusion ("uniform")
             weights = patches.new_full((num_images, len(self.branches)), 1.0 / len(self.branches), dtype=torch.float32)
 
@@ -445,8 +480,10 @@ class QMoPProjector(nn.Module):
             image_features=fused,
             router_weights=weights,
             router_probs=router_probs,
+            router_logits=router_logits,
             kept_patch_indices=kept_patch_indices,
             aux_loss=aux_loss,
+            router_z_loss=z_loss,
         )
 
 
@@ -776,8 +813,10 @@ class QMoPModel(QMoPPreTrainedModel):
             image_hidden_states=None if projected is None else projected.image_features,
             router_weights=None if projected is None else projected.router_weights,
             router_probs=None if projected is None else projected.router_probs,
+            router_logits=None if projected is None else projected.router_logits,
             kept_patch_indices=None if projected is None else projected.kept_patch_indices,
             aux_loss=None if projected is None else projected.aux_loss,
+            router_z_loss=None if projected is None else projected.router_z_loss,
         )
 
 
@@ -847,6 +886,13 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
                 raise ValueError(f"router temperature must be > 0, got {temperature}.")
             self.model.projector.router.temperature = float(temperature)
 
+    def set_router_uniform(self, uniform: bool) -> None:
+        """Replace routing by equal weights over all branches (`True`) or restore the router (`False`). The trainer
+        does this for stage 1, whose query is one constant prompt: a router trained there learns to route by picture
+        alone (see docs/vtcbench.md)."""
+        if self.model.projector.router is not None:
+            self.model.projector.router.uniform = bool(uniform)
+
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
@@ -898,6 +944,8 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
                 loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
             if outputs.aux_loss is not None and self.config.router_aux_loss_coef > 0:
                 loss = loss + self.config.router_aux_loss_coef * outputs.aux_loss.to(loss.device)
+            if outputs.router_z_loss is not None and self.config.router_z_loss_coef > 0:
+                loss = loss + self.config.router_z_loss_coef * outputs.router_z_loss.to(loss.device)
 
         return QMoPCausalLMOutputWithPast(
             loss=loss,
@@ -908,8 +956,10 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
             image_hidden_states=outputs.image_hidden_states,
             router_weights=outputs.router_weights,
             router_probs=outputs.router_probs,
+            router_logits=outputs.router_logits,
             kept_patch_indices=outputs.kept_patch_indices,
             aux_loss=outputs.aux_loss,
+            router_z_loss=outputs.router_z_loss,
         )
 
     def prepare_inputs_for_generation(

@@ -62,6 +62,9 @@ def test_any_causal_lm_text_config():
         ({"resampler_num_heads": 5}, "resampler_num_heads"),
         ({"query_max_length": 100}, "query_max_length"),
         ({"router_aux_loss_coef": -1.0}, "router_aux_loss_coef"),
+        ({"router_z_loss_coef": -0.1}, "router_z_loss_coef"),
+        ({"router_eval_temperature": 0.0}, "router_eval_temperature"),
+        ({"router_logit_cap": -2.0}, "router_logit_cap"),
     ],
 )
 def test_bad_combinations_raise_naming_the_field(kwargs, field):

@@ -160,8 +160,8 @@ def test_budget_follows_placeholders(tiny, image):
         assert out.image_hidden_states.shape[1] == budget
 
 
-def test_labels_add_the_aux_loss(image):
-    model, processor = build_tiny(num_visual_tokens=16, router_aux_loss_coef=0.5)
+def test_labels_add_the_router_losses(image):
+    model, processor = build_tiny(num_visual_tokens=16, router_aux_loss_coef=0.5, router_z_loss_coef=0.25)
     inputs = _inputs(processor, image)
     labels = inputs["input_ids"].clone()
     with torch.no_grad():
@@ -169,7 +169,36 @@ def test_labels_add_the_aux_loss(image):
         logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])
         targets = labels[:, 1:].masked_fill(labels[:, 1:] == model.config.image_token_id, -100).reshape(-1)
         lm_loss = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100)
-    assert out.loss == pytest.approx(float(lm_loss + 0.5 * out.aux_loss), rel=1e-5)
+    assert out.router_z_loss == pytest.approx(float(torch.logsumexp(out.router_logits, -1).pow(2).mean()), rel=1e-5)
+    assert out.loss == pytest.approx(float(lm_loss + 0.5 * out.aux_loss + 0.25 * out.router_z_loss), rel=1e-5)
+
+
+def test_router_eval_temperature_and_logit_cap(image):
+    model, processor = build_tiny(num_visual_tokens=16, router_eval_temperature=0.7, router_logit_cap=0.5)
+    inputs = _inputs(processor, image)
+    with torch.no_grad():
+        out = model(**inputs)
+    assert out.router_logits.abs().max() < 0.5  # capped: 0.5 * tanh(.)
+    assert torch.allclose(out.router_probs, torch.softmax(out.router_logits / 0.7, dim=-1))
+    # Unset, the eval temperature is the annealing floor (checkpoints written before the field behave as before).
+    plain, _ = build_tiny(num_visual_tokens=16)
+    assert plain.config.router_inference_temperature == plain.config.router_min_temperature
+    with torch.no_grad():
+        out = plain(**inputs)
+    assert torch.allclose(out.router_probs, torch.softmax(out.router_logits / 0.1, dim=-1))
+
+
+def test_uniform_router_warmup_runs_every_branch_with_equal_weight(image):
+    model, processor = build_tiny(num_visual_tokens=16)
+    inputs = _inputs(processor, image)
+    model.set_router_uniform(True)
+    for mode in (model.train, model.eval):
+        mode()
+        out = model(**inputs)
+        assert torch.equal(out.router_weights, torch.full((1, 3), 1 / 3))
+        assert (out.kept_patch_indices >= 0).all()  # the pruning branch ran
+    model.set_router_uniform(False)
+    assert (model(**inputs).router_weights == 0).sum() == 1  # top-2 of 3 again
 
 
 def test_training_step_reaches_router_and_all_selected_branches(image):

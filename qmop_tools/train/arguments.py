@@ -69,7 +69,11 @@ class ModelArguments:
         default=None, metadata={"help": "Router softmax temperature at the start of training."}
     )
     router_min_temperature: Optional[float] = field(
-        default=None, metadata={"help": "Floor of the annealed temperature (also the eval temperature)."}
+        default=None,
+        metadata={"help": "Floor of the annealed temperature (also the eval temperature unless that is set)."},
+    )
+    router_eval_temperature: Optional[float] = field(
+        default=None, metadata={"help": "Router softmax temperature at inference (saved in config.json)."}
     )
     router_temperature_schedule: Optional[str] = field(
         default=None,
@@ -81,6 +85,22 @@ class ModelArguments:
     router_aux_loss_coef: Optional[float] = field(
         default=None, metadata={"help": "Weight of the router's load-balancing loss."}
     )
+    router_z_loss_coef: Optional[float] = field(
+        default=None, metadata={"help": "Weight of the router z-loss (keeps router logits small, ST-MoE)."}
+    )
+    router_logit_cap: Optional[float] = field(
+        default=None, metadata={"help": "Soft cap on router logits, cap * tanh(logits / cap)."}
+    )
+    stage1_router: str = field(
+        default="uniform",
+        metadata={
+            "help": "Routing in stage 1, whose query is one constant caption prompt. uniform: equal weights over all "
+            "branches and the router frozen, so every expert is aligned and the router starts stage 2 untrained "
+            "(a router trained on a constant query can only learn to route by picture, and saturates). train: "
+            "route and train the router as in stage 2.",
+            "choices": ["uniform", "train"],
+        },
+    )
 
     def config_overrides(self) -> dict:
         names = (
@@ -89,6 +109,9 @@ class ModelArguments:
             "router_temperature_schedule",
             "router_gumbel_noise",
             "router_aux_loss_coef",
+            "router_eval_temperature",
+            "router_z_loss_coef",
+            "router_logit_cap",
         )
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
@@ -107,6 +130,8 @@ class ModelArguments:
             raise ValueError(
                 f"`--tuning {self.tuning}` applies to stage 2 (the LLM is frozen in stage 1); use --stage 2."
             )
+        if self.stage1_router not in ("uniform", "train"):
+            raise ValueError(f"`--stage1_router` must be uniform or train, got {self.stage1_router!r}.")
         if self.merge_lora and self.tuning == "full":
             raise ValueError("`--merge_lora` needs `--tuning lora` or `--tuning qlora`.")
         if self.lora_r < 1 or self.lora_alpha < 1:

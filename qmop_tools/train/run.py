@@ -118,7 +118,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Tra
     config = unwrap_qmop(model).config
     train_dataset = build_dataset(data_args, model_args, processor, config)
 
-    configure_trainable(model, model_args.stage, train_language_model=not model_args.uses_lora)
+    configure_trainable(model, model_args.stage, train_language_model=not model_args.uses_lora,
+                        stage1_router=model_args.stage1_router)
     if model_args.uses_lora:
         model = apply_lora(
             model,

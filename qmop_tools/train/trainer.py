@@ -43,12 +43,25 @@ def unwrap_qmop(model: torch.nn.Module) -> torch.nn.Module:
 
 
 # ===================================================================================== what each stage trains
-def configure_trainable(model: torch.nn.Module, stage: int, train_language_model: bool) -> None:
+def configure_trainable(model: torch.nn.Module, stage: int, train_language_model: bool,
+                        stage1_router: str = "uniform") -> None:
     """Stage 1: only the projector. Stage 2 with `train_language_model`: also the LLM and lm_head.
-    (With LoRA, pass train_language_model=False: PEFT adds the trainable adapters afterwards.)"""
+    (With LoRA, pass train_language_model=False: PEFT adds the trainable adapters afterwards.)
+    `stage1_router="uniform"`: in stage 1 every branch gets equal weight and the router is frozen (see
+    `ModelArguments.stage1_router`); stage 2 always routes."""
     core = unwrap_qmop(model)
     core.requires_grad_(False)
     core.model.projector.requires_grad_(True)
+    uniform = stage == 1 and stage1_router == "uniform" and core.model.projector.router is not None
+    if uniform:
+        if not hasattr(core, "set_router_uniform"):
+            raise ValueError(
+                "This checkpoint's modeling_qmop.py predates `set_router_uniform`; re-save it with the current code "
+                "or pass --stage1_router train."
+            )
+        core.model.projector.router.requires_grad_(False)
+    if hasattr(core, "set_router_uniform"):
+        core.set_router_uniform(uniform)
     if stage == 2 and train_language_model:
         core.model.language_model.requires_grad_(True)
         core.lm_head.requires_grad_(True)
@@ -156,6 +169,10 @@ class QMoPTrainer(Trainer):
         if aux_loss is None or weights is None:
             return
         self._router_sums["aux_loss"] += float(aux_loss.detach())
+        z_loss = getattr(outputs, "router_z_loss", None)
+        self._router_sums["router_z_loss"] += 0.0 if z_loss is None else float(z_loss.detach())
+        # Share of images whose router softmax puts > 0.99 on one branch: a saturated router has no gradient left.
+        self._router_sums["router_saturated"] += float((outputs.router_probs.detach().max(dim=-1).values > 0.99).float().mean())
         for column, branch in enumerate(self.core.config.branches):
             self._router_sums[f"router_weight/{branch}"] += float(weights[:, column].detach().float().mean())
         self._router_count += 1
@@ -167,8 +184,10 @@ class QMoPTrainer(Trainer):
             if self._router_count:
                 means = {key: value / self._router_count for key, value in self._router_sums.items()}
                 logs.update({key: round(value, 6) for key, value in means.items()})
-                coef = self.core.config.router_aux_loss_coef
-                logs["lm_loss"] = round(logs["loss"] - coef * means["aux_loss"], 6)
+                config = self.core.config
+                router_loss = config.router_aux_loss_coef * means["aux_loss"]
+                router_loss += getattr(config, "router_z_loss_coef", 0.0) * means["router_z_loss"]
+                logs["lm_loss"] = round(logs["loss"] - router_loss, 6)
             self._router_sums.clear()
             self._router_count = 0
         super().log(logs, *args, **kwargs)
