@@ -190,22 +190,31 @@ def test_stage1_trains_only_the_projector(workspace, stage1):
     assert frozen and not changed.intersection(frozen), "a frozen parameter moved"
     projector = [key for key in before if key.startswith("model.projector.")]
     assert len(changed) >= len(projector) // 2, f"only {len(changed)} of {len(projector)} projector tensors trained"
-    for branch in ("pooling", "resampler", "pruning"):
+    for branch in ("pooling", "resampler", "pruning"):  # uniform routing in stage 1: every expert trains
         assert any(key.startswith(f"model.projector.{branch}_branch.expert.") for key in changed)
-    assert any(key.startswith("model.projector.router.") for key in changed)
+    router = [key for key in before if key.startswith("model.projector.router.")]
+    assert router and not changed.intersection(router), "the router moved on stage 1's constant query"
+    for entry in train_logs(stage1):
+        assert [entry[f"router_weight/{b}"] for b in ("pooling", "resampler", "pruning")] == [pytest.approx(1 / 3)] * 3
     # Text-only samples are skipped (and counted) in stage 1.
     assert stage1.data_report["skipped"] == {"text_only": 2}
 
 
-def test_router_schedule_and_logging(stage1):
-    logs = train_logs(stage1)
+def test_router_schedule_and_logging(workspace):
+    routed = train(workspace, "stage1-routed", "--max_steps", 4, "--stage1_router", "train")
+    before = load_file(os.path.join(workspace["base"], "model.safetensors"))
+    after = load_file(os.path.join(routed.output_dir, "model.safetensors"))
+    assert not torch.equal(before["model.projector.router.linear_2.weight"], after["model.projector.router.linear_2.weight"])
+    logs = train_logs(routed)
     assert len(logs) == 4
     for entry in logs:
-        assert {"aux_loss", "lm_loss", "router_temperature", "router_weight/pooling", "router_weight/resampler",
-                "router_weight/pruning"} <= entry.keys()
+        assert {"aux_loss", "router_z_loss", "router_saturated", "lm_loss", "router_temperature",
+                "router_weight/pooling", "router_weight/resampler", "router_weight/pruning"} <= entry.keys()
         weights = [entry[f"router_weight/{b}"] for b in ("pooling", "resampler", "pruning")]
         assert abs(sum(weights) - 1.0) < 1e-4  # each image's weights sum to one
-        assert entry["lm_loss"] == pytest.approx(entry["loss"] - 0.01 * entry["aux_loss"], abs=1e-3)
+        assert 0.0 <= entry["router_saturated"] <= 1.0
+        assert entry["lm_loss"] == pytest.approx(entry["loss"] - 0.01 * entry["aux_loss"] - 0.001 * entry["router_z_loss"],
+                                                 abs=1e-3)
     temperatures = [entry["router_temperature"] for entry in logs]
     assert temperatures[0] == pytest.approx(1.0)
     assert all(a > b for a, b in zip(temperatures, temperatures[1:]))  # cosine annealing towards the floor
