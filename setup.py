@@ -33,6 +33,7 @@ setup(
             "qmop-train = qmop_tools.train.run:main",
             "qmop-bench = qmop_tools.bench.__main__:main",
             "qmop-vtcbench = qmop_tools.vtcbench.__main__:main",
+            "qmop-router-diagnostics = qmop_tools.vtcbench.router_diagnostics:main",
         ]
     },
     extras_require={

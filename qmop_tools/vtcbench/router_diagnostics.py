@@ -23,7 +23,9 @@ What is measured (the analysis of shared/research/fidelity_diagnosis.md section 
   min(H(type), H(branch)): 1.0 when one determines the other (when the branch is a function of the type, MI =
   H(branch) ≤ H(type)), 0.0 when they are independent. Plus the dominant branch per type.
 - **Flip rates**: the probability that changing only the question (two distinct questions, same picture) changes the
-  set of branches that carry weight, averaged over pictures; and the same for changing only the picture.
+  selected top-k set of branches, averaged over pictures; and the same for changing only the picture. The set is read
+  from the logits (the k largest), which orders branches as the probabilities do but never ties: a saturated softmax
+  underflows the runner-up's probability (and weight) to exactly 0.
 """
 
 import argparse
@@ -175,7 +177,8 @@ class RouterDiagnosis:
             f"(H(type) {self.type_entropy_bits:.3f}, H(branch) {self.branch_entropy_bits:.3f}; normalised "
             + ("n/a" if self.normalized_mutual_information is None else f"{self.normalized_mutual_information:.3f}")
             + ").",
-            f"- Dominant branch differs between question types: **{'yes' if self.dominant_branch_differs else 'no'}**.",
+            f"- Dominant (most often top-1) branch differs between question types: "
+            f"**{'yes' if self.dominant_branch_differs else 'no'}** (see its share per type below; a near tie can flip it).",
             "",
             "| variance of the centred logit | " + " | ".join(branches) + " |",
             "|---|" + "---|" * len(branches),
@@ -192,8 +195,10 @@ class RouterDiagnosis:
         for kind in self.routed_share_per_type:
             share = " / ".join(f"{self.routed_share_per_type[kind][b]:.2f}" for b in branches)
             weights = " / ".join(f"{self.mean_weights_per_type[kind][b]:.2f}" for b in branches)
+            dominant = self.dominant_branch_per_type[kind]
+            dominant = f"{dominant} ({self.routed_share_per_type[kind][dominant]:.2f})"
             lines.append(
-                f"| {kind} | {self.questions_per_type[kind]} | {share} | {weights} | {self.dominant_branch_per_type[kind]} "
+                f"| {kind} | {self.questions_per_type[kind]} | {share} | {weights} | {dominant} "
                 f"| {pct(self.saturated_share_per_type[kind])} |"
             )
         return "\n".join(lines) + "\n"
@@ -215,6 +220,13 @@ def _json_ready(value):
 
 def _share(part: float, total: float) -> Optional[float]:
     return float(part / total) if total > 0 else None
+
+
+def _top_k_mask(logits: np.ndarray, k: int) -> np.ndarray:
+    order = np.argsort(-logits, axis=-1, kind="stable")[..., :k]  # (P, Q, k)
+    mask = np.zeros(logits.shape, dtype=bool)
+    np.put_along_axis(mask, order, True, axis=-1)
+    return mask
 
 
 def summarize_router_grid(
@@ -256,8 +268,11 @@ def summarize_router_grid(
     branch_labels = [branches[k] for k in top1.ravel()]
     mi = mutual_information(cell_types.ravel().tolist(), branch_labels)
     h_type, h_branch = entropy_bits(cell_types.ravel().tolist()), entropy_bits(branch_labels)
-    # One code per cell for the set of branches that carry weight (what the projector runs).
-    selected = ((weights > 0) * (2 ** np.arange(num_branches))).sum(axis=-1)  # (P, Q)
+    # One code per cell for its top-k set: the k largest logits, which is the router's top-k of the probabilities
+    # (a monotone function of the logits) without the ties that saturated probabilities underflow to.
+    top_k = record.get("top_k")
+    chosen = weights > 0 if top_k is None else _top_k_mask(logits, int(top_k))  # (P, Q, nb)
+    selected = (chosen * (2 ** np.arange(num_branches))).sum(axis=-1)  # (P, Q)
 
     return RouterDiagnosis(
         branches=branches,
@@ -614,6 +629,10 @@ def main(argv=None) -> int:
         if path is not None and os.path.isdir(path):
             parser.error(f"--{name} {path} is a folder; give a file path")
 
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the weight-loading bars
     try:
         diagnosis = diagnose_from_data(
             args.model,
