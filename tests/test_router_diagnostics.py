@@ -130,6 +130,8 @@ def test_grid_equals_the_models_forward(routed):
     d = rd.diagnose_router(model, processor, images, QUESTIONS, TYPES, batch_size=2, disable_tqdm=True)
     assert model.training and model.projector.router.training and not model.vision_tower.training
     model.eval()
+    base = rd.diagnose_router(model.model, processor, images, QUESTIONS, TYPES, disable_tqdm=True)  # a QMoPModel
+    np.testing.assert_allclose(base.grid.logits, d.grid.logits, atol=1e-5, rtol=1e-5)
 
     pairs = [(0, 0), (1, 3), (2, 5), (2, 1)]
     prompts = [
@@ -240,7 +242,7 @@ def test_cli_end_to_end(tiny_checkpoint, tmp_path, capsys):
     result = json.loads(output.read_text())
     assert (result["num_pictures"], result["num_questions"]) == (2, 5)
     assert result["questions_per_type"] == {"all": 1, "counting": 1, "global": 2, "local": 1}
-    assert result["metadata"]["model_code"] == "checkpoint"
+    assert result["metadata"]["model_code"] == "checkpoint" and len(result["metadata"]["questions"]) == 5
     assert set(result["routed_share_per_type"]) == {"all", "counting", "global", "local"}
     assert 0.0 <= result["question_share"] <= 1.0 and result["top_k"] == 2
     assert markdown.read_text() in printed and "Router diagnostic" in printed

@@ -30,6 +30,7 @@ What is measured (the analysis of shared/research/fidelity_diagnosis.md section 
 
 import argparse
 import json
+import logging
 import math
 import os
 import random
@@ -44,6 +45,7 @@ from tqdm.auto import tqdm
 
 from qmop_tools.bench.report import write_atomic
 
+logger = logging.getLogger(__name__)
 SATURATION_THRESHOLD = 0.99
 RESAVE_HINT = (
     "Re-save the checkpoint with the current code (load it, then `model.save_pretrained(folder)`), which copies the "
@@ -210,7 +212,7 @@ def _json_ready(value):
     if isinstance(value, (list, tuple)):
         return [_json_ready(v) for v in value]
     if isinstance(value, (np.floating, float)):
-        return None if not math.isfinite(float(value)) else round(float(value), 6)
+        return None if not math.isfinite(float(value)) else float(f"{float(value):.6g}")  # 6 significant digits
     if isinstance(value, np.integer):
         return int(value)
     if isinstance(value, np.bool_):
@@ -451,8 +453,10 @@ def load_samples(data_path: str, image_folder: str, type_field: str = "dimension
         if not isinstance(sample, dict) or not sample.get("image") or not sample.get("conversations"):
             continue
         turns = sample["conversations"]
-        human = next((t for t in turns if isinstance(t, dict) and t.get("from") == "human"), None)
-        if human is None or not isinstance(human.get("value"), str):
+        human = next((t for t in turns if isinstance(t, dict) and t.get("from") in ("human", "user")), turns[0])
+        if not isinstance(human, dict):
+            continue
+        if not isinstance(human.get("value"), str):
             continue
         question = human["value"].replace("<image>", "").strip()
         rows.append((os.path.join(image_folder, sample["image"]), question, str(sample.get(type_field, "all"))))
@@ -528,10 +532,9 @@ def _load_with_repository_code(model_dir: str):
             f"{model_dir} carries a modeling_qmop.py without router logits, and its weights do not load exactly into "
             f"the current code ({mismatch}). {RESAVE_HINT}"
         )
-    print(
-        f"note: {model_dir} carries an older modeling_qmop.py (no router logits); its weights were loaded into this "
-        "repository's modeling_qmop.py, which computes the same eval-mode router.",
-        file=sys.stderr,
+    logger.warning(
+        f"{model_dir} carries an older modeling_qmop.py (no router logits); its weights were loaded into this "
+        "repository's modeling_qmop.py, which computes the same eval-mode router."
     )
     return model
 
@@ -581,6 +584,8 @@ def diagnose_from_data(
         "data": os.fspath(data_path),
         "type_field": type_field,
         "seed": seed,
+        "pictures": [os.path.relpath(path, image_folder) for path in pictures],
+        "questions": questions,
     }
     return diagnose_router(
         model, processor, images, questions, types, batch_size=batch_size, disable_tqdm=disable_tqdm, metadata=metadata
