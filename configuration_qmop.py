@@ -11,7 +11,7 @@ from typing import Literal, Optional, get_args
 from transformers import AutoConfig, CLIPTextConfig, CLIPVisionConfig, PretrainedConfig
 
 BranchName = Literal["pooling", "resampler", "pruning"]
-PruningScore = Literal["cls_attention", "question_relevance"]
+PruningScore = Literal["cls_attention", "question_relevance", "random"]
 RouterMode = Literal["query", "vision", "uniform"]
 TemperatureSchedule = Literal["cosine", "linear", "exponential", "constant"]
 
@@ -102,7 +102,8 @@ class QMoPConfig(PretrainedConfig):
             How the pruning branch ranks patches. `"cls_attention"`: CLS-to-patch attention of the feature
             layer, recomputed from its q/k (works under SDPA/flash). `"question_relevance"`: QG-VTC Eq. 4,
             the question's EOS embedding mapped into the vision space by a learned MLP, queried against
-            the feature layer's keys.
+            the feature layer's keys. `"random"`: M patches drawn uniformly at random on every call (random-k, the
+            baseline UniPruneBench finds strong); outputs then differ between calls.
         pruning_recycle (`bool`, *optional*, defaults to `False`):
             QG-VTC Eq. 5: add the dropped patches back into the kept ones, weighted by attention.
         router_mode (`str`, *optional*, defaults to `"query"`):

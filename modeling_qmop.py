@@ -697,6 +697,9 @@ class QMoPModel(QMoPPreTrainedModel):
                 "Keep `model.vision_tower` on a device in `device_map` (it is small)."
             )
         branch = self.projector.pruning_branch
+        if branch.score == "random" and not branch.recycle:  # random-k: no attention needed
+            num_patches = layer_input.shape[1] - 1
+            return torch.rand(layer_input.shape[0], num_patches, device=layer_input.device), None
         num_heads, scale = attn.num_heads, attn.head_dim**-0.5
 
         def heads(x):  # (N, L, Cv) -> (N, H, L, h)
@@ -704,7 +707,9 @@ class QMoPModel(QMoPPreTrainedModel):
 
         normed = feature_layer.layer_norm1(layer_input)  # (N, S, Cv)
         keys = heads(attn.k_proj(normed))  # (N, H, S, h)
-        if branch.score == "cls_attention":
+        if branch.score == "random":
+            scores = torch.rand(keys.shape[0], keys.shape[2] - 1, device=keys.device)  # (N, P)
+        elif branch.score == "cls_attention":
             cls_query = heads(attn.q_proj(normed[:, :1]))  # (N, H, 1, h)
             probs = torch.softmax((cls_query @ keys.transpose(-1, -2)).float() * scale, dim=-1)  # (N, H, 1, S)
             scores = probs.mean(dim=1)[:, 0, 1:]  # (N, P)

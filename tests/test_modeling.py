@@ -85,6 +85,18 @@ def test_question_relevance_pruning_and_recycling_train(image):
     assert a.shape == b.shape == (1, 16)
 
 
+def test_random_k_pruning_keeps_m_random_patches_in_raster_order(image):
+    model, processor = build_tiny(num_visual_tokens=16, branches=["pruning"], pruning_score="random")
+    inputs = _inputs(processor, image)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        first = model(**inputs).kept_patch_indices
+        second = model(**inputs).kept_patch_indices
+    assert first.shape == (1, 16) and len(set(first[0].tolist())) == 16
+    assert torch.equal(first, first.sort(dim=-1).values)  # raster order
+    assert not torch.equal(first, second)  # drawn again on every call
+
+
 def test_router_eval_is_deterministic_and_training_is_noisy(image):
     model, processor = build_tiny(num_visual_tokens=16)
     inputs = _inputs(processor, image)

@@ -383,3 +383,29 @@ def test_bad_arguments_are_rejected(workspace):
     with pytest.raises(FileNotFoundError, match="data_path"):
         main(["--model_name_or_path", workspace["base"], "--data_path", "/nonexistent.json", "--output_dir",
               str(workspace["root"] / "bad"), "--use_cpu"])
+
+
+def test_collator_trains_each_batch_at_one_sampled_budget(processor):
+    from qmop_tools.train.data import QMoPDataCollator
+
+    image_id = processor.image_token_id
+    items = []
+    for n_text in (3, 5):  # two samples, one image of 16 placeholders each (max budget 16)
+        ids = torch.tensor([1] + [image_id] * 16 + list(range(10, 10 + n_text)))
+        labels = torch.full_like(ids, -100)
+        labels[-1] = ids[-1]
+        items.append({"input_ids": ids, "labels": labels})
+    collator = QMoPDataCollator.from_processor(processor, budgets=(4, 9, 16), seed=0)
+    seen = set()
+    for _ in range(30):
+        batch = collator([dict(item) for item in items])
+        per_row = (batch["input_ids"] == image_id).sum(dim=1)
+        assert per_row[0] == per_row[1]  # one budget per batch
+        seen.add(int(per_row[0]))
+        # the text and the answer labels survive; only placeholders go
+        kept = batch["input_ids"][0][batch["attention_mask"][0] == 1]
+        assert kept[0] == 1 and kept[-3:].tolist() == [10, 11, 12]
+        assert batch["labels"][1][batch["attention_mask"][1] == 1][-1] == 14
+    assert seen == {4, 9, 16}
+    with pytest.raises(ValueError, match="max\\(budgets\\)"):
+        QMoPDataCollator.from_processor(processor, budgets=(4, 9), seed=0)([dict(items[0])])

@@ -11,7 +11,8 @@ from PIL import Image
 
 from conftest import REPO_ROOT, make_image
 
-from qmop_tools.vtcbench.data import ANSWERS, DIMENSIONS, IMAGE_SIZE, PATCH_SIZE, draw_scene, generate_split, write_dataset
+from qmop_tools.vtcbench.data import (ANSWERS, DIMENSIONS, GLYPHS, GRID, IMAGE_SIZE, KINDS, NUMBERS, PATCH_SIZE,
+                                      draw_labels, draw_scene, generate_split, write_dataset)
 from qmop_tools.vtcbench.experiment import FeatureCache, normalise_answer
 
 BUNDLED = os.path.join(REPO_ROOT, "checkpoints", "qmop-tiny")
@@ -32,13 +33,33 @@ def test_every_scene_asks_one_question_per_dimension_with_a_known_answer():
         assert [q["dimension"] for q in scene.questions] == list(DIMENSIONS)
         for q in scene.questions:
             assert q["answer"] in ANSWERS[q["dimension"]], q
-        assert 2 <= len(scene.shapes) <= 5 and len(scene.tags) == 2
-        assert len({(s.colour, s.shape) for s in scene.shapes}) == len(scene.shapes)  # names are unambiguous
-        counting = scene.questions[3]
-        shape = re.search(r"(circle|square|triangle|diamond)s", counting["question"]).group(1)
-        assert ("one", "two", "three", "four")[sum(s.shape == shape for s in scene.shapes) - 1] == counting["answer"]
+        assert 1 <= len(scene.shapes) <= 4
+        answers = {q["dimension"]: q["answer"] for q in scene.questions}
+        assert answers["global"] == scene.background and answers["style"] == scene.texture
+        assert answers["local"] == scene.tag_letter
+        assert answers["counting"] == NUMBERS[len(scene.shapes) - 1]
+        x, y = scene.cross
+        side = {"left": x < 72, "right": x >= 72, "top": y < 72, "bottom": y >= 72}
+        assert side[answers["spatial"]] and abs(x - 72) >= 14 and abs(y - 72) >= 14  # clearly in one half
     image = draw_scene(generate_split("val", 1)[0])
     assert image.size == (IMAGE_SIZE, IMAGE_SIZE) and IMAGE_SIZE // PATCH_SIZE == 24
+
+
+def test_label_map_names_what_covers_each_patch():
+    scene = generate_split("train", 1, seed=0)[0]
+    labels = draw_labels(scene)
+    kinds = torch.tensor(labels["kind"])
+    assert kinds.shape == (GRID, GRID)
+    assert (kinds == KINDS.index("tag")).sum() >= 4 and (kinds == KINDS.index("cross")).sum() >= 1
+    assert (kinds == KINDS.index("shape")).sum() >= len(scene.shapes)
+    letters = torch.tensor(labels["letter"])
+    assert set(letters[kinds == KINDS.index("tag")].tolist()) == {list(GLYPHS).index(scene.tag_letter)}
+    assert (letters[kinds != KINDS.index("tag")] == -1).all()
+    # the tag patches are where the tag is drawn: in the named corner
+    rows, cols = torch.nonzero(kinds == KINDS.index("tag"), as_tuple=True)
+    assert (rows.float().mean() < GRID / 2) == ("top" in scene.tag_corner)
+    assert (cols.float().mean() < GRID / 2) == ("left" in scene.tag_corner)
+    assert labels["row"][5][7] == 5 and labels["column"][5][7] == 7
 
 
 def test_write_dataset_writes_llava_files_and_rejects_bad_sizes(tmp_path):
@@ -130,24 +151,33 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     output, checkpoint = tmp_path / "vtc", tmp_path / "ckpt"
     summary = main(["--smoke", "--output", str(output), "--export-checkpoint", str(checkpoint)])
     table = open(output / "results.md").read()
-    assert "| QMoP (query-guided router) | 36 |" in table and "| pooling only | 36 |" in table
+    assert "| QMoP (query-guided router) | 36 |" in table
     header = next(line for line in table.splitlines() if line.startswith("| variant"))
     assert [c.strip() for c in header.strip("|").split("|")][2:8] == ["overall", *DIMENSIONS]
     assert "mean router weight per question dimension" in table
     for path in (output / "results.png", output / "pictures.png", output / "results.json"):
         assert os.path.getsize(path) > 1000
-    assert set(summary["table"]) == {"qmop", "pooling", "qmop_long"}
-    assert "| QMoP, longer stage 2 | 36 |" in table
+    assert set(summary["table"]) == {"qmop", "downsample", "qmop_budgets"}
+    assert "| image downsampled to 36 patches | 36 |" in table
+    assert "## Acceptance checks" in table and "Router diagnostic on test pictures" in table
+    for budget in (16, 36, 64, 144):
+        assert f"| one checkpoint, budgets 16/36/64/144 (seed 0) | {budget} |" in table
+    small = Image.open(output / "data" / "images_downsampled" / "test" / "00000.png")
+    assert small.size == (IMAGE_SIZE, IMAGE_SIZE) and len(set(small.getdata())) <= 36 * 36  # 36 x 36 px of content
     results = json.load(open(output / "results.json"))
     run = next(r for r in results["runs"] if r["variant"] == "qmop")
     assert run["stage1"]["steps"] > 0 and run["stage2"]["steps"] > 0
     assert run["evaluation"]["test"]["count"] == 50 and "val" in run["evaluation"]
     assert run["feature_cache"]["hits"] > 0  # the frozen tower ran once per image, not once per step
+    assert 0.0 <= run["router_diagnostics"]["question_share"] <= 1.0
+    budgets = next(r for r in results["runs"] if r["variant"] == "qmop_budgets")
+    assert {"test@16", "test", "test@64", "test@144", "val"} <= set(budgets["evaluation"])
     # the exported checkpoint loads as a Hub user loads it, with its card
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(str(checkpoint), trust_remote_code=True)
     assert model.config.num_visual_tokens == 36 and model.config.patch_grid == 24
+    assert model.config.router_eval_temperature == 1.0  # the exported run is the budget-sampled QMoP
     assert "qmop-tiny" in open(checkpoint / "README.md").read()
     # a second run reuses everything already on disk
     import time

@@ -163,6 +163,25 @@ class DataArguments:
         default=None,
         metadata={"help": "LLaVA-1.5's expand2square before the image processor (default: the processor's setting)."},
     )
+    train_budgets: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated visual-token budgets (perfect squares, e.g. 16,36,64,144): each batch is trained "
+            "at one drawn from them, so the checkpoint answers at any of them (pick one per call with the processor's "
+            "num_visual_tokens). Default: the checkpoint's num_visual_tokens only."
+        },
+    )
+
+    def budgets(self) -> Optional[tuple]:
+        if self.train_budgets is None:
+            return None
+        try:
+            budgets = tuple(int(b) for b in self.train_budgets.split(",") if b.strip())
+        except ValueError:
+            raise ValueError(f"`--train_budgets` must be comma-separated integers, got {self.train_budgets!r}.") from None
+        if not budgets:
+            raise ValueError("`--train_budgets` is empty; give e.g. 16,36,64,144.")
+        return budgets
 
     def template_for(self, stage: int) -> str:
         return self.template or ("plain" if stage == 1 else "vicuna_v1")

@@ -27,6 +27,7 @@ the dataset moves on to the next sample, so the batch size and the number of ste
 import json
 import logging
 import os
+import random
 from collections import Counter
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -350,13 +351,27 @@ def load_llava_json(data_path: str) -> list:
 @dataclass
 class QMoPDataCollator:
     """Pads a list of dataset items on the right (training needs no left padding): ids with the LLM's pad id,
-    labels with -100, attention_mask 0; images and their query rows are stacked in sample order."""
+    labels with -100, attention_mask 0; images and their query rows are stacked in sample order.
+
+    With `budgets` (e.g. (16, 36, 64, 144)), every batch is trained at one budget M drawn from them (a stream seeded
+    with `seed`): the dataset encodes each image with max(budgets) placeholders and the collator keeps the first M of
+    each image's run (the model reads M from the placeholders), so one checkpoint serves every budget."""
 
     pad_token_id: int
     query_pad_token_id: int
+    image_token_id: Optional[int] = None
+    budgets: Optional[tuple] = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.budgets is not None:
+            if not self.budgets or self.image_token_id is None:
+                raise ValueError("`budgets` needs at least one budget and the `image_token_id` of the placeholders.")
+            self.budgets = tuple(sorted(set(int(b) for b in self.budgets)))
+            self._rng = random.Random(self.seed)
 
     @classmethod
-    def from_processor(cls, processor) -> "QMoPDataCollator":
+    def from_processor(cls, processor, budgets=None, seed: int = 0) -> "QMoPDataCollator":
         tokenizer, query_tokenizer = processor.tokenizer, processor.query_tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
         if pad is None:
@@ -364,9 +379,28 @@ class QMoPDataCollator:
         query_pad = query_tokenizer.pad_token_id
         if query_pad is None:
             query_pad = query_tokenizer.eos_token_id
-        return cls(pad_token_id=pad, query_pad_token_id=query_pad)
+        return cls(pad_token_id=pad, query_pad_token_id=query_pad, image_token_id=processor.image_token_id,
+                   budgets=budgets, seed=seed)
+
+    def _shrink_images(self, items: list) -> list:
+        """Keep the first M placeholders of every image's run of max(budgets), M drawn for this batch."""
+        budget, encoded = self._rng.choice(self.budgets), self.budgets[-1]
+        shrunk = []
+        for item in items:
+            positions = (item["input_ids"] == self.image_token_id).nonzero().flatten()  # runs of `encoded` each
+            if positions.numel() % encoded:
+                raise ValueError(
+                    f"An item has {positions.numel()} image placeholders, not a multiple of {encoded}: encode the "
+                    f"dataset with num_visual_tokens=max(budgets)."
+                )
+            keep = torch.ones_like(item["input_ids"], dtype=torch.bool)  # (T,)
+            keep[positions[torch.arange(positions.numel()) % encoded >= budget]] = False
+            shrunk.append(dict(item, input_ids=item["input_ids"][keep], labels=item["labels"][keep]))
+        return shrunk
 
     def __call__(self, items: list) -> dict:
+        if self.budgets is not None:
+            items = self._shrink_images(items)
         length = max(item["input_ids"].shape[0] for item in items)
         batch_size = len(items)
         input_ids = torch.full((batch_size, length), self.pad_token_id, dtype=torch.long)  # (B, T)

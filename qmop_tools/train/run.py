@@ -96,13 +96,17 @@ def prepare_training_arguments(training_args: TrainingArguments) -> bool:
 
 
 def build_dataset(data_args: DataArguments, model_args: ModelArguments, processor, config) -> LazyLLaVADataset:
+    budgets = data_args.budgets()
+    if budgets is not None:
+        for budget in budgets:
+            config.validate_num_visual_tokens(budget, "--train_budgets")
     return LazyLLaVADataset(
         data_path=data_args.data_path,
         processor=processor,
         image_folder=data_args.image_folder,
         template=data_args.template_for(model_args.stage),
         model_max_length=data_args.model_max_length,
-        num_visual_tokens=config.num_visual_tokens,
+        num_visual_tokens=max(budgets) if budgets else config.num_visual_tokens,
         require_image=model_args.stage == 1,
         pad_to_square=data_args.pad_to_square,
     )
@@ -136,7 +140,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Tra
         model=model,
         args=training_args,
         train_dataset=train_dataset,
-        data_collator=QMoPDataCollator.from_processor(processor),
+        data_collator=QMoPDataCollator.from_processor(processor, budgets=data_args.budgets(), seed=training_args.seed),
         processing_class=processor,
         projector_lr=model_args.projector_lr,
         callbacks=callbacks,

@@ -4,23 +4,30 @@ Every scene is a function of (split, index, seed) only, so the same seed gives t
 A 144 x 144 picture on a 6-pixel patch grid gives LLaVA's 24 x 24 = 576 patches. A scene has
 
 - a background colour (6) under a texture (5: plain, striped, dotted, checkered, grainy);
-- 2 to 5 shapes (circle, square, triangle, diamond; 8 colours; big or small), no two alike in both colour and shape;
-- two tags in two different corners, each a 10 x 14 pixel letter (8 letters) in a 14 x 18 pixel coloured box
-  (6 colours).
+- 1 to 4 small shapes (circle, square, triangle, diamond; 8 colours; all the same size), away from the corners;
+- one cross (a thin black-and-white "+") clearly inside one half of the picture on both axes;
+- one tag in one corner: a 10 x 14 pixel letter (8 letters) in a 14 x 18 pixel coloured box (6 colours).
 
 and one question per dimension (answers are single words):
 
-| dimension | asks about                               | answers                               | chance |
-|-----------|------------------------------------------|---------------------------------------|--------|
-| global    | the background colour                    | white black grey blue green brown     | 1/6    |
-| local     | the letter, or the colour, of the tag in a named corner | e f h l t x o k / 6 colours | 1/8, 1/6 |
-| spatial   | one shape left/right of (above/below) another | left right / above below         | 1/2    |
-| counting  | how many shapes of a kind                | one two three four                    | 1/4    |
-| style     | the texture of the background            | plain striped dotted checkered grainy | 1/5    |
+| dimension | asks about                                   | answers                               | chance |
+|-----------|----------------------------------------------|---------------------------------------|--------|
+| global    | the background colour                        | white black grey blue green brown     | 1/6    |
+| local     | the letter on the tag                        | e f h l t x o k                       | 1/8    |
+| spatial   | which half the cross is in (left/right or top/bottom) | left right / top bottom      | 1/2    |
+| counting  | how many shapes there are                    | one two three four                    | 1/4    |
+| style     | the texture of the background                | plain striped dotted checkered grainy | 1/5    |
 
-Local questions are meant to need detail (a tag covers about 2 x 3 patches, less than half of one 4 x 4 pooling
-cell at M = 36, and its letter is finer still); global and style ones need the whole picture. A caption lists everything, for the contrastive
-pre-training of the tiny CLIP and for stage 1.
+Version 3 (the benchmark's v2) is built so that each question reads one thing in the picture, without a look-up by
+position that a 2-layer LLM cannot learn in minutes (../shared/research/fidelity_diagnosis.md, section 4): there is one
+tag and one cross, and counting counts every shape, all of one size so that area is proportional to count. The
+contrast between branches is kept where the method says it is: the letter is finer than a patch (a 6 x 6 patch
+holds a part of a stroke), so a 4 x 4 pooling cell at M = 36 averages it away, while a pruning branch that keeps the
+tag's patches keeps it; the texture lives on the background, which salience pruning drops.
+
+`draw_labels` draws, next to each picture, a per-patch map of what is there (kind, colour, letter, ...): the
+foundation tower is pre-trained on it (dense supervision, `towers.py`), as CLIP is pre-trained on captions that
+name those facts. Questions and answers are never shown to the tower.
 """
 
 import json
@@ -30,9 +37,10 @@ from dataclasses import asdict, dataclass, field
 
 from PIL import Image, ImageDraw
 
-DATA_VERSION = 2  # bump when scenes, questions or drawing change: cached data on disk is then regenerated
+DATA_VERSION = 3  # bump when scenes, questions or drawing change: cached data on disk is then regenerated
 IMAGE_SIZE = 144
 PATCH_SIZE = 6
+GRID = IMAGE_SIZE // PATCH_SIZE  # 24 patches a side
 DIMENSIONS = ("global", "local", "spatial", "counting", "style")
 
 BACKGROUNDS = {
@@ -71,34 +79,40 @@ GLYPHS = {
 }
 GLYPH_SCALE = 2
 TAG_MARGIN = 2  # box border around the glyph, in pixels
-CORNER_ZONE = 30  # shapes stay out of the 30 x 30 corners, where the tags live
+CORNER_ZONE = 30  # shapes and the cross stay out of the 30 x 30 corners, where the tag lives
+SHAPE_RADIUS = 7  # every shape the same size: a count is an area
+CROSS_ARM = 6  # the cross spans 13 x 13 pixels
+HALF_MARGIN = 14  # the cross's centre is at least this far from the middle lines
 
 QUESTION_TEMPLATES = {
     "global": ("what colour is the background?", "what is the colour of the background?"),
-    "local": ("what letter is in the {corner} corner?", "which letter is written in the {corner} corner?"),
-    "local_colour": ("what colour is the tag in the {corner} corner?",),
-    "spatial_h": ("is the {a} left or right of the {b}?",),
-    "spatial_v": ("is the {a} above or below the {b}?",),
-    "counting": ("how many {shape}s are there?", "count the {shape}s. how many are there?"),
+    "local": ("what letter is on the tag?", "which letter is written on the tag?"),
+    "spatial_h": ("is the cross on the left or on the right?", "which side is the cross on, left or right?"),
+    "spatial_v": ("is the cross at the top or at the bottom?", "is the cross in the top or the bottom half?"),
+    "counting": ("how many shapes are there?", "count the shapes. how many are there?"),
     "style": ("what is the texture of the background?", "what pattern does the background have?"),
 }
 ANSWERS = {
     "global": tuple(BACKGROUNDS),
-    "local": tuple(GLYPHS) + TAG_COLOURS,
-    "spatial": ("left", "right", "above", "below"),
+    "local": tuple(GLYPHS),
+    "spatial": ("left", "right", "top", "bottom"),
     "counting": NUMBERS,
     "style": TEXTURES,
 }
+# What a uniform guess among the answers a question allows gets right.
+CHANCE = {"global": 1 / 6, "local": 1 / 8, "spatial": 1 / 2, "counting": 1 / 4, "style": 1 / 5}
+
+# Per-patch label map (`draw_labels`): what the foundation tower is supervised with. -1 = not applicable.
+KINDS = ("background", "shape", "cross", "tag")
 
 
 @dataclass
 class Shape:
     shape: str
     colour: str
-    big: bool
     x: int
     y: int
-    radius: int
+    radius: int = SHAPE_RADIUS
 
     @property
     def name(self) -> str:
@@ -110,41 +124,34 @@ class Scene:
     background: str
     texture: str
     shapes: list
-    tags: dict  # corner -> letter
-    tag_colours: dict = field(default_factory=dict)  # corner -> colour of the tag's box
+    cross: tuple  # (x, y) centre
+    tag_corner: str
+    tag_letter: str
+    tag_colour: str
+    tag_offset: tuple = (0, 0)  # (x, y) of the box inside its corner zone
     texture_seed: int = 0
     questions: list = field(default_factory=list)  # [{"dimension", "question", "answer"}]
 
+    @property
+    def cross_sides(self) -> tuple:
+        x, y = self.cross
+        return ("left" if x < IMAGE_SIZE / 2 else "right", "top" if y < IMAGE_SIZE / 2 else "bottom")
+
     def caption(self) -> str:
-        parts = []
-        for s in self.shapes:
-            horizontal = "left" if s.x < 56 else "right" if s.x > 88 else "middle"
-            vertical = "top" if s.y < 56 else "bottom" if s.y > 88 else "middle"
-            where = " ".join(part for part in (vertical, horizontal) if part != "middle") or "centre"
-            parts.append(f"a {'big' if s.big else 'small'} {s.name} at the {where}")
+        parts = [f"a {s.name}" for s in self.shapes]
         shapes = ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
-        tags = " and ".join(f"the letter {letter} on a {self.tag_colours[corner]} tag in the {corner} corner"
-                            for corner, letter in self.tags.items())
-        return f"a {self.texture} {self.background} background with {shapes}; {tags}"
+        horizontal, vertical = self.cross_sides
+        return (f"a {self.texture} {self.background} background with {NUMBERS[len(self.shapes) - 1]} shapes: {shapes}; "
+                f"a cross at the {vertical} {horizontal}; the letter {self.tag_letter} on a {self.tag_colour} tag "
+                f"in the {self.tag_corner} corner")
 
 
 # ===================================================================================== scenes
-def _place_shapes(rng: random.Random, specs: list) -> list:
-    placed = []
-    for shape, colour, big in specs:
-        radius = rng.randint(12, 16) if big else rng.randint(6, 8)
-        for _ in range(200):
-            x, y = rng.randint(radius + 2, IMAGE_SIZE - radius - 3), rng.randint(radius + 2, IMAGE_SIZE - radius - 3)
-            in_corner = (x - radius < CORNER_ZONE or x + radius > IMAGE_SIZE - CORNER_ZONE) and (
-                y - radius < CORNER_ZONE or y + radius > IMAGE_SIZE - CORNER_ZONE
-            )
-            if in_corner or any((x - p.x) ** 2 + (y - p.y) ** 2 < (radius + p.radius + 4) ** 2 for p in placed):
-                continue
-            placed.append(Shape(shape, colour, big, x, y, radius))
-            break
-        else:
-            return []
-    return placed
+def _outside_corners(x: int, y: int, reach: int) -> bool:
+    in_corner = (x - reach < CORNER_ZONE or x + reach > IMAGE_SIZE - CORNER_ZONE) and (
+        y - reach < CORNER_ZONE or y + reach > IMAGE_SIZE - CORNER_ZONE
+    )
+    return not in_corner
 
 
 def make_scene(rng: random.Random) -> Scene:
@@ -152,73 +159,88 @@ def make_scene(rng: random.Random) -> Scene:
     while True:
         background = rng.choice(tuple(BACKGROUNDS))
         colours = [c for c in OBJECT_COLOURS if c != background]
-        counted = rng.choice(SHAPES)
         count = rng.randint(1, 4)
-        total = rng.randint(max(2, count), min(5, count + 3))
-        others = [s for s in SHAPES if s != counted]
-        kinds = [counted] * count + [rng.choice(others) for _ in range(total - count)]
-        combos = set()
-        specs = []
-        for kind in kinds:
-            colour = rng.choice([c for c in colours if (c, kind) not in combos])
-            combos.add((colour, kind))
-            specs.append((kind, colour, rng.random() < 0.5))
-        rng.shuffle(specs)
-        shapes = _place_shapes(rng, specs)
-        if not shapes:
+        r = SHAPE_RADIUS
+        placed = []  # (x, y, reach) of everything drawn so far
+        cx = rng.choice((rng.randint(12, IMAGE_SIZE // 2 - HALF_MARGIN), rng.randint(IMAGE_SIZE // 2 + HALF_MARGIN, 131)))
+        cy = rng.choice((rng.randint(12, IMAGE_SIZE // 2 - HALF_MARGIN), rng.randint(IMAGE_SIZE // 2 + HALF_MARGIN, 131)))
+        if not _outside_corners(cx, cy, CROSS_ARM):
             continue
-        corners = rng.sample(CORNERS, 2)
-        letters = rng.sample(tuple(GLYPHS), 2)
-        tag_colours = rng.sample([c for c in TAG_COLOURS if c != background], 2)
-        scene = Scene(background, rng.choice(TEXTURES), shapes, dict(zip(corners, letters)),
-                      dict(zip(corners, tag_colours)), rng.randrange(2**31))
-        spatial = _spatial_question(rng, shapes)
-        if spatial is None:
+        placed.append((cx, cy, CROSS_ARM))
+        shapes = []
+        for _ in range(count):
+            for _ in range(200):
+                x, y = rng.randint(r + 2, IMAGE_SIZE - r - 3), rng.randint(r + 2, IMAGE_SIZE - r - 3)
+                if _outside_corners(x, y, r) and all((x - px) ** 2 + (y - py) ** 2 >= (r + reach + 6) ** 2
+                                                      for px, py, reach in placed):
+                    shapes.append(Shape(rng.choice(SHAPES), rng.choice(colours), x, y))
+                    placed.append((x, y, r))
+                    break
+        if len(shapes) != count:
             continue
-        corner = rng.choice(corners)
+        width, height = 5 * GLYPH_SCALE + 2 * TAG_MARGIN, 7 * GLYPH_SCALE + 2 * TAG_MARGIN
+        offset = (rng.randint(3, CORNER_ZONE - width - 2), rng.randint(3, CORNER_ZONE - height - 2))
+        scene = Scene(background, rng.choice(TEXTURES), shapes, (cx, cy), rng.choice(CORNERS),
+                      rng.choice(tuple(GLYPHS)), rng.choice([c for c in TAG_COLOURS if c != background]), offset,
+                      rng.randrange(2**31))
+        horizontal, vertical = scene.cross_sides
+        axis = rng.choice(("h", "v"))
         scene.questions = [
             {"dimension": "global", "question": rng.choice(QUESTION_TEMPLATES["global"]), "answer": background},
-            _local_question(rng, scene, corner),
-            spatial,
-            {
-                "dimension": "counting",
-                "question": rng.choice(QUESTION_TEMPLATES["counting"]).format(shape=counted),
-                "answer": NUMBERS[count - 1],
-            },
+            {"dimension": "local", "question": rng.choice(QUESTION_TEMPLATES["local"]), "answer": scene.tag_letter},
+            {"dimension": "spatial", "question": rng.choice(QUESTION_TEMPLATES["spatial_" + axis]),
+             "answer": horizontal if axis == "h" else vertical},
+            {"dimension": "counting", "question": rng.choice(QUESTION_TEMPLATES["counting"]),
+             "answer": NUMBERS[count - 1]},
             {"dimension": "style", "question": rng.choice(QUESTION_TEMPLATES["style"]), "answer": scene.texture},
         ]
         return scene
 
 
-def _local_question(rng: random.Random, scene: Scene, corner: str) -> dict:
-    """Half the local questions ask for the tag's letter, half for its colour."""
-    if rng.random() < 0.5:
-        question, answer = rng.choice(QUESTION_TEMPLATES["local"]), scene.tags[corner]
-    else:
-        question, answer = rng.choice(QUESTION_TEMPLATES["local_colour"]), scene.tag_colours[corner]
-    return {"dimension": "local", "question": question.format(corner=corner), "answer": answer}
-
-
-def _spatial_question(rng: random.Random, shapes: list):
-    pairs = [(a, b) for a in shapes for b in shapes if a is not b]
-    rng.shuffle(pairs)
-    for a, b in pairs:
-        axes = [axis for axis, gap in (("h", b.x - a.x), ("v", b.y - a.y)) if abs(gap) >= 16]
-        if not axes:
-            continue
-        axis = rng.choice(axes)
-        if axis == "h":
-            answer = "left" if a.x < b.x else "right"
-        else:
-            answer = "above" if a.y < b.y else "below"
-        template = rng.choice(QUESTION_TEMPLATES["spatial_" + axis])
-        return {"dimension": "spatial", "question": template.format(a=a.name, b=b.name), "answer": answer}
-    return None
-
-
 # ===================================================================================== drawing
 def _shade(colour, delta):
     return tuple(max(0, min(255, c + delta)) for c in colour)
+
+
+def _tag_box(scene: Scene) -> tuple:
+    """(x, y, width, height) of the tag's box in pixels."""
+    width, height = 5 * GLYPH_SCALE + 2 * TAG_MARGIN, 7 * GLYPH_SCALE + 2 * TAG_MARGIN
+    x, y = scene.tag_offset
+    if "right" in scene.tag_corner:
+        x = IMAGE_SIZE - x - width
+    if "bottom" in scene.tag_corner:
+        y = IMAGE_SIZE - y - height
+    return x, y, width, height
+
+
+def _draw_objects(draw: ImageDraw.ImageDraw, scene: Scene, fills: dict) -> None:
+    """Shapes, cross and tag with `fills[kind]` (a colour, or a callable of the object giving one): the same geometry
+    for the picture and for its label map."""
+    for s in scene.shapes:
+        fill = fills["shape"](s)
+        outline = fills["shape_outline"](s)
+        r, x, y = s.radius, s.x, s.y
+        if s.shape == "circle":
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=fill, outline=outline)
+        elif s.shape == "square":
+            q = int(r * 0.85)
+            draw.rectangle([x - q, y - q, x + q, y + q], fill=fill, outline=outline)
+        elif s.shape == "triangle":
+            draw.polygon([(x, y - r), (x + r, y + r * 0.8), (x - r, y + r * 0.8)], fill=fill, outline=outline)
+        else:
+            draw.polygon([(x, y - r), (x + r, y), (x, y + r), (x - r, y)], fill=fill, outline=outline)
+    cx, cy = scene.cross
+    draw.rectangle([cx - CROSS_ARM, cy - 2, cx + CROSS_ARM, cy + 1], fill=fills["cross_outer"])
+    draw.rectangle([cx - 2, cy - CROSS_ARM, cx + 1, cy + CROSS_ARM], fill=fills["cross_outer"])
+    draw.rectangle([cx - CROSS_ARM + 1, cy - 1, cx + CROSS_ARM - 1, cy], fill=fills["cross_inner"])
+    draw.rectangle([cx - 1, cy - CROSS_ARM + 1, cx, cy + CROSS_ARM - 1], fill=fills["cross_inner"])
+    x, y, width, height = _tag_box(scene)
+    draw.rectangle([x, y, x + width - 1, y + height - 1], fill=fills["tag"])
+    for row, bits in enumerate(GLYPHS[scene.tag_letter]):
+        for col, bit in enumerate(bits):
+            if bit == "1":
+                px, py = x + TAG_MARGIN + col * GLYPH_SCALE, y + TAG_MARGIN + row * GLYPH_SCALE
+                draw.rectangle([px, py, px + GLYPH_SCALE - 1, py + GLYPH_SCALE - 1], fill=fills["ink"])
 
 
 def draw_scene(scene: Scene) -> Image.Image:
@@ -248,46 +270,78 @@ def draw_scene(scene: Scene) -> Image.Image:
             for x in range(IMAGE_SIZE):
                 if rng.random() < 0.35:
                     pixels[x, y] = _shade(base, rng.choice((-1, 1)) * rng.randint(50, 90))
-    for s in scene.shapes:
-        fill = OBJECT_COLOURS[s.colour]
-        outline = _shade(fill, -60 if sum(fill) > 300 else 60)
-        r, x, y = s.radius, s.x, s.y
-        if s.shape == "circle":
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=fill, outline=outline)
-        elif s.shape == "square":
-            q = int(r * 0.85)
-            draw.rectangle([x - q, y - q, x + q, y + q], fill=fill, outline=outline)
-        elif s.shape == "triangle":
-            draw.polygon([(x, y - r), (x + r, y + r * 0.8), (x - r, y + r * 0.8)], fill=fill, outline=outline)
-        else:
-            draw.polygon([(x, y - r), (x + r, y), (x, y + r), (x - r, y)], fill=fill, outline=outline)
-    for corner, letter in scene.tags.items():
-        _draw_tag(draw, rng, corner, letter, OBJECT_COLOURS[scene.tag_colours[corner]])
+    box = OBJECT_COLOURS[scene.tag_colour]
+    luminance = 0.299 * box[0] + 0.587 * box[1] + 0.114 * box[2]
+    _draw_objects(draw, scene, {
+        "shape": lambda s: OBJECT_COLOURS[s.colour],
+        "shape_outline": lambda s: _shade(OBJECT_COLOURS[s.colour], -60 if sum(OBJECT_COLOURS[s.colour]) > 300 else 60),
+        "cross_outer": (0, 0, 0),
+        "cross_inner": (255, 255, 255),
+        "tag": box,
+        "ink": (0, 0, 0) if luminance > 110 else (255, 255, 255),
+    })
     return image
 
 
-def _draw_tag(draw: ImageDraw.ImageDraw, rng: random.Random, corner: str, letter: str, box: tuple):
-    width = 5 * GLYPH_SCALE + 2 * TAG_MARGIN
-    height = 7 * GLYPH_SCALE + 2 * TAG_MARGIN
-    x = rng.randint(3, CORNER_ZONE - width - 2)
-    y = rng.randint(3, CORNER_ZONE - height - 2)
-    if "right" in corner:
-        x = IMAGE_SIZE - x - width
-    if "bottom" in corner:
-        y = IMAGE_SIZE - y - height
-    luminance = 0.299 * box[0] + 0.587 * box[1] + 0.114 * box[2]
-    ink = (0, 0, 0) if luminance > 110 else (255, 255, 255)
-    draw.rectangle([x, y, x + width - 1, y + height - 1], fill=box)
-    for row, bits in enumerate(GLYPHS[letter]):
-        for col, bit in enumerate(bits):
-            if bit == "1":
-                px, py = x + TAG_MARGIN + col * GLYPH_SCALE, y + TAG_MARGIN + row * GLYPH_SCALE
-                draw.rectangle([px, py, px + GLYPH_SCALE - 1, py + GLYPH_SCALE - 1], fill=ink)
+def draw_labels(scene: Scene) -> dict:
+    """Per-patch labels (GRID x GRID lists of ints, -1 where a label does not apply) for dense pre-training:
+
+    kind (KINDS: the object covering most of the patch, a tag or cross winning from a quarter of it), shape_colour
+    (index in OBJECT_COLOURS, shape patches), letter (index in GLYPHS, tag patches), background and texture
+    (background patches), row and column (every patch)."""
+    kind_map = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    colour_map = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 255)
+    shape_colour = {s.colour: OBJECT_COLOURS_INDEX[s.colour] for s in scene.shapes}
+    _draw_objects(ImageDraw.Draw(kind_map), scene, {
+        "shape": lambda s: 1, "shape_outline": lambda s: 1, "cross_outer": 2, "cross_inner": 2, "tag": 3, "ink": 3,
+    })
+    _draw_objects(ImageDraw.Draw(colour_map), scene, {
+        "shape": lambda s: shape_colour[s.colour], "shape_outline": lambda s: shape_colour[s.colour],
+        "cross_outer": 255, "cross_inner": 255, "tag": 255, "ink": 255,
+    })
+    kinds, colours = kind_map.load(), colour_map.load()
+    area = PATCH_SIZE * PATCH_SIZE
+    labels = {name: [[-1] * GRID for _ in range(GRID)] for name in
+              ("kind", "shape_colour", "letter", "background", "texture", "row", "column")}
+    for row in range(GRID):
+        for col in range(GRID):
+            counts = [0] * len(KINDS)
+            colour_votes = {}
+            for y in range(row * PATCH_SIZE, (row + 1) * PATCH_SIZE):
+                for x in range(col * PATCH_SIZE, (col + 1) * PATCH_SIZE):
+                    counts[kinds[x, y]] += 1
+                    if colours[x, y] != 255:
+                        colour_votes[colours[x, y]] = colour_votes.get(colours[x, y], 0) + 1
+            if counts[3] * 4 >= area:
+                kind = 3
+            elif counts[2] * 4 >= area:
+                kind = 2
+            elif counts[1] * 3 >= area:
+                kind = 1
+            else:
+                kind = 0
+            labels["kind"][row][col] = kind
+            labels["row"][row][col], labels["column"][row][col] = row, col
+            if kind == 1:
+                labels["shape_colour"][row][col] = max(colour_votes, key=colour_votes.get)
+            elif kind == 3:
+                labels["letter"][row][col] = LETTER_INDEX[scene.tag_letter]
+            elif kind == 0:
+                labels["background"][row][col] = BACKGROUND_INDEX[scene.background]
+                labels["texture"][row][col] = TEXTURES.index(scene.texture)
+    return labels
+
+
+OBJECT_COLOURS_INDEX = {name: i for i, name in enumerate(OBJECT_COLOURS)}
+LETTER_INDEX = {name: i for i, name in enumerate(GLYPHS)}
+BACKGROUND_INDEX = {name: i for i, name in enumerate(BACKGROUNDS)}
 
 
 def scene_from_dict(data: dict) -> Scene:
     data = dict(data)
     data["shapes"] = [Shape(**s) for s in data["shapes"]]
+    data["cross"] = tuple(data["cross"])
+    data["tag_offset"] = tuple(data["tag_offset"])
     return Scene(**data)
 
 
@@ -320,7 +374,7 @@ def write_dataset(output_dir: str, sizes: dict, seed: int = 0) -> dict:
                 image = f"{split}/{index:05d}.png"
                 draw_scene(scene).save(os.path.join(tmp, "images", image))
                 caption = scene.caption()
-                records.append({"image": image, "caption": caption, **asdict(scene)})
+                records.append({"image": image, "caption": caption, **asdict(scene), "labels": draw_labels(scene)})
                 captions.append({
                     "id": f"{split}-{index}-caption",
                     "image": image,
@@ -345,6 +399,23 @@ def write_dataset(output_dir: str, sizes: dict, seed: int = 0) -> dict:
         with open(os.path.join(tmp, "dataset.json"), "w") as f:
             json.dump(dataset_marker(seed, sizes), f)
     return dict(sizes)
+
+
+def write_downsampled(data_dir: str, folder: str, side: int) -> None:
+    """Copies of every picture in `images/` reduced to side x side pixels (area averaging) and scaled back to
+    IMAGE_SIZE (nearest): the information of a side-pixel picture on the tower's usual grid. With side = 6 * sqrt(M),
+    the tower's patches pooled to M tokens carry what M patches of the small picture would (the downsampling baseline
+    of VTC-Bench). Written to a temporary folder and moved into place."""
+    from conversion.tiny import atomic_folder
+
+    source = os.path.join(data_dir, "images")
+    with atomic_folder(os.path.join(data_dir, folder)) as tmp:
+        for split in sorted(os.listdir(source)):
+            os.makedirs(os.path.join(tmp, split))
+            for name in sorted(os.listdir(os.path.join(source, split))):
+                with Image.open(os.path.join(source, split, name)) as image:
+                    small = image.convert("RGB").resize((side, side), Image.BOX)
+                small.resize((IMAGE_SIZE, IMAGE_SIZE), Image.NEAREST).save(os.path.join(tmp, split, name))
 
 
 def dataset_marker(seed: int, sizes: dict) -> dict:

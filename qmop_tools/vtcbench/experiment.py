@@ -29,29 +29,41 @@ from qmop_tools.bench.report import write_atomic
 logger = logging.getLogger(__name__)
 
 ALL_BRANCHES = ["pooling", "resampler", "pruning"]
-JOB_INDEPENDENT = ("variants", "seeds", "workers", "long_stage2_epochs", "long_seeds")
+JOB_INDEPENDENT = ("variants", "seeds", "workers", "budgets_seeds")
+# Router training for the routed variants (each a config field; docs/vtcbench.md explains them): the softmax keeps a
+# gradient (z-loss, floor 0.5) and shows its real preference at inference (1.0); no batch load balancing, which a
+# router meets by splitting pictures whatever the question. Stage 1 routes uniformly (the trainer's default).
+ROUTER_TRAINING = {"router_min_temperature": 0.5, "router_eval_temperature": 1.0, "router_aux_loss_coef": 0.0,
+                   "router_z_loss_coef": 0.001}
 VARIANTS = {
-    "qmop": {"branches": ALL_BRANCHES, "router_mode": "query", "router_top_k": 2},
+    "qmop": {"branches": ALL_BRANCHES, "router_mode": "query", "router_top_k": 2, **ROUTER_TRAINING},
     "pooling": {"branches": ["pooling"], "router_top_k": 1},
     "resampler": {"branches": ["resampler"], "router_top_k": 1},
     "pruning": {"branches": ["pruning"], "router_top_k": 1},
     "uniform": {"branches": ALL_BRANCHES, "router_mode": "uniform"},
-    "vision_router": {"branches": ALL_BRANCHES, "router_mode": "vision", "router_top_k": 2},
+    "vision_router": {"branches": ALL_BRANCHES, "router_mode": "vision", "router_top_k": 2, **ROUTER_TRAINING},
+    "random_k": {"branches": ["pruning"], "router_top_k": 1, "pruning_score": "random"},
+    # The pooling branch on pictures reduced to sqrt(M) x sqrt(M) patches' worth of pixels (`DOWNSAMPLED_IMAGES`).
+    "downsample": {"branches": ["pooling"], "router_top_k": 1},
     "full576": {"branches": ["pooling"], "router_top_k": 1, "num_visual_tokens": 576},
-    # QMoP again, with a longer stage 2 (`Settings.long_stage2_epochs`): the candidate for the bundled checkpoint.
-    # Not comparable with the rows above (more training); shown apart.
-    "qmop_long": {"branches": ALL_BRANCHES, "router_mode": "query", "router_top_k": 2},
+    # QMoP trained with a budget drawn per batch from `BUDGET_SET`, evaluated at each (the bundled checkpoint).
+    "qmop_budgets": {"branches": ALL_BRANCHES, "router_mode": "query", "router_top_k": 2, **ROUTER_TRAINING},
 }
 VARIANT_LABELS = {
     "qmop": "QMoP (query-guided router)",
     "pooling": "pooling only",
     "resampler": "resampler only",
-    "pruning": "pruning only",
+    "pruning": "pruning only (salience)",
     "uniform": "equal-weight fusion of all three",
     "vision_router": "QMoP, router without the question",
+    "random_k": "random-k patches",
+    "downsample": "image downsampled to 36 patches",
     "full576": "uncompressed, 576 tokens",
-    "qmop_long": "QMoP, longer stage 2",
+    "qmop_budgets": "QMoP, one checkpoint for budgets 16/36/64/144",
 }
+BUDGET_SET = (16, 36, 64, 144)
+DIAGNOSTIC_PICTURES = 100  # test pictures in the router diagnostic's grid (x every distinct test question)
+DOWNSAMPLED_IMAGES = "images_downsampled"  # `data.write_downsampled`: the downsample variant's pictures
 
 
 @dataclass
@@ -60,48 +72,55 @@ class Settings:
     val_images: int = 200
     test_images: int = 200
     data_seed: int = 0
-    clip_steps: int = 300
-    clip_batch_size: int = 64
+    clip_steps: int = 200
+    clip_batch_size: int = 32
+    text_steps: int = 200
     llm_steps: int = 300
     budget: int = 36
-    variants: list = field(default_factory=lambda: list(VARIANTS))
+    variants: list = field(default_factory=lambda: [v for v in VARIANTS])
     seeds: list = field(default_factory=lambda: [0, 1, 2])
+    budgets_seeds: list = field(default_factory=lambda: [0])  # seeds of the qmop_budgets variant
     batch_size: int = 32
     stage1_epochs: float = 1.0
-    stage2_epochs: float = 1.5
+    stage2_epochs: float = 3.0
     stage1_lr: float = 2e-3
     stage2_lr: float = 2e-3
     workers: int = 2
     eval_batch_size: int = 50
-    long_stage2_epochs: float = 10.0  # stage 2 of the qmop_long variant
-    long_seeds: list = field(default_factory=lambda: [0])  # seeds of the qmop_long variant
 
     @classmethod
     def smoke(cls) -> "Settings":
-        return cls(train_images=40, val_images=10, test_images=10, clip_steps=3, clip_batch_size=16, llm_steps=5,
-                   variants=["qmop", "pooling", "qmop_long"], seeds=[0], batch_size=8, stage1_epochs=0.25,
-                   stage2_epochs=0.25, workers=1, eval_batch_size=25, long_stage2_epochs=0.5)
+        return cls(train_images=40, val_images=10, test_images=10, clip_steps=3, clip_batch_size=16, text_steps=3,
+                   llm_steps=5, variants=["qmop", "downsample", "qmop_budgets"], seeds=[0], batch_size=8,
+                   stage1_epochs=0.25, stage2_epochs=0.25, workers=1, eval_batch_size=25)
 
     def jobs(self) -> list:
-        return [(v, s) for v in self.variants for s in (self.long_seeds if v == "qmop_long" else self.seeds)]
-
-    def for_variant(self, variant: str) -> "Settings":
-        """The settings one job trains with (qmop_long: the longer stage 2)."""
-        if variant == "qmop_long":
-            return dataclasses.replace(self, stage2_epochs=self.long_stage2_epochs)
-        return self
+        return [(v, s) for v in self.variants for s in (self.budgets_seeds if v == "qmop_budgets" else self.seeds)]
 
     def job_key(self, variant: str) -> dict:
         """Everything a job's result depends on: a finished job is reused only when this is unchanged."""
         from .data import DATA_VERSION
+        from .towers import FOUNDATION_RECIPE
 
-        key = {k: v for k, v in asdict(self.for_variant(variant)).items() if k not in JOB_INDEPENDENT}
-        return key | {"variant_config": self.qmop_settings(variant), "data_version": DATA_VERSION}
+        key = {k: v for k, v in asdict(self).items() if k not in JOB_INDEPENDENT}
+        return key | {"variant_config": self.qmop_settings(variant), "data_version": DATA_VERSION,
+                      "foundation": FOUNDATION_RECIPE, "train_budgets": self.train_budgets(variant),
+                      "images": self.image_folder(variant)}
 
     def qmop_settings(self, variant: str) -> dict:
         settings = {"num_visual_tokens": self.budget, "router_hidden_size": 64, "resampler_num_layers": 1}
         settings.update(VARIANTS[variant])
         return settings
+
+    def train_budgets(self, variant: str) -> Optional[tuple]:
+        return BUDGET_SET if variant == "qmop_budgets" else None
+
+    def eval_budgets(self, variant: str) -> list:
+        return list(BUDGET_SET) if variant == "qmop_budgets" else [self.qmop_settings(variant)["num_visual_tokens"]]
+
+    @staticmethod
+    def image_folder(variant: str) -> str:
+        return DOWNSAMPLED_IMAGES if variant == "downsample" else "images"
 
 
 # ===================================================================================== feature cache
@@ -182,7 +201,8 @@ def _training_arguments(output_dir: str, settings: Settings, stage: int, seed: i
     )
 
 
-def _train_stage(model_dir: str, output_dir: str, data_dir: str, settings: Settings, stage: int, seed: int) -> dict:
+def _train_stage(model_dir: str, output_dir: str, data_dir: str, settings: Settings, stage: int, seed: int,
+                 images: str = "images", budgets: Optional[tuple] = None) -> dict:
     from transformers import TrainerCallback
 
     from qmop_tools.train import DataArguments, ModelArguments, run
@@ -196,9 +216,10 @@ def _train_stage(model_dir: str, output_dir: str, data_dir: str, settings: Setti
     model_args = ModelArguments(model_name_or_path=model_dir, stage=stage)
     data_args = DataArguments(
         data_path=os.path.join(data_dir, "train_captions.json" if stage == 1 else "train_vqa.json"),
-        image_folder=os.path.join(data_dir, "images"),
+        image_folder=os.path.join(data_dir, images),
         template="plain" if stage == 1 else "llava_hf",
         model_max_length=1024,
+        train_budgets=",".join(map(str, budgets)) if budgets else None,
     )
     result = run(model_args, data_args, _training_arguments(output_dir, settings, stage, seed), callbacks=[InstallCache()])
     history = [entry for entry in result.trainer.state.log_history if "loss" in entry]
@@ -229,7 +250,6 @@ def run_job(output: str, variant: str, seed: int, settings: Settings) -> dict:
             return previous
         logger.info("%s: settings changed since it ran, training it again", name)
     shutil.rmtree(run_dir, ignore_errors=True)
-    settings = settings.for_variant(variant)
     start = time.time()
     data_dir = os.path.join(output, "data")
     foundation = os.path.join(output, "foundation")
@@ -238,15 +258,31 @@ def run_job(output: str, variant: str, seed: int, settings: Settings) -> dict:
     llm = LlamaForCausalLM.from_pretrained(os.path.join(foundation, "llm"))
     settings_for_variant = settings.qmop_settings(variant)
     processor.num_visual_tokens = settings_for_variant["num_visual_tokens"]
+    images, budgets = settings.image_folder(variant), settings.train_budgets(variant)
     base = base_checkpoint(os.path.join(run_dir, "base"), processor, clip, llm, seed=seed, **settings_for_variant)
-    stage1 = _train_stage(base, os.path.join(run_dir, "stage1"), data_dir, settings, stage=1, seed=seed)
+    stage1 = _train_stage(base, os.path.join(run_dir, "stage1"), data_dir, settings, stage=1, seed=seed, images=images,
+                          budgets=budgets)
     stage2 = _train_stage(os.path.join(run_dir, "stage1"), os.path.join(run_dir, "model"), data_dir, settings,
-                          stage=2, seed=seed)
+                          stage=2, seed=seed, images=images, budgets=budgets)
     for leftover in ("base", "stage1"):
         shutil.rmtree(os.path.join(run_dir, leftover), ignore_errors=True)
     model_dir = os.path.join(run_dir, "model")
-    splits = ["test", "val"] if variant in ("qmop", "qmop_long") else ["test"]
-    evaluation = {split: evaluate(model_dir, data_dir, split, settings.eval_batch_size) for split in splits}
+    splits = ["test", "val"] if variant in ("qmop", "qmop_budgets") else ["test"]
+    evaluation, predictions = {}, None
+    for budget in settings.eval_budgets(variant):
+        suffix = "" if budget == settings_for_variant["num_visual_tokens"] else f"@{budget}"
+        for split in splits:
+            e = evaluate(model_dir, data_dir, split, settings.eval_batch_size, images=images, num_visual_tokens=budget)
+            evaluation[split + suffix] = {k: v for k, v in e.items() if k != "predictions"}
+            if split == "test" and not suffix:
+                predictions = e["predictions"]
+    diagnostics = None
+    if VARIANTS[variant].get("router_mode") in ("query", "vision"):
+        from .router_diagnostics import diagnose_from_data
+
+        diagnosis = diagnose_from_data(model_dir, os.path.join(data_dir, "test_vqa.json"), os.path.join(data_dir, images),
+                                       num_pictures=DIAGNOSTIC_PICTURES, seed=0, disable_tqdm=True)
+        diagnostics = {k: v for k, v in diagnosis.to_dict().items() if k != "metadata"}
     result = {
         "variant": variant,
         "seed": seed,
@@ -254,11 +290,12 @@ def run_job(output: str, variant: str, seed: int, settings: Settings) -> dict:
         "settings": settings_for_variant,
         "stage1": stage1,
         "stage2": stage2,
-        "evaluation": {split: {k: v for k, v in e.items() if k != "predictions"} for split, e in evaluation.items()},
+        "evaluation": evaluation,
+        "router_diagnostics": diagnostics,
         "seconds": round(time.time() - start, 1),
         "feature_cache": {"hits": _WORKER_CACHE.hits, "misses": _WORKER_CACHE.misses},
     }
-    write_atomic(os.path.join(run_dir, "predictions.json"), json.dumps(evaluation["test"]["predictions"]))
+    write_atomic(os.path.join(run_dir, "predictions.json"), json.dumps(predictions))
     write_atomic(result_path, json.dumps(result, indent=1))
     logger.info("%s done in %.0f s: test accuracy %.3f", name, result["seconds"], result["evaluation"]["test"]["overall"])
     return result
@@ -272,7 +309,7 @@ def normalise_answer(text: str) -> str:
 
 @torch.no_grad()
 def evaluate(model_dir: str, data_dir: str, split: str, batch_size: int = 50, limit: Optional[int] = None,
-             model=None, processor=None) -> dict:
+             model=None, processor=None, images: str = "images", num_visual_tokens: Optional[int] = None) -> dict:
     """Greedy answers (as a Hub user gets them: Auto* classes, the processor's chat template, `generate`) to every
     question of a split; exact match of the first word. Router weights are read from a forward pass of the same
     inputs."""
@@ -291,7 +328,7 @@ def evaluate(model_dir: str, data_dir: str, split: str, batch_size: int = 50, li
     predictions = []
     for begin in range(0, len(samples), batch_size):
         batch = samples[begin:begin + batch_size]
-        images = [Image.open(os.path.join(data_dir, "images", s["image"])).convert("RGB") for s in batch]
+        pictures = [Image.open(os.path.join(data_dir, images, s["image"])).convert("RGB") for s in batch]
         questions = [s["conversations"][0]["value"].replace("<image>", "").strip() for s in batch]
         prompts = [
             processor.apply_chat_template(
@@ -299,7 +336,8 @@ def evaluate(model_dir: str, data_dir: str, split: str, batch_size: int = 50, li
             )
             for q in questions
         ]
-        inputs = processor(images=images, text=prompts, return_tensors="pt")
+        extra = {} if num_visual_tokens is None else {"num_visual_tokens": num_visual_tokens}
+        inputs = processor(images=pictures, text=prompts, return_tensors="pt", **extra)
         generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
         texts = processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         weights = model(**inputs).router_weights.tolist() if routed else None
@@ -346,7 +384,7 @@ def _worker_init(threads: int) -> None:
 
 def run_jobs(output: str, settings: Settings, jobs: list, threads_per_worker: int = 1) -> list:
     """Run (variant, seed) jobs, longest first (576 tokens, longer training), in `settings.workers` processes."""
-    jobs = sorted(jobs, key=lambda job: (job[0] not in ("full576", "qmop_long"), job))
+    jobs = sorted(jobs, key=lambda job: (job[0] not in ("full576", "qmop_budgets"), job))
     if settings.workers <= 1:
         _worker_init(max(1, threads_per_worker))
         return [run_job(output, variant, seed, settings) for variant, seed in jobs]

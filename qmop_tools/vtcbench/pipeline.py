@@ -9,6 +9,7 @@ pass --fresh, to start over).
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -25,18 +26,26 @@ def _write_json(path: str, content) -> None:
 
 
 def prepare_data(output: str, settings: Settings) -> str:
-    from .data import dataset_marker, write_dataset
+    from .data import PATCH_SIZE, dataset_marker, write_dataset, write_downsampled
+    from .experiment import DOWNSAMPLED_IMAGES
 
     data_dir = os.path.join(output, "data")
     sizes = {"train": settings.train_images, "val": settings.val_images, "test": settings.test_images}
     marker = os.path.join(data_dir, "dataset.json")
+    fresh = True
     if os.path.exists(marker):
         with open(marker) as f:
-            if json.load(f) == dataset_marker(settings.data_seed, sizes):
-                return data_dir
-    start = time.time()
-    write_dataset(data_dir, sizes, seed=settings.data_seed)
-    logger.info("data: %s images in %.0f s", sizes, time.time() - start)
+            fresh = json.load(f) != dataset_marker(settings.data_seed, sizes)
+    if fresh:
+        start = time.time()
+        write_dataset(data_dir, sizes, seed=settings.data_seed)
+        logger.info("data: %s images in %.0f s", sizes, time.time() - start)
+    side = PATCH_SIZE * math.isqrt(settings.budget)
+    downsampled = os.path.join(data_dir, DOWNSAMPLED_IMAGES)
+    stamp = os.path.join(downsampled, "side.txt")
+    if "downsample" in settings.variants and (fresh or not os.path.exists(stamp) or open(stamp).read() != str(side)):
+        write_downsampled(data_dir, DOWNSAMPLED_IMAGES, side)
+        write_atomic(stamp, str(side))
     return data_dir
 
 
@@ -47,15 +56,16 @@ def prepare_foundation(output: str, settings: Settings) -> dict:
     from .data import IMAGE_SIZE, PATCH_SIZE, corpus, generate_split
     from conversion.tiny import save_pretrained_atomically
 
-    from .towers import TowerShapes, clip_retrieval_accuracy, pretrain_clip, pretrain_llm
+    from .towers import FOUNDATION_RECIPE, TowerShapes, pretrain_clip, pretrain_llm, tower_probe_report
 
     foundation = os.path.join(output, "foundation")
     report_path = os.path.join(foundation, "report.json")
     from .data import DATA_VERSION
 
     wanted = {"data_version": DATA_VERSION, "clip_steps": settings.clip_steps, "clip_batch_size": settings.clip_batch_size,
+              "text_steps": settings.text_steps,
               "llm_steps": settings.llm_steps, "train_images": settings.train_images, "data_seed": settings.data_seed,
-              "shapes": TowerShapes().__dict__}
+              "shapes": TowerShapes().__dict__, "recipe": FOUNDATION_RECIPE}
     if os.path.exists(report_path):
         with open(report_path) as f:
             report = json.load(f)
@@ -71,19 +81,21 @@ def prepare_foundation(output: str, settings: Settings) -> dict:
         records = json.load(f)
     with open(os.path.join(data_dir, "val.json")) as f:
         val_records = json.load(f)
+    probe = val_records[:100]
     clip, clip_report = pretrain_clip(processor, os.path.join(data_dir, "images"), records, shapes,
                                       steps=settings.clip_steps, batch_size=settings.clip_batch_size,
-                                      seed=settings.data_seed)
-    probe = val_records[:100]
-    clip_report["val_retrieval_top1"] = clip_retrieval_accuracy(clip, processor, os.path.join(data_dir, "images"), probe)
-    clip_report["val_retrieval_chance"] = 1 / len(probe)
+                                      seed=settings.data_seed, text_steps=settings.text_steps, val_records=probe)
+    clip_report["salience_pruning"] = tower_probe_report(clip, processor, os.path.join(data_dir, "images"), probe,
+                                                         budget=settings.budget)
     llm, llm_report = pretrain_llm(processor.tokenizer, lines, shapes, steps=settings.llm_steps, seed=settings.data_seed)
     os.makedirs(foundation, exist_ok=True)
     save_pretrained_atomically(os.path.join(foundation, "processor"), processor)
     save_pretrained_atomically(os.path.join(foundation, "clip"), clip)
     save_pretrained_atomically(os.path.join(foundation, "llm"), llm)
-    logger.info("foundation in %.0f s: CLIP val retrieval top-1 %.2f (chance %.2f), LLM loss %.2f -> %.2f",
-                time.time() - start, clip_report["val_retrieval_top1"], clip_report["val_retrieval_chance"],
+    logger.info("foundation in %.0f s: tower heads on val %s; caption retrieval top-1 %.2f (chance %.2f); salience "
+                "pruning keeps %.0f%% of tag patches; LLM loss %.2f -> %.2f", time.time() - start,
+                clip_report["val_head_accuracy"], clip_report["val_caption_retrieval_top1"],
+                clip_report["val_caption_retrieval_chance"], 100 * clip_report["salience_pruning"]["tag_patches_kept"],
                 llm_report["first_loss"], llm_report["last_loss"])
     report = {"settings": wanted, "clip": clip_report, "llm": llm_report,
               "vocab": {"llm": len(processor.tokenizer), "query": len(processor.query_tokenizer)}}

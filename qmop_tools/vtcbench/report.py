@@ -9,12 +9,10 @@ import statistics
 from conversion.tiny import atomic_folder
 from qmop_tools.bench.report import write_atomic
 
-from .data import DIMENSIONS
-from .experiment import VARIANT_LABELS, evaluate
+from .data import CHANCE, DIMENSIONS
+from .experiment import BUDGET_SET, VARIANT_LABELS, evaluate
 
-# Chance of a uniform guess among the answers the question allows (local: half the questions ask for one of 8 letters,
-# half for one of 6 tag colours; spatial: the question names its two options).
-CHANCE = {"global": 1 / 6, "local": 0.5 / 8 + 0.5 / 6, "spatial": 1 / 2, "counting": 1 / 4, "style": 1 / 5}
+ROUTED = ("qmop", "vision_router", "qmop_budgets")
 PICTURE_QUESTIONS = 6  # test questions drawn for the contact sheet
 
 
@@ -37,6 +35,15 @@ def aggregate(results: list, split: str = "test") -> dict:
         for dimension in DIMENSIONS:
             row[dimension] = _mean_std([r["evaluation"][split]["per_dimension"].get(dimension, 0.0) for r in runs])
         row["seconds"] = statistics.fmean(r["seconds"] for r in runs)
+        diagnostics = [r.get("router_diagnostics") for r in runs]
+        if all(diagnostics):
+            row["router_diagnostics"] = {
+                key: _mean_std([d[key] if d[key] is not None else 0.0 for d in diagnostics])
+                for key in ("question_share", "picture_share", "saturated_share", "mutual_information_bits",
+                            "normalized_mutual_information", "question_flip_rate", "picture_flip_rate")
+            }
+            row["router_diagnostics"]["dominant_branch_per_type"] = [d["dominant_branch_per_type"] for d in diagnostics]
+            row["router_diagnostics"]["dominant_branch_differs"] = [d["dominant_branch_differs"] for d in diagnostics]
         routers = [r["evaluation"][split].get("router_weights_per_dimension") for r in runs]
         if all(routers):
             row["router"] = {
@@ -65,7 +72,7 @@ def markdown_table(table: dict, settings) -> str:
 
 def router_table(table: dict) -> str:
     lines = []
-    for variant in ("qmop", "vision_router", "qmop_long"):
+    for variant in ROUTED:
         router = table.get(variant, {}).get("router")
         if not router:
             continue
@@ -78,6 +85,37 @@ def router_table(table: dict) -> str:
                 lines.append(f"| {dimension} | " + " | ".join(f"{router[dimension][b]:.2f}" for b in branches) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def router_diagnostics_table(table: dict) -> str:
+    """The router diagnostic (`router_diagnostics.py`) on the test split, mean ± std over seeds, per routed variant."""
+    rows = [(v, table[v]["router_diagnostics"]) for v in ROUTED if table.get(v, {}).get("router_diagnostics")]
+    if not rows:
+        return ""
+    lines = ["Router diagnostic on test pictures x test questions (mean ± std over seeds):", "",
+             "| variant | question share of logit variance | picture share | question flips the pair | "
+             "picture flips the pair | MI(type; branch), bits | saturated |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for variant, d in rows:
+        lines.append(f"| {VARIANT_LABELS[variant]} | " + " | ".join(
+            _fmt(d[key]) for key in ("question_share", "picture_share", "question_flip_rate", "picture_flip_rate"))
+            + f" | {d['mutual_information_bits'][0]:.2f} ± {d['mutual_information_bits'][1]:.2f} | "
+            + _fmt(d["saturated_share"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def foundation_line(foundation: dict) -> str:
+    clip = foundation["clip"]
+    heads = clip.get("val_head_accuracy", {})
+    return (
+        "Foundation (frozen, shared by every variant): tower heads on val patches "
+        + ", ".join(f"{k.split('/')[1]} {100 * v:.0f}%" for k, v in heads.items() if k.startswith("patch/"))
+        + f"; salience pruning keeps {100 * clip['salience_pruning']['tag_patches_kept']:.0f}% of tag patches and "
+        f"{100 * clip['salience_pruning']['foreground_patches_kept']:.0f}% of foreground patches at "
+        f"{clip['salience_pruning']['budget']} tokens; text encoder caption retrieval top-1 "
+        f"{100 * clip['val_caption_retrieval_top1']:.0f}% (chance {100 * clip['val_caption_retrieval_chance']:.0f}%); "
+        f"LLM text loss {foundation['llm']['first_loss']:.2f} -> {foundation['llm']['last_loss']:.2f}."
+    )
 
 
 def _fmt(mean_std, single_seed: bool = False) -> str:
@@ -99,21 +137,91 @@ def findings(table: dict) -> list:
     if singles:
         best = max(singles, key=lambda v: singles[v][0])
         out.append(_compare("QMoP", q, f"the best single branch ({best})", singles[best]))
-    if "uniform" in table:
-        out.append(_compare("QMoP", q, "equal-weight fusion", table["uniform"]["overall"]))
-    if "vision_router" in table:
-        out.append(_compare("QMoP", q, "the router without the question", table["vision_router"]["overall"]))
-    if "full576" in table:
-        out.append(_compare("QMoP", q, "the uncompressed 576-token model", table["full576"]["overall"]))
-    if "qmop_long" in table:
-        out.append(_compare("QMoP with the longer stage 2", table["qmop_long"]["overall"], "QMoP",
-                            q) + " (more training, not a method difference)")
+    for variant in ("uniform", "vision_router", "random_k", "downsample", "full576"):
+        if variant in table:
+            out.append(_compare("QMoP", q, VARIANT_LABELS[variant], table[variant]["overall"]))
     for dimension in DIMENSIONS:
         rows = {v: table[v][dimension][0] for v in ("pooling", "resampler", "pruning") if v in table}
         if len(rows) == 3:
             best = max(rows, key=rows.get)
             out.append(f"{dimension}: best single branch is {best} ({100 * rows[best]:.1f}%)")
     return out
+
+
+def acceptance(table: dict) -> list:
+    """The issue's acceptance checks, each as (check, met, the numbers behind it). Missing rows give no line."""
+    checks = []
+    if "full576" in table:
+        low = {d: table["full576"][d][0] - CHANCE[d] for d in DIMENSIONS}
+        worst = min(low, key=low.get)
+        checks.append(("576 tokens >= chance + 30 points on every dimension", all(v >= 0.30 for v in low.values()),
+                       "margins over chance: " + ", ".join(f"{d} {100 * v:+.1f}" for d, v in low.items())
+                       + f" (lowest: {worst})"))
+    if "pooling" in table and "pruning" in table:
+        gap = table["pruning"]["local"][0] - table["pooling"]["local"][0]
+        checks.append(("pruning beats pooling on local by >= 10 points", gap >= 0.10,
+                       f"pruning {100 * table['pruning']['local'][0]:.1f} vs pooling {100 * table['pooling']['local'][0]:.1f}"))
+        diff = table["pooling"]["global"][0] - table["pruning"]["global"][0]
+        checks.append(("pooling >= pruning on global", diff >= 0,
+                       f"pooling {100 * table['pooling']['global'][0]:.1f} vs pruning {100 * table['pruning']['global'][0]:.1f}"))
+    if "qmop" in table:
+        q = table["qmop"]["overall"]
+        singles = {v: table[v]["overall"] for v in ("pooling", "resampler", "pruning") if v in table}
+        if singles:
+            best = max(singles, key=lambda v: singles[v][0])
+            checks.append((f"QMoP >= the best single branch ({best}) overall", q[0] >= singles[best][0],
+                           f"{100 * q[0]:.1f} vs {100 * singles[best][0]:.1f}"))
+        for variant in ("uniform", "vision_router"):
+            if variant in table:
+                other = table[variant]["overall"]
+                noise = max(q[1], other[1])
+                checks.append((f"QMoP above {VARIANT_LABELS[variant]} by more than the larger std", q[0] - other[0] > noise,
+                               f"{100 * q[0]:.1f} ± {100 * q[1]:.1f} vs {100 * other[0]:.1f} ± {100 * other[1]:.1f}"))
+        diag = table["qmop"].get("router_diagnostics")
+        if diag:
+            share = diag["question_share"]
+            checks.append(("the question explains >= 50% of router-logit variance", share[0] >= 0.5,
+                           f"{100 * share[0]:.1f}% ± {100 * share[1]:.1f} (picture {100 * diag['picture_share'][0]:.1f}%)"))
+            differs = diag["dominant_branch_differs"]
+            checks.append(("the dominant branch differs between question types", all(differs),
+                           f"{sum(differs)} of {len(differs)} runs; dominant branch per type: "
+                           + "; ".join(", ".join(f"{t} {b}" for t, b in sorted(run.items()))
+                                       for run in diag["dominant_branch_per_type"])))
+            saturated = diag["saturated_share"]
+            checks.append(("< 50% of eval samples saturated", saturated[0] < 0.5,
+                           f"{100 * saturated[0]:.1f}% ± {100 * saturated[1]:.1f} with top probability > 0.99"))
+    return checks
+
+
+def acceptance_markdown(checks: list) -> str:
+    lines = ["| check | met | numbers |", "| --- | --- | --- |"]
+    lines += [f"| {check} | {'yes' if met else '**no**'} | {numbers} |" for check, met, numbers in checks]
+    return "\n".join(lines)
+
+
+def budget_table(results: list) -> str:
+    """The budget-sampled QMoP at each budget, next to fixed-budget QMoP runs where there are any (test split)."""
+    runs = [r for r in results if r["variant"] == "qmop_budgets"]
+    if not runs:
+        return ""
+    lines = ["| model | budget | overall | " + " | ".join(DIMENSIONS) + " |", "|" + " --- |" * (len(DIMENSIONS) + 3)]
+    for budget in BUDGET_SET:
+        for r in runs:
+            key = "test" if f"test@{budget}" not in r["evaluation"] else f"test@{budget}"
+            if key == "test" and r["settings"]["num_visual_tokens"] != budget:
+                continue
+            e = r["evaluation"][key]
+            lines.append(f"| one checkpoint, budgets {'/'.join(map(str, BUDGET_SET))} (seed {r['seed']}) | {budget} | "
+                         f"{100 * e['overall']:.1f} | " + " | ".join(f"{100 * e['per_dimension'][d]:.1f}" for d in DIMENSIONS)
+                         + " |")
+        fixed = [r for r in results if r["variant"] == "qmop" and r["settings"]["num_visual_tokens"] == budget]
+        if fixed:
+            e = [r["evaluation"]["test"] for r in fixed]
+            lines.append(f"| QMoP trained at {budget} only ({len(fixed)} seeds, mean) | {budget} | "
+                         f"{100 * statistics.fmean(x['overall'] for x in e):.1f} | "
+                         + " | ".join(f"{100 * statistics.fmean(x['per_dimension'][d] for x in e):.1f}" for d in DIMENSIONS)
+                         + " |")
+    return "\n".join(lines)
 
 
 def _compare(name_a, a, name_b, b) -> str:
@@ -158,8 +266,10 @@ def plot(table: dict, settings, path: str) -> None:
 
 
 def best_qmop_run(results: list):
-    """The QMoP run (any training length) with the best validation accuracy."""
-    runs = [r for r in results if r["variant"] in ("qmop", "qmop_long") and "val" in r["evaluation"]]
+    """The run exported as the bundled checkpoint: the QMoP run trained with sampled budgets (one checkpoint for every
+    budget) with the best validation accuracy, or the best fixed-budget QMoP run when there is none."""
+    runs = [r for r in results if r["variant"] == "qmop_budgets" and "val" in r["evaluation"]]
+    runs = runs or [r for r in results if r["variant"] == "qmop" and "val" in r["evaluation"]]
     if not runs:
         return None
     return max(runs, key=lambda r: (r["evaluation"]["val"]["overall"], -r["seed"]))
@@ -223,6 +333,7 @@ def write_report(output: str, settings, foundation: dict, results: list, timings
         "timings_seconds": {k: round(v, 1) for k, v in timings.items()},
         "table": table,
         "findings": findings(table),
+        "acceptance": [{"check": c, "met": m, "numbers": n} for c, m, n in acceptance(table)],
         "best_qmop": None if best is None else {"variant": best["variant"], "seed": best["seed"],
                                                   "per_dimension": best["evaluation"]["test"]["per_dimension"],
                                                   "stage2_epochs": best["job_key"]["stage2_epochs"],
@@ -245,19 +356,24 @@ def write_report(output: str, settings, foundation: dict, results: list, timings
         markdown_table(table, settings),
         "",
         "Test accuracy in % (exact match of the first word of the greedy answer), mean ± sample std over seeds "
-        f"{settings.seeds} (one seed, {settings.long_seeds}, for the longer stage 2 of "
-        f"{settings.long_stage2_epochs:g} epochs instead of {settings.stage2_epochs:g}); {settings.test_images} test "
+        f"{settings.seeds} (the budget-sampled QMoP: seeds {settings.budgets_seeds}); {settings.test_images} test "
         f"images x 5 questions = {settings.test_images * 5} questions ({settings.test_images} per dimension). "
         "Chance: a uniform guess among the answers each question allows.",
+        "",
+        "## Acceptance checks",
+        "",
+        acceptance_markdown(acceptance(table)),
         "",
         "## What it says",
         "",
         *[f"- {line}" for line in summary["findings"]],
         "",
         router_table(table),
-        f"Foundation: CLIP val image->caption retrieval top-1 {100 * foundation['clip']['val_retrieval_top1']:.0f}% "
-        f"(chance {100 * foundation['clip']['val_retrieval_chance']:.0f}%) after {foundation['clip']['steps']} steps; "
-        f"LLM text loss {foundation['llm']['first_loss']:.2f} -> {foundation['llm']['last_loss']:.2f}.",
+        router_diagnostics_table(table),
+        "",
+        budget_table(results),
+        "",
+        foundation_line(foundation),
         "",
         "Wall time of this invocation (s; finished runs are reused, not re-timed): "
         + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + ".",
@@ -293,12 +409,13 @@ def model_card(settings, table, summary, md_lines) -> str:
         "",
         f"A tiny QMoP-LLaVA ({settings.budget} visual tokens of 576, three branches, query-guided router) trained in two "
         "stages on procedurally generated pictures (`python -m qmop_tools.vtcbench`), to answer short questions "
-        "about such pictures: background colour, the letter or colour of a corner tag, left/right/above/below, "
-        "counting shapes, background texture. It knows nothing else. Test accuracy per dimension: "
+        "about such pictures: background colour, the letter on the tag, which half the cross is in, how many "
+        "shapes there are, background texture. It knows nothing else. Test accuracy per dimension: "
         + ", ".join(f"{d} {100 * v:.1f}% (chance {100 * CHANCE[d]:.1f}%)" for d, v in best["per_dimension"].items())
         + ": compare with chance before trusting an answer.",
         "",
-        f"Chosen as the best QMoP run by validation accuracy: {VARIANT_LABELS[best['variant']]} "
+        f"Chosen as the exported QMoP run (budget-sampled if there is one, then best by validation accuracy): "
+        f"{VARIANT_LABELS[best['variant']]} "
         f"({best['stage2_epochs']:g} epochs of stage 2), seed {best['seed']}, val "
         f"{100 * best['val']:.1f}%, test {100 * best['test']:.1f}%, test slice (first {best['test_slice_questions'] // 5} test images) "
         f"{100 * best['test_slice']:.1f}%.",

@@ -1,9 +1,20 @@
 """The mini VTCBench's frozen foundation, trained here because no weights can be downloaded.
 
 - Tokenizers (LLM and CLIP-style) trained on the dataset's text (`conversion.tiny.build_processor(corpus=...)`).
-- A tiny CLIP (ViT on the 24 x 24 patch grid + text transformer) pre-trained contrastively on image-caption pairs
-  of the train split, then frozen: its vision tower becomes QMoP's vision tower, its text transformer the router's
-  text encoder, as QMoP freezes OpenAI's CLIP.
+- A tiny CLIP (ViT on the 24 x 24 patch grid + text transformer) pre-trained on the train split, then frozen: its
+  vision tower becomes QMoP's vision tower, its text transformer the router's text encoder, as QMoP freezes OpenAI's
+  CLIP. Three losses, each standing in for a property real CLIP has and a 300-step contrastive run does not
+  (../shared/research/fidelity_diagnosis.md, sections 1 and 5):
+  - contrastive (InfoNCE both ways) between the image and one of its texts: the caption, or a question followed by
+    its answer, so every question word has a trained embedding in the text encoder;
+  - dense supervision of the feature layer (`vision_feature_layer` = -2): linear heads read, from each patch token,
+    what covers the patch (`data.draw_labels`: kind, shape colour, tag letter, background colour and texture, row
+    and column), and from the CLS token the picture's facts; real CLIP features carry object identity, text and
+    position, which the contrastive run alone did not learn (row probe 8.7% against 4.2% chance);
+  - a salience prior on the feature layer's CLS-to-patch attention (the pruning branch's score), pulled towards the
+    patches that hold something (shapes, cross, tag): real CLIP's CLS attends to objects and text, the contrastive
+    run's attended to background (0.2% of tag patches kept).
+  The tower never sees a question's answer as a label of its own: the heads name what is drawn, not what is asked.
 - A tiny Llama pre-trained as a language model on the train split's captions and question-answer text (no images),
   the stand-in for Vicuna: it knows the words and the answer format, not the pictures.
 
@@ -18,10 +29,14 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, LlamaConfig, LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
+
+
+FOUNDATION_RECIPE = "contrastive+dense+salience/1"  # bump when the pre-training changes: the foundation is rebuilt
 
 
 @dataclass(frozen=True)
@@ -77,7 +92,7 @@ def _fit(name: str, model: torch.nn.Module, num_items: int, loss_of, steps: int,
     """AdamW with warm-up and cosine decay over `steps` batches of item indices drawn epoch by epoch (shuffled with
     `seed`); `loss_of(indices)` returns the batch loss. Leaves the model in eval mode; returns a report."""
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.05)
     rng = random.Random(seed)
     order, losses, start = [], [], time.time()
     for step in range(steps):
@@ -101,9 +116,82 @@ def _fit(name: str, model: torch.nn.Module, num_items: int, loss_of, steps: int,
             "last_loss": sum(losses[-10:]) / len(losses[-10:]), "seconds": time.time() - start}
 
 
-def pretrain_clip(processor, image_folder: str, records: list, shapes: TowerShapes, steps: int, batch_size: int = 64,
-                  lr: float = 2e-3, seed: int = 0, log_every: int = 25) -> tuple[CLIPModel, dict]:
-    """Contrastive (InfoNCE both ways) pre-training on (image, caption) pairs; returns the model and a report."""
+# Per-patch heads on the feature layer and per-picture heads on its CLS token: name -> number of classes.
+def dense_heads() -> dict:
+    from .data import BACKGROUNDS, GLYPHS, GRID, KINDS, OBJECT_COLOURS, TEXTURES
+
+    return {"kind": len(KINDS), "shape_colour": len(OBJECT_COLOURS), "letter": len(GLYPHS),
+            "background": len(BACKGROUNDS), "texture": len(TEXTURES), "row": GRID, "column": GRID}
+
+
+def picture_heads() -> dict:
+    from .data import BACKGROUNDS, GLYPHS, NUMBERS, TEXTURES
+
+    return {"background": len(BACKGROUNDS), "texture": len(TEXTURES), "count": len(NUMBERS), "letter": len(GLYPHS),
+            "cross_h": 2, "cross_v": 2}
+
+
+def picture_labels(record: dict) -> dict:
+    from .data import BACKGROUNDS, GLYPHS, IMAGE_SIZE, TEXTURES
+
+    x, y = record["cross"]
+    return {"background": list(BACKGROUNDS).index(record["background"]), "texture": TEXTURES.index(record["texture"]),
+            "count": len(record["shapes"]) - 1, "letter": list(GLYPHS).index(record["tag_letter"]),
+            "cross_h": int(x >= IMAGE_SIZE / 2), "cross_v": int(y >= IMAGE_SIZE / 2)}
+
+
+def record_texts(record: dict) -> list:
+    """The texts paired with a picture in contrastive training: its caption and each question with its answer."""
+    return [record["caption"]] + [f"{q['question']} {q['answer']}" for q in record["questions"]]
+
+
+def feature_layer_cls_logits(vision_model, hidden_states: tuple, feature_index: int) -> torch.Tensor:
+    """CLS-to-patch attention logits (N, H, P) of the feature layer, from its q/k applied to its input, the way
+    `QMoPModel.pruning_scores` computes the pruning branch's score."""
+    layer = vision_model.encoder.layers[feature_index - 1]
+    attn = layer.self_attn
+    normed = layer.layer_norm1(hidden_states[feature_index - 1])  # (N, S, Cv)
+
+    def heads(x):  # (N, L, Cv) -> (N, H, L, h)
+        return x.view(x.shape[0], x.shape[1], attn.num_heads, -1).transpose(1, 2)
+
+    query, keys = heads(attn.q_proj(normed[:, :1])), heads(attn.k_proj(normed[:, 1:]))  # (N,H,1,h), (N,H,P,h)
+    return (query @ keys.transpose(-1, -2))[:, :, 0] * attn.head_dim**-0.5  # (N, H, P)
+
+
+def _feature_index(shapes: TowerShapes, feature_layer: int) -> int:
+    return (feature_layer % (shapes.vision_layers + 1)) or shapes.vision_layers
+
+
+def _run_to_feature_layer(vision_model, pixel_values: torch.Tensor, feature_index: int) -> list:
+    """Hidden states up to the feature layer: [embeddings (after pre-LN), layer 1, ..., layer `feature_index`], as
+    `QMoPModel.get_vision_features` runs the tower (later layers are never run by QMoP, so they are not trained)."""
+    hidden = vision_model.pre_layrnorm(vision_model.embeddings(pixel_values))
+    states = [hidden]
+    for layer in vision_model.encoder.layers[:feature_index]:
+        out = layer(hidden, None, None) if _LAYER_TAKES_CAUSAL_MASK else layer(hidden, None)
+        hidden = out[0] if isinstance(out, tuple) else out
+        states.append(hidden)
+    return states
+
+
+def _layer_takes_causal_mask() -> bool:
+    import inspect
+
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+
+    return "causal_attention_mask" in inspect.signature(CLIPEncoderLayer.forward).parameters
+
+
+_LAYER_TAKES_CAUSAL_MASK = _layer_takes_causal_mask()  # 4.57 passes (hidden, mask, causal mask); 5.x (hidden, mask)
+
+
+def pretrain_clip(processor, image_folder: str, records: list, shapes: TowerShapes, steps: int, batch_size: int = 32,
+                  lr: float = 2e-3, seed: int = 0, log_every: int = 25, feature_layer: int = -2,
+                  salience_weight: float = 1.0, text_steps: int = 300, val_records=None) -> tuple[CLIPModel, dict]:
+    """The vision tower (dense + salience, up to the feature layer), then the text encoder (contrastive against the
+    frozen feature layer's CLS token, LiT-style); see the module docstring. Returns the CLIP model and a report,
+    with held-out checks on `val_records`: each dense head's accuracy, caption retrieval, what salience pruning keeps."""
     torch.manual_seed(seed)
     config = CLIPConfig(
         text_config=text_encoder_config(shapes, processor.query_tokenizer).to_dict(),
@@ -111,25 +199,104 @@ def pretrain_clip(processor, image_folder: str, records: list, shapes: TowerShap
         projection_dim=shapes.vision_width,
     )
     model = CLIPModel(config)
+    vision = model.vision_model
+    width = shapes.vision_width
+    patch_heads = torch.nn.ModuleDict({name: torch.nn.Linear(width, n) for name, n in dense_heads().items()})
+    cls_heads = torch.nn.ModuleDict({name: torch.nn.Linear(width, n) for name, n in picture_heads().items()})
+    feature_index = _feature_index(shapes, feature_layer)
+    used = torch.nn.ModuleList([vision.embeddings, vision.pre_layrnorm, *vision.encoder.layers[:feature_index]])
+    trained = torch.nn.ModuleDict({"tower": used, "patch": patch_heads, "cls": cls_heads})
+
     pixels = load_pixels(processor, image_folder, records)
-    captions = processor.query_tokenizer([r["caption"] for r in records], padding=True, truncation=True,
-                                         max_length=77, return_tensors="pt")
+    patch_targets = {name: torch.tensor([[v for row in r["labels"][name] for v in row] for r in records])
+                     for name in dense_heads()}  # name -> (n, P)
+    picture_targets = {name: torch.tensor([picture_labels(r)[name] for r in records]) for name in picture_heads()}
+    foreground = (patch_targets["kind"] > 0).float()  # (n, P)
+    salience = foreground / foreground.sum(-1, keepdim=True).clamp(min=1)
 
-    def loss_of(indices):
+    def vision_loss(indices):
         index = torch.tensor(indices)
-        return model(input_ids=captions["input_ids"][index], attention_mask=captions["attention_mask"][index],
-                     pixel_values=pixels[index], return_loss=True).loss
+        states = _run_to_feature_layer(vision, pixels[index], feature_index)
+        features = states[feature_index]  # (N, S, Cv)
+        loss = 0.0
+        for name, head in patch_heads.items():
+            loss = loss + F.cross_entropy(head(features[:, 1:]).flatten(0, 1), patch_targets[name][index].flatten(),
+                                          ignore_index=-1)
+        for name, head in cls_heads.items():
+            loss = loss + F.cross_entropy(head(features[:, 0]), picture_targets[name][index])
+        logits = feature_layer_cls_logits(vision, states, feature_index)  # (N, H, P)
+        log_attention = torch.log_softmax(logits.float(), dim=-1).mean(dim=1)  # (N, P), averaged over heads
+        return loss - salience_weight * (salience[index] * log_attention).sum(-1).mean()
 
-    return model, _fit("clip", model, len(records), loss_of, steps, batch_size, lr, seed, log_every)
+    report = {"vision": _fit("vision", trained, len(records), vision_loss, steps, batch_size, lr, seed, log_every)}
+    trained.eval()
+
+    # Text encoder, LiT-style: the tower is frozen; its feature-layer CLS is the image side of the contrastive loss.
+    with torch.no_grad():
+        cls = torch.cat([_run_to_feature_layer(vision, pixels[i:i + 64], feature_index)[feature_index][:, 0]
+                         for i in range(0, len(records), 64)])  # (n, Cv)
+    image_projection = torch.nn.Linear(width, config.projection_dim, bias=False)
+    texts = [record_texts(r) for r in records]
+    text_rng = random.Random(seed + 1)
+    lit = torch.nn.ModuleDict({"text": model.text_model, "text_projection": model.text_projection,
+                               "image_projection": image_projection})
+
+    def text_loss(indices):
+        chosen = [text_rng.choice(texts[i]) for i in indices]
+        encoded = processor.query_tokenizer(chosen, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        text = F.normalize(model.text_projection(model.text_model(**encoded).pooler_output), dim=-1)
+        image = F.normalize(image_projection(cls[torch.tensor(indices)]), dim=-1)
+        logits = model.logit_scale.exp().detach() * image @ text.T  # (N, N)
+        target = torch.arange(len(indices))
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+    report["text"] = _fit("text", lit, len(records), text_loss, text_steps, 64, lr, seed, log_every)
+    model.eval()
+    if val_records:
+        with torch.no_grad():
+            val_pixels = load_pixels(processor, image_folder, val_records)
+            states = _run_to_feature_layer(vision, val_pixels, feature_index)
+            features = states[feature_index]
+            accuracy = {}
+            for name, head in patch_heads.items():
+                target = torch.tensor([[v for row in r["labels"][name] for v in row] for r in val_records]).flatten()
+                predicted = head(features[:, 1:]).flatten(0, 1).argmax(-1)
+                accuracy[f"patch/{name}"] = round(float((predicted == target)[target >= 0].float().mean()), 4)
+            for name, head in cls_heads.items():
+                target = torch.tensor([picture_labels(r)[name] for r in val_records])
+                accuracy[f"picture/{name}"] = round(float((head(features[:, 0]).argmax(-1) == target).float().mean()), 4)
+            report["val_head_accuracy"] = accuracy
+            captions = processor.query_tokenizer([r["caption"] for r in val_records], padding=True, truncation=True,
+                                                 max_length=77, return_tensors="pt")
+            text = F.normalize(model.text_projection(model.text_model(**captions).pooler_output), dim=-1)
+            image = F.normalize(image_projection(features[:, 0]), dim=-1)
+            report["val_caption_retrieval_top1"] = round(float(((image @ text.T).argmax(-1) == torch.arange(
+                len(val_records))).float().mean()), 4)
+            report["val_caption_retrieval_chance"] = round(1 / len(val_records), 4)
+    return model, report
 
 
 @torch.no_grad()
-def clip_retrieval_accuracy(model: CLIPModel, processor, image_folder: str, records: list) -> float:
-    """Image-to-caption top-1 retrieval among `records` (a sanity check of the pre-training)."""
+def tower_probe_report(model: CLIPModel, processor, image_folder: str, records: list, feature_layer: int = -2,
+                       budget: int = 36) -> dict:
+    """What the frozen tower gives the branches, on held-out pictures: the share of tag patches among the `budget`
+    patches its CLS attention ranks highest (what salience pruning keeps), and the share of all foreground."""
+    from .data import GRID
+
+    layers = model.config.vision_config.num_hidden_layers
+    feature_index = (feature_layer % (layers + 1)) or layers
     pixels = load_pixels(processor, image_folder, records)
-    captions = processor.query_tokenizer([r["caption"] for r in records], padding=True, return_tensors="pt")
-    out = model(input_ids=captions["input_ids"], attention_mask=captions["attention_mask"], pixel_values=pixels)
-    return (out.logits_per_image.argmax(-1) == torch.arange(len(records))).float().mean().item()
+    states = _run_to_feature_layer(model.vision_model, pixels, feature_index)
+    logits = feature_layer_cls_logits(model.vision_model, states, feature_index)
+    scores = torch.softmax(logits.float(), dim=-1).mean(dim=1)  # (n, P)
+    kept = scores.topk(budget, dim=-1).indices
+    kinds = torch.tensor([[v for row in r["labels"]["kind"] for v in row] for r in records])  # (n, P)
+    kept_kinds = kinds.gather(1, kept)
+    tag_total = (kinds == 3).sum().clamp(min=1)
+    fg_total = (kinds > 0).sum().clamp(min=1)
+    return {"budget": budget, "grid": GRID,
+            "tag_patches_kept": round(float((kept_kinds == 3).sum() / tag_total), 4),
+            "foreground_patches_kept": round(float((kept_kinds > 0).sum() / fg_total), 4)}
 
 
 def pretrain_llm(tokenizer, lines: list, shapes: TowerShapes, steps: int, batch_size: int = 64, lr: float = 2e-3,
