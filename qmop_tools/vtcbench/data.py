@@ -6,7 +6,7 @@ A 144 x 144 picture on a 6-pixel patch grid gives LLaVA's 24 x 24 = 576 patches.
 - a background colour (6) under a texture (5: plain, striped, dotted, checkered, grainy);
 - 1 to 4 small shapes (circle, square, triangle, diamond; 8 colours; all the same size), away from the corners;
 - one cross (a thin black-and-white "+") clearly inside one half of the picture on both axes;
-- one tag in one corner: a 10 x 14 pixel letter (8 letters) in a 14 x 18 pixel coloured box (6 colours).
+- one tag in one corner: a 15 x 21 pixel letter (8 letters) in a 21 x 27 pixel coloured box (6 colours).
 
 and one question per dimension (answers are single words):
 
@@ -21,8 +21,8 @@ and one question per dimension (answers are single words):
 Version 3 (the benchmark's v2) is built so that each question reads one thing in the picture, without a look-up by
 position that a 2-layer LLM cannot learn in minutes (../shared/research/fidelity_diagnosis.md, section 4): there is one
 tag and one cross, and counting counts every shape, all of one size so that area is proportional to count. The
-contrast between branches is kept where the method says it is: the letter is finer than a patch (a 6 x 6 patch
-holds a part of a stroke), so a 4 x 4 pooling cell at M = 36 averages it away, while a pruning branch that keeps the
+contrast between branches is kept where the method says it is: a letter is a pattern of 3-pixel strokes across
+about 3 x 4 patches at a random offset, so the 24 x 24 pixel pooling cells at M = 36 average it away, while a pruning branch that keeps the
 tag's patches keeps it; the texture lives on the background, which salience pruning drops.
 
 `draw_labels` draws, next to each picture, a per-patch map of what is there (kind, colour, letter, ...): the
@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 
 from PIL import Image, ImageDraw
 
-DATA_VERSION = 3  # bump when scenes, questions or drawing change: cached data on disk is then regenerated
+DATA_VERSION = 4  # bump when scenes, questions or drawing change: cached data on disk is then regenerated
 IMAGE_SIZE = 144
 PATCH_SIZE = 6
 GRID = IMAGE_SIZE // PATCH_SIZE  # 24 patches a side
@@ -77,9 +77,9 @@ GLYPHS = {
     "o": ("01110", "10001", "10001", "10001", "10001", "10001", "01110"),
     "k": ("10001", "10010", "10100", "11000", "10100", "10010", "10001"),
 }
-GLYPH_SCALE = 2
-TAG_MARGIN = 2  # box border around the glyph, in pixels
-CORNER_ZONE = 30  # shapes and the cross stay out of the 30 x 30 corners, where the tag lives
+GLYPH_SCALE = 3  # 15 x 21 pixel letters: 3-pixel strokes, about 3 x 4 patches (the diagnosis's D2)
+TAG_MARGIN = 3  # box border around the glyph, in pixels
+CORNER_ZONE = 36  # shapes and the cross stay out of the 36 x 36 corners, where the tag lives
 SHAPE_RADIUS = 7  # every shape the same size: a count is an area
 CROSS_ARM = 6  # the cross spans 13 x 13 pixels
 HALF_MARGIN = 14  # the cross's centre is at least this far from the middle lines

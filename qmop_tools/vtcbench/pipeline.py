@@ -49,58 +49,83 @@ def prepare_data(output: str, settings: Settings) -> str:
     return data_dir
 
 
-def prepare_foundation(output: str, settings: Settings) -> dict:
-    """Tokenizers + processor, contrastive CLIP, text-pre-trained LLM (on the train split only)."""
-    from conversion.tiny import build_processor
+def prepare_foundation(output: str, settings: Settings, parts=("tokenizers", "language", "vision")) -> dict:
+    """The frozen foundation, in parts cached apart (each rebuilt only when its own settings change, so a new tower
+    recipe does not retrain the LLM, and the language and vision parts can be built by two processes at once):
+    "tokenizers" = tokenizers and processor; "language" = the text-pre-trained LLM; "vision" = the CLIP vision tower
+    and text encoder (`towers.pretrain_clip`). Train split only."""
+    from conversion.tiny import build_processor, save_pretrained_atomically
 
-    from .data import IMAGE_SIZE, PATCH_SIZE, corpus, generate_split
-    from conversion.tiny import save_pretrained_atomically
-
+    from .data import DATA_VERSION, IMAGE_SIZE, PATCH_SIZE, corpus, generate_split
     from .towers import FOUNDATION_RECIPE, TowerShapes, pretrain_clip, pretrain_llm, tower_probe_report
 
     foundation = os.path.join(output, "foundation")
-    report_path = os.path.join(foundation, "report.json")
-    from .data import DATA_VERSION
-
-    wanted = {"data_version": DATA_VERSION, "clip_steps": settings.clip_steps, "clip_batch_size": settings.clip_batch_size,
-              "text_steps": settings.text_steps,
-              "llm_steps": settings.llm_steps, "train_images": settings.train_images, "data_seed": settings.data_seed,
-              "shapes": TowerShapes().__dict__, "recipe": FOUNDATION_RECIPE}
-    if os.path.exists(report_path):
-        with open(report_path) as f:
-            report = json.load(f)
-        if report.get("settings") == wanted:
-            return report
-    shapes = TowerShapes()
-    start = time.time()
     data_dir = os.path.join(output, "data")
-    scenes = generate_split("train", settings.train_images, settings.data_seed)
-    lines = corpus(scenes)
-    processor = build_processor(settings.budget, IMAGE_SIZE, PATCH_SIZE, corpus=lines)
-    with open(os.path.join(data_dir, "train.json")) as f:
-        records = json.load(f)
-    with open(os.path.join(data_dir, "val.json")) as f:
-        val_records = json.load(f)
-    probe = val_records[:100]
-    clip, clip_report = pretrain_clip(processor, os.path.join(data_dir, "images"), records, shapes,
-                                      steps=settings.clip_steps, batch_size=settings.clip_batch_size,
-                                      seed=settings.data_seed, text_steps=settings.text_steps, val_records=probe)
-    clip_report["salience_pruning"] = tower_probe_report(clip, processor, os.path.join(data_dir, "images"), probe,
-                                                         budget=settings.budget)
-    llm, llm_report = pretrain_llm(processor.tokenizer, lines, shapes, steps=settings.llm_steps, seed=settings.data_seed)
-    os.makedirs(foundation, exist_ok=True)
-    save_pretrained_atomically(os.path.join(foundation, "processor"), processor)
-    save_pretrained_atomically(os.path.join(foundation, "clip"), clip)
-    save_pretrained_atomically(os.path.join(foundation, "llm"), llm)
-    logger.info("foundation in %.0f s: tower heads on val %s; caption retrieval top-1 %.2f (chance %.2f); salience "
-                "pruning keeps %.0f%% of tag patches; LLM loss %.2f -> %.2f", time.time() - start,
-                clip_report["val_head_accuracy"], clip_report["val_caption_retrieval_top1"],
-                clip_report["val_caption_retrieval_chance"], 100 * clip_report["salience_pruning"]["tag_patches_kept"],
-                llm_report["first_loss"], llm_report["last_loss"])
-    report = {"settings": wanted, "clip": clip_report, "llm": llm_report,
-              "vocab": {"llm": len(processor.tokenizer), "query": len(processor.query_tokenizer)}}
-    _write_json(report_path, report)
-    return report
+    shapes = TowerShapes()
+    common = {"data_version": DATA_VERSION, "train_images": settings.train_images, "data_seed": settings.data_seed,
+              "shapes": shapes.__dict__}
+    wanted = {
+        "tokenizers": common,
+        "language": common | {"llm_steps": settings.llm_steps},
+        "vision": common | {"clip_steps": settings.clip_steps, "clip_batch_size": settings.clip_batch_size,
+                            "text_steps": settings.text_steps, "recipe": FOUNDATION_RECIPE},
+    }
+
+    def cached(part):
+        path = os.path.join(foundation, f"report-{part}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                report = json.load(f)
+            if report.get("settings") == wanted[part]:
+                return report
+        return None
+
+    lines = corpus(generate_split("train", settings.train_images, settings.data_seed))
+    if "tokenizers" in parts and cached("tokenizers") is None:
+        processor = build_processor(settings.budget, IMAGE_SIZE, PATCH_SIZE, corpus=lines)
+        os.makedirs(foundation, exist_ok=True)
+        save_pretrained_atomically(os.path.join(foundation, "processor"), processor)
+        _write_json(os.path.join(foundation, "report-tokenizers.json"),
+                    {"settings": wanted["tokenizers"],
+                     "vocab": {"llm": len(processor.tokenizer), "query": len(processor.query_tokenizer)}})
+    if {"language", "vision"} & set(parts) and cached("tokenizers") is None:
+        raise RuntimeError("The language and vision parts need the tokenizers: prepare them first.")
+    if "language" in parts and cached("language") is None:
+        from transformers import AutoTokenizer
+
+        start = time.time()
+        tokenizer = AutoTokenizer.from_pretrained(os.path.join(foundation, "processor"))
+        llm, llm_report = pretrain_llm(tokenizer, lines, shapes, steps=settings.llm_steps, seed=settings.data_seed)
+        save_pretrained_atomically(os.path.join(foundation, "llm"), llm)
+        logger.info("foundation, language part in %.0f s: LLM loss %.2f -> %.2f", time.time() - start,
+                    llm_report["first_loss"], llm_report["last_loss"])
+        _write_json(os.path.join(foundation, "report-language.json"), {"settings": wanted["language"], "llm": llm_report})
+    if "vision" in parts and cached("vision") is None:
+        from transformers import AutoProcessor
+
+        start = time.time()
+        processor = AutoProcessor.from_pretrained(os.path.join(foundation, "processor"), trust_remote_code=True)
+        with open(os.path.join(data_dir, "train.json")) as f:
+            records = json.load(f)
+        with open(os.path.join(data_dir, "val.json")) as f:
+            probe = json.load(f)[:100]
+        clip, clip_report = pretrain_clip(processor, os.path.join(data_dir, "images"), records, shapes,
+                                          steps=settings.clip_steps, batch_size=settings.clip_batch_size,
+                                          seed=settings.data_seed, text_steps=settings.text_steps, val_records=probe)
+        clip_report["salience_pruning"] = tower_probe_report(clip, processor, os.path.join(data_dir, "images"), probe,
+                                                             budget=settings.budget)
+        save_pretrained_atomically(os.path.join(foundation, "clip"), clip)
+        logger.info("foundation, vision part in %.0f s: tower heads on val %s; caption retrieval top-1 %.2f (chance "
+                    "%.2f); salience pruning keeps %.0f%% of tag patches", time.time() - start,
+                    clip_report["val_head_accuracy"], clip_report["val_caption_retrieval_top1"],
+                    clip_report["val_caption_retrieval_chance"],
+                    100 * clip_report["salience_pruning"]["tag_patches_kept"])
+        _write_json(os.path.join(foundation, "report-vision.json"), {"settings": wanted["vision"], "clip": clip_report})
+    tokenizers, language, vision = cached("tokenizers"), cached("language"), cached("vision")
+    if None in (tokenizers, language, vision):
+        return {}
+    return {"settings": {"language": language["settings"], "vision": vision["settings"]}, "clip": vision["clip"],
+            "llm": language["llm"], "vocab": tokenizers["vocab"]}
 
 
 def run(output: str, settings: Settings, fresh: bool = False, export_checkpoint=None, export_demo=None,
