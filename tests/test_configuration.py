@@ -54,7 +54,7 @@ def test_any_causal_lm_text_config():
         ({"router_min_temperature": 0.0}, "router_min_temperature"),
         ({"router_temperature": 0.05}, "router_min_temperature"),
         ({"router_mode": "text"}, "router_mode"),
-        ({"pruning_score": "random"}, "pruning_score"),
+        ({"pruning_score": "entropy"}, "pruning_score"),
         ({"router_temperature_schedule": "step"}, "router_temperature_schedule"),
         ({"resampler_query_init": "zeros"}, "resampler_query_init"),
         ({"vision_feature_layer": 9}, "vision_feature_layer"),
