@@ -690,12 +690,9 @@ class QMoPModel(QMoPPreTrainedModel):
     def pruning_scores(self, layer_input: torch.Tensor, feature_layer: nn.Module, query_embeds: Optional[torch.Tensor]):
         """Patch scores (N, P) of the pruning branch and, with recycling, patch-to-patch attention (N, P, P), from the
         feature layer's q/k projections applied to its input (N, S, Cv). See [`QMoPPruningBranch`]."""
+        # Every weight is used through a module call (layer_norm1, q_proj, k_proj), never read directly: under
+        # CPU/disk offload accelerate hooks each of these modules and loads its weights only for that call.
         attn = feature_layer.self_attn
-        if attn.k_proj.weight.device.type == "meta" and layer_input.device.type != "meta":
-            raise RuntimeError(
-                "The pruning branch reads the vision tower's feature layer, which is offloaded (meta weights). "
-                "Keep `model.vision_tower` on a device in `device_map` (it is small)."
-            )
         branch = self.projector.pruning_branch
         num_heads, scale = attn.num_heads, attn.head_dim**-0.5
 
