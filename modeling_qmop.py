@@ -714,6 +714,8 @@ class QMoPModel(QMoPPreTrainedModel):
         self.config.validate_num_visual_tokens(num_visual_tokens, "num_visual_tokens")
         num_images = pixel_values.shape[0]
         query_embeds = None
+        if query_input_ids is not None:
+            _check_token_ids("query_input_ids", query_input_ids)
         if self.config.uses_query:
             if query_input_ids is None:
                 raise ValueError(
