@@ -33,7 +33,11 @@ def check_output_file(path: str, argument: str) -> None:
     path = os.path.abspath(path)
     if os.path.isdir(path):
         raise ValueError(f"{argument} {path!r} is a folder; expected a file path.")
-    check_output_folder(os.path.dirname(path), argument)
+    ancestor = nearest_existing_ancestor(path)
+    if not os.path.isdir(ancestor):
+        raise ValueError(f"{argument} {path!r} is below {ancestor!r}, which is a file, not a folder.")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"{argument} {path!r}: the folder {ancestor!r} is not writable.")
 
 
 def local_model_type(path: str):
