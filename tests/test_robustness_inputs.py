@@ -4,6 +4,7 @@ or the exact output. Where transformers' llava-hf (LlavaProcessor / LlavaForCond
 config) has a behaviour, a second test records it next to ours, so a change on either side shows up."""
 
 import base64
+import importlib.util
 import io
 import json
 import os
@@ -448,3 +449,23 @@ def test_offloaded_vision_tower_generates_the_same_tokens(tmp_path, settings):
                                                              offload_folder=str(tmp_path / "offload")).eval()
     assert offloaded.hf_device_map["model.vision_tower"] == "disk"
     assert torch.equal(offloaded.generate(**batch, max_new_tokens=6, do_sample=False), expected)
+
+
+# ===================================================================================== 4-bit saving on CPU (README)
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+def test_4bit_cpu_save_before_any_forward_keeps_outputs(tmp_path):
+    """The README's upstream note: on CPU, saving after a forward changes a 4-bit model's outputs (bitsandbytes
+    repacks the weights lossily); saving right after loading does not."""
+    from conversion.tiny import save_tiny_checkpoint
+    from processing_qmop import QMoPProcessor
+
+    folder = save_tiny_checkpoint(str(tmp_path / "ckpt"), num_visual_tokens=BUDGET, width=64)  # CPU kernels need >32
+    batch = QMoPProcessor.from_pretrained(folder)(images=make_image(seed=2), text=PROMPT)
+    model = QMoPForConditionalGeneration.from_pretrained(folder, load_in_4bit=True, dtype=torch.float32).eval()
+    model.save_pretrained(tmp_path / "saved-first")
+    with torch.no_grad():
+        first = model(**batch).logits
+        reloaded = QMoPForConditionalGeneration.from_pretrained(tmp_path / "saved-first", dtype=torch.float32).eval()
+        assert torch.equal(reloaded(**batch).logits, first)
+        model.save_pretrained(tmp_path / "saved-after-forward")
+        assert not torch.equal(model(**batch).logits, first)  # the upstream behaviour the README warns about
