@@ -80,7 +80,7 @@ def test_output_through_a_symlink_to_the_source_is_refused(sources, sources_copy
         (dict(config_overrides={"vision_config": {}}), conv.ConversionError, "vision_config: set by the converter"),
         (dict(config_overrides={"router_top_k": "1"}), conv.ConversionError, "`router_top_k` must be an integer, got '1'"),
         (dict(config_overrides={"router_top_k": 5}), conv.ConversionError, "`router_top_k`=5 must be between 1 and"),
-        (dict(config_overrides={"pruning_score": "random"}), conv.ConversionError, "`pruning_score` must be one of"),
+        (dict(config_overrides={"pruning_score": "largest"}), conv.ConversionError, "`pruning_score` must be one of"),
         (dict(dtype="float64"), conv.ConversionError, "--dtype must be one of"),
         (dict(num_visual_tokens=0), ValueError, "--num-visual-tokens must be a positive perfect square (e.g. 64, 144), got 0"),
         (dict(num_visual_tokens=15), ValueError, "perfect square"),
