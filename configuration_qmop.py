@@ -268,7 +268,32 @@ class QMoPConfig(PretrainedConfig):
                 f"({self.patch_grid}x{self.patch_grid})."
             )
 
+    # Numeric and boolean fields, type-checked before any arithmetic on them (a JSON or CLI string such as "2" is an
+    # error naming the field, not a TypeError from a comparison).
+    _INT_FIELDS = ("image_token_id", "vision_feature_layer", "resampler_num_layers", "resampler_num_heads",
+                   "resampler_intermediate_size", "router_hidden_size", "router_top_k", "query_max_length")
+    _FLOAT_FIELDS = ("router_temperature", "router_min_temperature", "router_aux_loss_coef", "router_z_loss_coef")
+    _OPTIONAL_FLOAT_FIELDS = ("router_eval_temperature", "router_logit_cap")
+    _BOOL_FIELDS = ("pruning_recycle", "router_gumbel_noise", "pad_to_square")
+
+    def _check_field_types(self) -> None:
+        for field in self._INT_FIELDS:
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"`{field}` must be an integer, got {value!r} ({type(value).__name__}).")
+        for field in self._FLOAT_FIELDS + self._OPTIONAL_FLOAT_FIELDS:
+            value = getattr(self, field)
+            if value is None and field in self._OPTIONAL_FLOAT_FIELDS:
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise TypeError(f"`{field}` must be a finite number, got {value!r} ({type(value).__name__}).")
+        for field in self._BOOL_FIELDS:
+            value = getattr(self, field)
+            if not isinstance(value, bool):
+                raise TypeError(f"`{field}` must be True or False, got {value!r} ({type(value).__name__}).")
+
     def _validate(self, branches_arg) -> None:
+        self._check_field_types()
         if isinstance(branches_arg, str) or not branches_arg:
             raise ValueError(f"`branches` must be a non-empty list drawn from {list(BRANCH_ORDER)}, got {branches_arg!r}.")
         unknown = [b for b in branches_arg if b not in BRANCH_ORDER]

@@ -83,11 +83,43 @@ def _to(tensor: Optional[torch.Tensor], device: Optional[torch.device]) -> Optio
 
 
 def _check_pixel_values(pixel_values: torch.Tensor) -> None:
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"`pixel_values` must be a tensor (from QMoPProcessor), got {type(pixel_values).__name__}.")
     if not torch.is_floating_point(pixel_values):
         raise TypeError(f"`pixel_values` must be a float tensor (from QMoPProcessor), got dtype {pixel_values.dtype}.")
     if pixel_values.ndim != 4:
         raise ValueError(
             f"`pixel_values` must have shape (num_images, channels, height, width), got {tuple(pixel_values.shape)}."
+        )
+    if pixel_values.device.type != "meta" and not bool(torch.isfinite(pixel_values).all()):
+        raise ValueError(
+            f"`pixel_values` hold {int((~torch.isfinite(pixel_values)).sum())} NaN or infinite value(s); a model fed "
+            "non-finite pixels has no meaningful answer."
+        )
+
+
+def _check_token_ids(name: str, ids) -> None:
+    """`input_ids` / `query_input_ids`: a (batch, sequence) integer tensor."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"`{name}` must be a tensor of token ids, got {type(ids).__name__}.")
+    if torch.is_floating_point(ids) or ids.dtype == torch.bool:
+        raise TypeError(f"`{name}` must be integer token ids, got dtype {ids.dtype}.")
+    if ids.ndim != 2:
+        raise ValueError(
+            f"`{name}` must have shape (batch, sequence_length), got {tuple(ids.shape)}; add a batch dimension "
+            "(`ids[None]`) for a single sequence."
+        )
+
+
+def _check_labels(labels, input_ids, inputs_embeds) -> None:
+    """`labels` are token ids of the same (batch, sequence) shape as the inputs (-100 = ignored)."""
+    if not isinstance(labels, torch.Tensor) or torch.is_floating_point(labels) or labels.dtype == torch.bool:
+        kind = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise TypeError(f"`labels` must be an integer tensor of token ids (-100 = ignored), got {kind}.")
+    expected = tuple(input_ids.shape) if input_ids is not None else tuple(inputs_embeds.shape[:2])
+    if tuple(labels.shape) != expected:
+        raise ValueError(
+            f"`labels` must have the inputs' shape (batch, sequence_length) = {expected}, got {tuple(labels.shape)}."
         )
 
 
@@ -103,6 +135,19 @@ def router_temperature_at(config: QMoPConfig, progress: float) -> float:
     if schedule == "exponential":
         return start * (end / start) ** progress
     return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * progress))  # cosine
+
+
+def _check_unambiguous_budget(run_lengths: torch.Tensor, num_images: int, per_image: int, config_budget: int) -> None:
+    """M is read from the placeholders. When some run of consecutive placeholders must hold several images, the split
+    is a guess (4 images over one image's 16 placeholders would silently become 4 tokens each): accept it only at
+    the config's budget."""
+    if len(run_lengths) == num_images or per_image == config_budget:
+        return
+    raise ValueError(
+        f"Image features and image tokens do not match: {num_images} images for {int(run_lengths.sum())} `<image>` "
+        f"placeholders in {len(run_lengths)} run(s) of lengths {run_lengths.tolist()}. Each image needs its own "
+        f"M placeholders (config budget {config_budget}); build prompts with QMoPProcessor, one `<image>` per image."
+    )
 
 
 # ===================================================================================== outputs
@@ -476,6 +521,7 @@ class QMoPProjector(nn.Module):
                 kept_patch_indices[rows] = kept
             gate = weights[rows, column].to(out.dtype)[:, None, None]  # (n, 1, 1)
             fused = fused.index_add(0, rows, gate * out)  # (N, M, D)
+        fused = _poison_unroutable_images(fused, weights)
         return QMoPProjectorOutput(
             image_features=fused,
             router_weights=weights,
@@ -485,6 +531,16 @@ class QMoPProjector(nn.Module):
             aux_loss=aux_loss,
             router_z_loss=z_loss,
         )
+
+
+def _poison_unroutable_images(fused: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Images whose router weights are not finite (NaN/Inf weights in the checkpoint or the vision features) select no
+    branch and would become all-zero tokens that look like a normal input: give them NaN tokens instead, so the
+    logits are NaN, as in LLaVA with non-finite weights."""
+    unroutable = ~torch.isfinite(weights).all(dim=-1)  # (N,)
+    if not bool(unroutable.any()):
+        return fused
+    return fused.masked_fill(unroutable.to(fused.device)[:, None, None], float("nan"))  # (N, M, D)
 
 
 # ===================================================================================== pre-trained base
@@ -638,8 +694,7 @@ class QMoPModel(QMoPPreTrainedModel):
 
     def get_query_embeds(self, query_input_ids: torch.Tensor, query_attention_mask: Optional[torch.Tensor]):
         """EOS embedding of the question from the CLIP text encoder: (N, Ct)."""
-        if torch.is_floating_point(query_input_ids):
-            raise TypeError(f"`query_input_ids` must be integer token ids, got dtype {query_input_ids.dtype}.")
+        _check_token_ids("query_input_ids", query_input_ids)
         device = _execution_device(self.text_encoder)
         output = self.text_encoder(
             input_ids=_to(query_input_ids, device), attention_mask=_to(query_attention_mask, device)
@@ -654,10 +709,13 @@ class QMoPModel(QMoPPreTrainedModel):
         num_visual_tokens: Optional[int] = None,
     ) -> QMoPProjectorOutput:
         """Compress images to `num_visual_tokens` (default: the config's budget) tokens each, guided by the query."""
-        num_visual_tokens = num_visual_tokens or self.config.num_visual_tokens
+        num_visual_tokens = self.config.num_visual_tokens if num_visual_tokens is None else num_visual_tokens
+        _check_pixel_values(pixel_values)
         self.config.validate_num_visual_tokens(num_visual_tokens, "num_visual_tokens")
         num_images = pixel_values.shape[0]
         query_embeds = None
+        if query_input_ids is not None:
+            _check_token_ids("query_input_ids", query_input_ids)
         if self.config.uses_query:
             if query_input_ids is None:
                 raise ValueError(
@@ -690,12 +748,9 @@ class QMoPModel(QMoPPreTrainedModel):
     def pruning_scores(self, layer_input: torch.Tensor, feature_layer: nn.Module, query_embeds: Optional[torch.Tensor]):
         """Patch scores (N, P) of the pruning branch and, with recycling, patch-to-patch attention (N, P, P), from the
         feature layer's q/k projections applied to its input (N, S, Cv). See [`QMoPPruningBranch`]."""
+        # Every weight is used through a module call (layer_norm1, q_proj, k_proj), never read directly: under
+        # CPU/disk offload accelerate hooks each of these modules and loads its weights only for that call.
         attn = feature_layer.self_attn
-        if attn.k_proj.weight.device.type == "meta" and layer_input.device.type != "meta":
-            raise RuntimeError(
-                "The pruning branch reads the vision tower's feature layer, which is offloaded (meta weights). "
-                "Keep `model.vision_tower` on a device in `device_map` (it is small)."
-            )
         branch = self.projector.pruning_branch
         if branch.score == "random" and not branch.recycle:  # random-k: no attention needed
             num_patches = layer_input.shape[1] - 1
@@ -750,6 +805,7 @@ class QMoPModel(QMoPPreTrainedModel):
                 f"Image features and image tokens do not match: runs of `<image>` placeholders of lengths "
                 f"{run_lengths.tolist()} cannot be split into images of {per_image} tokens."
             )
+        _check_unambiguous_budget(run_lengths, num_images, per_image, self.config.num_visual_tokens)
         return per_image
 
     def forward(
@@ -770,8 +826,8 @@ class QMoPModel(QMoPPreTrainedModel):
     ) -> QMoPModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
-        if input_ids is not None and torch.is_floating_point(input_ids):
-            raise TypeError(f"`input_ids` must be integer token ids, got dtype {input_ids.dtype}.")
+        if input_ids is not None:
+            _check_token_ids("input_ids", input_ids)
 
         embeddings = self.get_input_embeddings()
         image_mask = None
@@ -917,6 +973,8 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> QMoPCausalLMOutputWithPast:
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        if labels is not None:
+            _check_labels(labels, input_ids, inputs_embeds)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,

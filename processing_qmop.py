@@ -54,7 +54,8 @@ ImageInput = Union["PIL.Image.Image", np.ndarray, torch.Tensor, str, bytes]  # n
 
 
 def _to_pil_rgb(image, index: int):
-    """PIL RGB image from a PIL image, an array (HWC/CHW), a tensor, raw bytes, a path or a URL."""
+    """PIL RGB image from a PIL image, an array (HW, HWC or CHW with 1, 3 or 4 channels), a tensor, raw bytes, a
+    path, a URL or base64 data. Anything else, or a source that cannot be read, is an error naming `images`."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -62,26 +63,82 @@ def _to_pil_rgb(image, index: int):
             image = Image.open(BytesIO(image))
             image.load()
         elif isinstance(image, str):
-            from transformers.image_utils import load_image
-
-            image = load_image(image)
+            image = _load_image_string(image, index)
         elif isinstance(image, (np.ndarray, torch.Tensor)):
-            from transformers.image_transforms import to_pil_image
-
-            array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else image
-            if array.ndim not in (2, 3):
-                raise ValueError(f"an image array must have 2 or 3 dimensions, got shape {array.shape}")
-            image = to_pil_image(array)
+            image = _array_to_pil(image, index)
     except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"Image {index} could not be decoded (corrupt or unsupported bytes): {error}") from error
+        if isinstance(error, FileNotFoundError):
+            raise
+        raise ValueError(f"`images`: image {index} could not be decoded (corrupt or unsupported bytes): {error}") from error
     if not isinstance(image, Image.Image):
         raise TypeError(
-            f"Image {index} has unsupported type {type(image).__name__}; pass PIL images, numpy arrays, "
+            f"`images`: image {index} has unsupported type {type(image).__name__}; pass PIL images, numpy arrays, "
             "tensors, bytes, paths or URLs."
         )
     if image.width < 1 or image.height < 1:
-        raise ValueError(f"Image {index} is empty ({image.width}x{image.height}).")
+        raise ValueError(f"`images`: image {index} is empty ({image.width}x{image.height}).")
     return image.convert("RGB")  # grayscale, palette, RGBA (alpha dropped, as LLaVA does), CMYK
+
+
+def _load_image_string(source: str, index: int):
+    """A local path, an http(s) URL or base64 data; a missing file or an unreachable URL is named as such."""
+    from transformers.image_utils import load_image
+
+    if source.startswith(("http://", "https://")):
+        try:
+            return load_image(source)
+        except Exception as error:  # noqa: BLE001 - requests/httpx raise many kinds; all mean "not fetched"
+            raise ValueError(f"`images`: image {index} could not be fetched from the URL {source!r}: {error}") from error
+    if os.path.isfile(source):
+        return load_image(source)
+    if os.path.isdir(source):
+        raise ValueError(f"`images`: image {index} is the folder {source!r}; pass an image file.")
+    try:
+        return load_image(source)  # base64 data (with or without a data: prefix)
+    except Exception:  # noqa: BLE001 - not base64 either: report the most likely mistake, a wrong path
+        raise FileNotFoundError(
+            f"`images`: image {index} is the string {source[:200]!r}, which is not an existing file, an http(s) URL "
+            "or base64 image data."
+        ) from None
+
+
+def _array_to_pil(array, index: int):
+    """A PIL image from an HW / HWC / CHW array or tensor: uint8 values in [0, 255], or floats in [0, 1]."""
+    from PIL import Image
+
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu()
+        if array.is_floating_point() and array.dtype != torch.float64:
+            array = array.float()  # bfloat16 / float16 have no numpy equivalent that PIL reads
+        array = array.numpy()
+    shape = tuple(array.shape)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    elif array.ndim == 3 and array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4):
+        array = array.transpose(1, 2, 0)  # CHW -> HWC
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+        raise ValueError(
+            f"`images`: image {index} is an array of shape {shape}; expected (height, width), (height, width, C) "
+            "or (C, height, width) with C = 1, 3 or 4."
+        )
+    if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.number):
+        raise TypeError(f"`images`: image {index} is an array of dtype {array.dtype}; expected uint8 or float.")
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ValueError(f"`images`: image {index} holds NaN or infinite values.")
+        if array.size and (array.min() < 0 or array.max() > 1):
+            raise ValueError(
+                f"`images`: image {index} is a float array with values in [{array.min():.3g}, {array.max():.3g}]; "
+                "float images must lie in [0, 1] (or pass uint8 values in [0, 255])."
+            )
+        array = np.round(array * 255.0)
+    elif array.size and (array.min() < 0 or array.max() > 255):
+        raise ValueError(
+            f"`images`: image {index} is an integer array with values in [{array.min()}, {array.max()}]; expected [0, 255]."
+        )
+    array = np.ascontiguousarray(array.astype(np.uint8))
+    mode = "L" if array.shape[-1] == 1 else "RGB"
+    return Image.fromarray(array[:, :, 0] if mode == "L" else array)  # L, RGB or RGBA from the shape
 
 
 def expand_to_square(image, background: tuple):
@@ -112,6 +169,16 @@ def extract_question(prompt: str, image_token: str, occurrence: int = 0) -> str:
         if turn is None:  # image before any marker: take the first user turn
             turn = next((prompt[s:e] for role, s, e in spans if role in ("USER", "HUMAN")), prompt)
     return " ".join(turn.replace(image_token, " ").split())
+
+
+def _check_queries(queries) -> None:
+    """`queries` is None, a string, or a list of strings (None or "" = no question for that image)."""
+    if queries is None or isinstance(queries, str):
+        return
+    if not isinstance(queries, (list, tuple)) or not all(q is None or isinstance(q, str) for q in queries):
+        raise TypeError(
+            f"`queries` must be a string or a list of strings (one per image or one per prompt), got {queries!r:.200}."
+        )
 
 
 class QMoPProcessor(ProcessorMixin):
@@ -202,6 +269,7 @@ class QMoPProcessor(ProcessorMixin):
     ) -> BatchFeature:
         if videos is not None or audio is not None:
             raise ValueError("QMoPProcessor handles images and text only (no videos or audio).")
+        _check_queries(queries)
         budget = self._check_budget(self.num_visual_tokens if num_visual_tokens is None else num_visual_tokens)
         pad_to_square = self.pad_to_square if pad_to_square is None else pad_to_square
         kwargs.pop("return_token_type_ids", None)
@@ -378,6 +446,7 @@ class QMoPProcessor(ProcessorMixin):
             shutil.copy(os.path.abspath(__file__).replace(".pyc", ".py"), os.path.join(tmp, "processing_qmop.py"))
             _make_portable(tmp)
             _make_portable(os.path.join(tmp, QUERY_TOKENIZER_SUBFOLDER))
+            _point_at_processor(tmp)
             move_into(tmp, save_directory)
         if push_to_hub:
             repo_id = kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(save_directory))
@@ -392,9 +461,7 @@ class QMoPProcessor(ProcessorMixin):
         path = str(pretrained_model_name_or_path)
         subfolder = kwargs.get("subfolder") or ""
         file_hub = {k: v for k, v in hub.items() if k != "trust_remote_code"}
-        config_file = cached_file(path, PROCESSOR_CONFIG_NAME, subfolder=subfolder, **file_hub)
-        with open(config_file) as f:
-            settings = json.load(f)
+        settings = _read_processor_settings(path, subfolder, file_hub)
         for key in ("processor_class", "auto_map"):
             settings.pop(key, None)
         image_processor = AutoImageProcessor.from_pretrained(path, subfolder=subfolder, **hub)
@@ -413,6 +480,54 @@ class QMoPProcessor(ProcessorMixin):
             if key in kwargs:
                 settings[key] = kwargs[key]
         return cls(image_processor=image_processor, tokenizer=tokenizer, query_tokenizer=query_tokenizer, **settings)
+
+
+def _optional_file(path: str, name: str, subfolder: str, file_hub: dict) -> Optional[str]:
+    try:
+        return cached_file(path, name, subfolder=subfolder, **file_hub)
+    except OSError:
+        return None
+
+
+def _read_processor_settings(path: str, subfolder: str, file_hub: dict) -> dict:
+    """processor_config.json; without it (a folder copied without that file), the budget and image settings of the
+    model's config.json, with a warning. Neither: an error naming the folder."""
+    config_file = _optional_file(path, PROCESSOR_CONFIG_NAME, subfolder, file_hub)
+    if config_file is not None:
+        with open(config_file) as f:
+            return json.load(f)
+    model_config_file = _optional_file(path, "config.json", subfolder, file_hub)
+    if model_config_file is None:
+        raise OSError(
+            f"{path} has no {PROCESSOR_CONFIG_NAME} and no config.json: it is not a QMoP-LLaVA processor folder "
+            "(save one with QMoPProcessor.save_pretrained)."
+        )
+    with open(model_config_file) as f:
+        model_config = json.load(f)
+    settings = {key: model_config[key] for key in ("num_visual_tokens", "pad_to_square", "query_max_length") if key in model_config}
+    patch_size = (model_config.get("vision_config") or {}).get("patch_size")
+    if patch_size:
+        settings["patch_size"] = patch_size
+    logger.warning(
+        f"{path} has no {PROCESSOR_CONFIG_NAME}; the processor settings were taken from config.json ({settings}). "
+        "Save the processor again (processor.save_pretrained) to write the file."
+    )
+    return settings
+
+
+def _point_at_processor(folder: str) -> None:
+    """Name QMoPProcessor in the image processor and tokenizer configs too, so that AutoProcessor finds it even in a
+    copy of the folder without processor_config.json (instead of returning a bare tokenizer)."""
+    for name in ("preprocessor_config.json", "tokenizer_config.json"):
+        config_path = os.path.join(folder, name)
+        if not os.path.exists(config_path):
+            continue
+        with open(config_path) as f:
+            config = json.load(f)
+        config["processor_class"] = "QMoPProcessor"
+        config["auto_map"] = dict(config.get("auto_map") or {}, AutoProcessor="processing_qmop.QMoPProcessor")
+        with open(config_path, "w") as f:
+            json.dump(config, f, indent=2)
 
 
 def move_into(source_dir: str, target_dir: str) -> None:

@@ -292,16 +292,22 @@ def iter_tensors(files, description: str):
 
 
 def read_keys(files) -> list:
-    """Key names only (cheap for safetensors; .bin shards are memory-mapped)."""
+    """Key names only (cheap for safetensors; .bin shards are memory-mapped). A truncated or corrupt weight file is a
+    ConversionError naming it, before any tensor is read."""
     from safetensors import safe_open
 
     keys = []
     for path in files:
-        if path.endswith(".safetensors"):
-            with safe_open(path, framework="pt") as f:
-                keys += list(f.keys())
-        else:
-            keys += list(_torch_load(path).keys())
+        try:
+            if path.endswith(".safetensors"):
+                with safe_open(path, framework="pt") as f:
+                    keys += list(f.keys())
+            else:
+                keys += list(_torch_load(path).keys())
+        except Exception as error:  # noqa: BLE001 - safetensors and torch.load raise many kinds for a bad file
+            raise ConversionError(
+                f"{path} is not a readable weight file (truncated or corrupt? re-download it): {error}"
+            ) from error
     return keys
 
 
@@ -392,6 +398,18 @@ def _add_image_and_pad_tokens(tokenizer) -> int:
     return len(tokenizer) - before
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def check_tokenizer_files(folder: str, argument: str) -> None:
+    """A tokenizer must come with the checkpoint: say which argument's folder lacks one, before anything is loaded."""
+    if not any(os.path.exists(os.path.join(folder, name)) for name in TOKENIZER_FILES):
+        raise ConversionError(
+            f"{argument} {folder} has no tokenizer (none of {list(TOKENIZER_FILES)}); the converted checkpoint needs "
+            "the LLaVA tokenizer and the CLIP tokenizer. Copy the tokenizer files into that folder."
+        )
+
+
 def _load_llm_tokenizer(folder: str):
     """The LLaVA tokenizer. The original repos ship only a SentencePiece `tokenizer.model`: say what to install."""
     import importlib.util
@@ -414,12 +432,16 @@ def load_sources(settings: ConversionSettings) -> Sources:
 
     llava_dir = resolve_checkpoint(settings.llava, settings.token)
     clip_dir = resolve_checkpoint(settings.clip, settings.token)
+    check_output_apart_from_sources(os.path.abspath(settings.output), {"--llava": llava_dir, "--clip": clip_dir})
+    check_tokenizer_files(llava_dir, "--llava")
+    check_tokenizer_files(clip_dir, "--clip")
     raw = read_json(llava_dir, "config.json")
     layout = detect_layout(raw, llava_dir)
     llava_files = weight_files(llava_dir)
     llava_keys = read_keys(llava_files)
     has_vision = any("vision_tower." in k for k in llava_keys)
     vision_dir = None if has_vision else resolve_checkpoint(settings.vision_tower or settings.clip, settings.token)
+    check_output_apart_from_sources(os.path.abspath(settings.output), {"--vision-tower": vision_dir})
     if has_vision and settings.vision_tower:
         logger.warning("%s stores its own vision tower; --vision-tower %s is not used", settings.llava, settings.vision_tower)
 
@@ -772,14 +794,134 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
 
 
+# ===================================================================================== early checks
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+# Set by the converter itself from the sources and the command line: not overridable through --config-override.
+_CONVERTER_FIELDS = {
+    "vision_config": "--llava / --vision-tower", "text_encoder_config": "--clip", "text_config": "--llava",
+    "num_visual_tokens": "--num-visual-tokens", "branches": "--branches", "image_token_id": "the tokenizer",
+    "vision_feature_layer": "--llava's config", "projector_hidden_act": "LLaVA-1.5's projector",
+    "pad_to_square": "--pad-to-square",
+}
+
+
+def parse_shard_size(value) -> int:
+    """`--max-shard-size`: bytes as an integer or a string such as "5GB", "500MB", "2GiB"."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(value), flags=re.IGNORECASE)
+        unit = match.group(2).upper() if match else None
+        if match is None or unit not in _SIZE_UNITS:
+            raise ConversionError(
+                f"--max-shard-size {value!r} is not a size; expected a number of bytes or e.g. 5GB, 500MB, 2GiB."
+            )
+        size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if size < 1:
+        raise ConversionError(f"--max-shard-size {value!r} must be at least 1 byte.")
+    return size
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_output_apart_from_sources(output: str, sources: dict) -> None:
+    """--output may be neither a source folder, nor inside one, nor contain one: --overwrite would delete it."""
+    real_output = os.path.realpath(output)
+    for argument, source in sources.items():
+        if not source or not os.path.exists(source):
+            continue  # a Hub id: checked again once downloaded
+        real_source = os.path.realpath(source)
+        if _inside(real_output, real_source) or _inside(real_source, real_output):
+            relation = "is" if real_output == real_source else ("is inside" if _inside(real_output, real_source) else "contains")
+            raise ConversionError(
+                f"--output {output} {relation} the {argument} checkpoint {source}; write the converted model to a "
+                "separate folder (the source is never replaced or deleted)."
+            )
+
+
+def check_output_location(output: str, overwrite: bool) -> None:
+    """The output must not exist (unless --overwrite), and its parent must be, or become, a writable folder."""
+    if os.path.lexists(output) and not overwrite:
+        raise ConversionError(f"--output {output} already exists; pass --overwrite to replace it.")
+    ancestor = os.path.dirname(output)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise ConversionError(f"--output {output} is below {ancestor}, which is a file, not a folder.")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConversionError(f"--output {output}: the folder {ancestor} is not writable.")
+
+
+def check_config_overrides(overrides: dict, branches) -> None:
+    """Every --config-override key is a QMoPConfig field the converter does not set itself, and the values make a
+    valid config together with --branches (checked on a config with the default shapes)."""
+    import difflib
+    import inspect
+
+    from transformers import PretrainedConfig
+
+    fields = set(inspect.signature(QMoPConfig.__init__).parameters) - {"self", "kwargs"}
+    fields |= set(PretrainedConfig().to_dict())
+    for key in overrides:
+        if key in _CONVERTER_FIELDS:
+            raise ConversionError(
+                f"--config-override {key}: set by the converter from {_CONVERTER_FIELDS[key]}, not overridable."
+            )
+        if key not in fields:
+            close = difflib.get_close_matches(key, sorted(fields), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConversionError(f"--config-override {key}: not a QMoPConfig field.{hint}")
+    try:
+        QMoPConfig(branches=list(branches), num_visual_tokens=1, **overrides)
+    except (TypeError, ValueError) as error:
+        raise ConversionError(f"--config-override: {error}") from error
+
+
+def validate_settings(settings: ConversionSettings) -> None:
+    """Every check that needs no checkpoint, before anything is downloaded, read or written."""
+    output = os.path.abspath(settings.output)
+    check_output_location(output, settings.overwrite)
+    check_output_apart_from_sources(
+        output, {"--llava": settings.llava, "--clip": settings.clip, "--vision-tower": settings.vision_tower}
+    )
+    if settings.dtype != "auto" and settings.dtype not in DTYPES:
+        raise ConversionError(f"--dtype must be one of {['auto', *DTYPES]}, got {settings.dtype!r}.")
+    budget = settings.num_visual_tokens
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1 or math.isqrt(budget) ** 2 != budget:
+        raise ValueError(f"--num-visual-tokens must be a positive perfect square (e.g. 64, 144), got {budget!r}.")
+    parse_shard_size(settings.max_shard_size)
+    if settings.verify_new_tokens < 1:
+        raise ConversionError(f"--verify-new-tokens must be >= 1, got {settings.verify_new_tokens}.")
+    if settings.atol is not None and not settings.atol >= 0:
+        raise ConversionError(f"--atol must be >= 0, got {settings.atol}.")
+    check_config_overrides(settings.config_overrides, settings.branches)
+
+
+def _move_into_place(staging: str, output: str, workdir: str, replace: Optional[os.stat_result]) -> None:
+    """Move the finished folder to --output. With --overwrite, only the very folder that existed at the start is
+    replaced; anything that appeared at --output during the run is left alone, and the result is kept beside it."""
+    if os.path.lexists(output):
+        current = os.lstat(output)
+        if replace is None or (current.st_ino, current.st_dev) != (replace.st_ino, replace.st_dev):
+            kept = tempfile.mkdtemp(dir=os.path.dirname(output), prefix=f"{os.path.basename(output)}.converted-")
+            os.replace(staging, os.path.join(kept, "checkpoint"))
+            raise ConversionError(
+                f"--output {output} appeared while converting (another process?) and was left untouched; the "
+                f"verified conversion is in {os.path.join(kept, 'checkpoint')}."
+            )
+        os.replace(output, os.path.join(workdir, "replaced"))  # --overwrite: deleted with the work dir
+    os.replace(staging, output)
+
+
 def convert(settings: ConversionSettings) -> ConversionReport:
     """Run the whole conversion; see the module docstring. Raises ConversionError on any failed check."""
     output = os.path.abspath(settings.output)
-    if os.path.exists(output) and not settings.overwrite:
-        raise ConversionError(f"--output {output} already exists; pass --overwrite to replace it.")
+    validate_settings(settings)
+    replace = os.lstat(output) if os.path.lexists(output) else None  # what --overwrite may replace
     branches = list(settings.branches)
-    if settings.dtype != "auto" and settings.dtype not in DTYPES:
-        raise ConversionError(f"--dtype must be one of {['auto', *DTYPES]}, got {settings.dtype!r}.")
 
     sources = load_sources(settings)
     pad_to_square = settings.pad_to_square
@@ -851,7 +993,7 @@ def convert(settings: ConversionSettings) -> ConversionReport:
     staging = os.path.join(workdir, "checkpoint")
     try:
         logger.info("saving %.2f GB of weights to %s", num_parameters * torch.finfo(dtype).bits / 8 / 1e9, staging)
-        model.save_pretrained(staging, max_shard_size=settings.max_shard_size)
+        model.save_pretrained(staging, max_shard_size=parse_shard_size(settings.max_shard_size))
         processor.save_pretrained(staging)
         model = None
         gc.collect()
@@ -866,9 +1008,7 @@ def convert(settings: ConversionSettings) -> ConversionReport:
         with open(os.path.join(staging, "README.md"), "w") as f:
             f.write(model_card(settings, config, summary, fresh))
         _pause_if_requested("verified")
-        if os.path.exists(output):  # --overwrite: the old folder goes into the work dir and is deleted with it
-            os.replace(output, os.path.join(workdir, "replaced"))
-        os.replace(staging, output)
+        _move_into_place(staging, output, workdir, replace)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"wrote {output}", flush=True)

@@ -41,10 +41,31 @@ def _default_questions() -> tuple:
 DEFAULT_QUESTIONS = _default_questions()
 
 
+def check_arguments(model_path: str, image, num_visual_tokens, max_new_tokens: int, picture: str = "") -> None:
+    """The demo's arguments, before any model is loaded."""
+    import math
+
+    from qmop_tools.checks import check_output_file, require_qmop_checkpoint
+
+    require_qmop_checkpoint(model_path, "--model")
+    if isinstance(image, str) and not image.startswith(("http://", "https://")) and not os.path.isfile(image):
+        raise FileNotFoundError(f"--image {image!r} is not an existing file or an http(s) URL.")
+    if num_visual_tokens is not None and (num_visual_tokens < 1 or math.isqrt(num_visual_tokens) ** 2 != num_visual_tokens):
+        raise ValueError(f"--num-visual-tokens must be a positive perfect square (e.g. 16, 36, 144), got {num_visual_tokens}.")
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}.")
+    if picture:
+        check_output_file(picture, "--picture")
+
+
 def load(model_path: str, device=None):
     """(model, processor) through Auto* with trust_remote_code, as a Hub user loads them."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+    from qmop_tools.checks import require_qmop_checkpoint
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=True)
+    require_qmop_checkpoint(model_path, "--model", getattr(config, "model_type", None))
     model = AutoModelForImageTextToText.from_pretrained(model_path, trust_remote_code=True).eval()
     if device is not None:
         model.to(device)

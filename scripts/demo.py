@@ -14,7 +14,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from qmop_tools.demo import (  # noqa: E402
-    DEFAULT_IMAGE, DEFAULT_QUESTIONS, answer_with, default_model, format_model_line, format_report, load,
+    DEFAULT_IMAGE, DEFAULT_QUESTIONS, answer_with, check_arguments, default_model, format_model_line, format_report,
+    load,
 )
 
 DEFAULT_PICTURE = os.path.join("outputs", "demo.png")
@@ -29,7 +30,10 @@ def main(argv=None):
     parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--picture", default=DEFAULT_PICTURE, help="where to write the picture ('' for none)")
     args = parser.parse_args(argv)
+    if args.model:
+        check_arguments(args.model, args.image, args.num_visual_tokens, args.max_new_tokens, args.picture)
     path, trained = (args.model, True) if args.model else default_model()
+    check_arguments(path, args.image, args.num_visual_tokens, args.max_new_tokens, args.picture)
     model, processor = load(path)
     print(format_model_line(path, trained) + "\n")
     results = []

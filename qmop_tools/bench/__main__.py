@@ -2,6 +2,8 @@
 
 import argparse
 
+from qmop_tools.checks import check_output_folder
+
 from .report import write_outputs
 from .runner import BenchSettings, run_benchmark
 
@@ -38,6 +40,7 @@ def parse_args(argv=None) -> BenchSettings:
 
 def main(argv=None):
     settings, output, plot = parse_args(argv)
+    check_output_folder(output, "--output")  # before hours of measuring, not after
     results = run_benchmark(settings)
     paths = write_outputs(results, output, plot=plot)
     with open(paths["markdown"]) as file:

@@ -68,7 +68,31 @@ def _resolve(settings: BenchSettings):
         raise ValueError(f"unknown dtype {preset.dtype!r}; choose from {sorted(DTYPES)}.")
     if min(preset.batch_sizes) < 1 or preset.repeats < 1 or preset.warmup < 0 or preset.decode_tokens < 0:
         raise ValueError("batch sizes and repeats must be >= 1, warm-up and decode tokens >= 0.")
+    _check_early(settings, preset)
     return preset
+
+
+def _check_early(settings: BenchSettings, preset) -> None:
+    """Settings that would otherwise fail after the models are built."""
+    import math
+
+    bad = [b for b in preset.budgets if not isinstance(b, int) or b < 1 or math.isqrt(b) ** 2 != b]
+    if bad:
+        raise ValueError(f"--budgets {bad} are not positive perfect squares (e.g. 64, 144).")
+    for name, least in (("prompt_tokens", 2), ("query_tokens", 1)):  # the prompt holds BOS and some text
+        if getattr(preset, name) < least:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(preset, name)}.")
+    if not preset.memory_budget_gib > 0:
+        raise ValueError(f"--memory-budget-gib must be > 0, got {preset.memory_budget_gib}.")
+    if settings.threads is not None and settings.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {settings.threads}.")
+    try:
+        torch.device(settings.device)
+    except RuntimeError as error:
+        raise ValueError(f"--device {settings.device!r} is not a device (cpu, cuda, cuda:N, meta): {error}") from None
+    for argument, path in (("--qmop-path", settings.qmop_path), ("--llava-path", settings.llava_path)):
+        if path and os.path.exists(path) and not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"{argument} {path!r} is not a checkpoint folder (no config.json).")
 
 
 def environment(device: torch.device) -> dict:

@@ -134,6 +134,12 @@ def parse_conversations(sample: dict, image_token: str, has_image: bool) -> list
     if not isinstance(turns, list) or not turns:
         raise BadSample("no_conversations", "`conversations` is missing or empty")
     turns = list(turns)
+    for k, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get("from"), str) or "value" not in turn:
+            raise BadSample(
+                "malformed_turn",
+                f"turn {k} is {turn!r:.80}; every turn must be an object {{'from': 'human'|'gpt', 'value': text}}",
+            )
     if str(turns[0].get("from", "")).lower() not in HUMAN_ROLES:  # LLaVA drops a leading non-human turn
         turns = turns[1:]
     if len(turns) < 2 or len(turns) % 2:
@@ -345,6 +351,31 @@ def load_llava_json(data_path: str) -> list:
     if not samples:
         raise ValueError(f"{data_path} holds no samples.")
     return samples
+
+
+def _turns_problem(sample: dict) -> Optional[str]:
+    turns = sample.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        return "`conversations` is missing or not a list"
+    for k, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get("from"), str) or "value" not in turn:
+            return f"turn {k} is {turn!r:.80}, not an object {{'from': 'human'|'gpt', 'value': text}}"
+    return None
+
+
+def check_llava_data(data_path: str) -> int:
+    """Read the data file once before training starts: an error naming `data_path` when it is not LLaVA
+    conversation data at all (no sample with a list of {from, value} turns); returns the number of samples.
+    Individual bad samples are skipped and counted during training, as before."""
+    samples = load_llava_json(data_path)
+    problems = [_turns_problem(sample) for sample in samples]
+    if all(problems):
+        raise ValueError(
+            f"`data_path` {data_path!r}: none of its {len(samples)} samples holds LLaVA conversations "
+            f"(sample 0: {problems[0]}). Expected [{{'image': ..., 'conversations': [{{'from': 'human', 'value': ...}}, "
+            "{'from': 'gpt', 'value': ...}]}, ...]."
+        )
+    return len(samples)
 
 
 # ===================================================================================== collator

@@ -15,8 +15,11 @@ from typing import Optional
 import torch
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
+from qmop_tools.checks import check_output_folder, require_qmop_checkpoint
+
 from .arguments import DataArguments, ModelArguments
-from .data import LazyLLaVADataset, QMoPDataCollator
+from .data import LazyLLaVADataset, QMoPDataCollator, check_llava_data
+from .resume import resolve_resume
 from processing_qmop import move_into
 
 from .trainer import (
@@ -51,6 +54,7 @@ def load_model_and_processor(model_args: ModelArguments, training_args: Training
 
     path = model_args.model_name_or_path
     config = AutoConfig.from_pretrained(path, trust_remote_code=True, **model_args.config_overrides())
+    require_qmop_checkpoint(path, "--model_name_or_path", getattr(config, "model_type", None))
     if config.router_min_temperature <= 0 or config.router_temperature < config.router_min_temperature:
         raise ValueError(
             f"Router temperatures must satisfy 0 < min <= start; got start {config.router_temperature}, "
@@ -112,9 +116,21 @@ def build_dataset(data_args: DataArguments, model_args: ModelArguments, processo
     )
 
 
+def validate_run_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments):
+    """Checks that need no model, before anything is loaded: the checkpoint, the data, the output folder and the
+    checkpoint to resume from (returned: None or a complete checkpoint's path, see `resume.py`)."""
+    require_qmop_checkpoint(model_args.model_name_or_path, "--model_name_or_path")
+    check_llava_data(data_args.data_path)
+    if data_args.image_folder is not None and not os.path.isdir(data_args.image_folder):
+        raise FileNotFoundError(f"`--image_folder` {data_args.image_folder!r} is not a folder.")
+    check_output_folder(training_args.output_dir, "--output_dir")
+    return resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+
+
 def run(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
         callbacks: Optional[list] = None) -> TrainResult:
     """Train as the arguments say and write the finished folder; `callbacks` are extra TrainerCallbacks."""
+    resume = validate_run_arguments(model_args, data_args, training_args)
     push = prepare_training_arguments(training_args)
     set_seed(training_args.seed)  # before the model is touched: LoRA initialisation is random
 
@@ -145,9 +161,6 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Tra
         projector_lr=model_args.projector_lr,
         callbacks=callbacks,
     )
-    resume = training_args.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "latest"):
-        resume = True
     result = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(result.metrics)
     data_report = train_dataset.report()
