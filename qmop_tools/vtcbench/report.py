@@ -10,7 +10,7 @@ from conversion.tiny import atomic_folder
 from qmop_tools.bench.report import write_atomic
 
 from .data import CHANCE, DIMENSIONS
-from .experiment import BUDGET_SET, VARIANT_LABELS, evaluate
+from .experiment import BUDGET_SET, VARIANT_LABELS, evaluate, normalise_answer
 
 ROUTED = ("qmop", "vision_router", "qmop_budgets")
 PICTURE_QUESTIONS = 6  # test questions drawn for the contact sheet
@@ -432,9 +432,10 @@ def model_card(settings, table, summary, md_lines) -> str:
 
 
 def export_demo_image(output: str, run_name: str, target_png: str) -> dict:
-    """Copy to `target_png` the first test picture on which the chosen QMoP run answered all five questions right,
-    and write its questions and the generator's answers next to it (`.json`). The choice is recorded in the JSON:
-    the demo shows a picture the model gets right, the table says how often that happens."""
+    """Copy to `target_png` the first test picture on which the chosen QMoP run answered the most questions right,
+    and write next to it (`.json`) its questions, the generator's answers, the run's own answers and which were right.
+    The choice is recorded in the JSON: the demo shows a picture the model does well on, the table says how often
+    that happens."""
     data_dir = os.path.join(output, "data")
     with open(os.path.join(output, "runs", run_name, "predictions.json")) as f:
         predictions = json.load(f)
@@ -452,6 +453,8 @@ def export_demo_image(output: str, run_name: str, target_png: str) -> dict:
                           f"{sum(p['correct'] for p in questions)} of {len(questions)} questions right",
         "questions": [p["question"] for p in questions],
         "answers": [p["answer"] for p in questions],
+        "model_answers": [normalise_answer(p["prediction"]) for p in questions],
+        "correct": [bool(p["correct"]) for p in questions],
         "dimensions": [p["dimension"] for p in questions],
     }
     with open(source, "rb") as f:
