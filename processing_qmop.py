@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import transformers
 from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, ProcessorMixin
+from transformers.processing_utils import ProcessingKwargs
 from transformers.utils import cached_file, logging
 
 logger = logging.get_logger(__name__)
@@ -46,11 +47,26 @@ LLAVA_15_CHAT_TEMPLATE = (
 )
 QUERY_TOKENIZER_SUBFOLDER = "query_tokenizer"
 PROCESSOR_CONFIG_NAME = "processor_config.json"
+# ProcessorMixin's chat-template files: the default template, named extra templates, the pre-jinja JSON file.
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
+LEGACY_CHAT_TEMPLATE_FILE = "chat_template.json"
+_SETTINGS = ("num_visual_tokens", "image_token", "patch_size", "pad_to_square", "query_max_length", "caption_prompt")
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "trust_remote_code", "proxies")
 # Role markers of the llava-1.5 / vicuna-v1 prompts: a turn runs from its marker to the next one.
 _ROLE_MARKER = re.compile(r"(?:^|\s)(USER|ASSISTANT|SYSTEM|HUMAN|GPT)\s*:", re.IGNORECASE)
 
 ImageInput = Union["PIL.Image.Image", np.ndarray, torch.Tensor, str, bytes]  # noqa: F821
+
+
+class QMoPProcessorKwargs(ProcessingKwargs, total=False):
+    """Keyword arguments of `QMoPProcessor.__call__`, routed by ProcessorMixin to the image processor (`do_normalize`,
+    `size`, ...) or to the LLM tokenizer (`padding`, `padding_side`, `truncation`, `max_length`, ...)."""
+
+    _defaults = {
+        "text_kwargs": {"padding": True, "return_token_type_ids": False},
+        "common_kwargs": {"return_tensors": "pt"},
+    }
 
 
 def _to_pil_rgb(image, index: int):
@@ -192,20 +208,23 @@ class QMoPProcessor(ProcessorMixin):
         text=None,
         queries=None,
         num_visual_tokens: Optional[int] = None,
-        return_tensors="pt",
-        padding=True,
-        add_special_tokens: bool = True,
         pad_to_square: Optional[bool] = None,
         videos=None,
         audio=None,
         **kwargs,
     ) -> BatchFeature:
+        """Other keyword arguments are routed by ProcessorMixin (see [`QMoPProcessorKwargs`]): image-processor
+        arguments to the image processor, tokenizer arguments to the LLM tokenizer (defaults: `padding=True`, the
+        tokenizer's left padding side, `return_tensors="pt"`). The question rows are padded to the longest question,
+        or to `query_max_length` with `padding="max_length"`, so that mapped datasets collate."""
         if videos is not None or audio is not None:
             raise ValueError("QMoPProcessor handles images and text only (no videos or audio).")
         budget = self._check_budget(self.num_visual_tokens if num_visual_tokens is None else num_visual_tokens)
         pad_to_square = self.pad_to_square if pad_to_square is None else pad_to_square
-        kwargs.pop("return_token_type_ids", None)
-        kwargs.pop("padding_side", None)
+        output_kwargs = self._merge_kwargs(QMoPProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        text_kwargs, images_kwargs = output_kwargs["text_kwargs"], output_kwargs["images_kwargs"]
+        return_tensors = text_kwargs.pop("return_tensors", None)
+        text_kwargs.setdefault("return_token_type_ids", False)
 
         texts, per_sample_images = self._pair(images, text)
         prompts, query_texts = [], []
@@ -227,14 +246,7 @@ class QMoPProcessor(ProcessorMixin):
             prompts.append(prompt.replace(self.image_token, self.image_token * budget))
 
         query_texts = self._queries(queries, query_texts, per_sample_images)
-        encoding = self.tokenizer(
-            prompts,
-            padding=padding,
-            return_tensors=return_tensors,
-            add_special_tokens=add_special_tokens,
-            return_token_type_ids=False,
-            **kwargs,
-        )
+        encoding = self.tokenizer(prompts, return_tensors=return_tensors, **text_kwargs)
         for i, sample_images in enumerate(per_sample_images):
             found = sum(1 for t in encoding["input_ids"][i] if int(t) == self.image_token_id)
             if found != len(sample_images) * budget:
@@ -252,10 +264,10 @@ class QMoPProcessor(ProcessorMixin):
                 background = tuple(int(round(255 * c)) for c in mean)
                 pil_images = [expand_to_square(image, background) for image in pil_images]
             # RGB PIL images, channels last: said explicitly so a 1x1 or 3-pixel-wide image is not misread.
-            data["pixel_values"] = self.image_processor(
-                pil_images, return_tensors="pt", input_data_format="channels_last"
-            )["pixel_values"]
-            data.update(self._tokenize_queries(query_texts))
+            images_kwargs.update(return_tensors="pt")
+            images_kwargs.setdefault("input_data_format", "channels_last")
+            data["pixel_values"] = self.image_processor(pil_images, **images_kwargs)["pixel_values"]
+            data.update(self._tokenize_queries(query_texts, max_length_padding=text_kwargs.get("padding") == "max_length"))
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def _pair(self, images, text):
@@ -317,7 +329,7 @@ class QMoPProcessor(ProcessorMixin):
             f"({len(per_sample_images)})."
         )
 
-    def _tokenize_queries(self, query_texts):
+    def _tokenize_queries(self, query_texts, max_length_padding: bool = False):
         lengths = [len(ids) for ids in self.query_tokenizer(query_texts, add_special_tokens=True)["input_ids"]]
         if max(lengths) > self.query_max_length:
             logger.warning_once(
@@ -326,7 +338,7 @@ class QMoPProcessor(ProcessorMixin):
             )
         encoded = self.query_tokenizer(
             query_texts,
-            padding=True,
+            padding="max_length" if max_length_padding else True,
             truncation=True,
             max_length=self.query_max_length,
             return_tensors="pt",
@@ -373,8 +385,12 @@ class QMoPProcessor(ProcessorMixin):
             self.query_tokenizer.save_pretrained(os.path.join(tmp, QUERY_TOKENIZER_SUBFOLDER))
             with open(os.path.join(tmp, PROCESSOR_CONFIG_NAME), "w") as f:
                 json.dump(self._processor_dict(), f, indent=2, sort_keys=True)
-            with open(os.path.join(tmp, "chat_template.jinja"), "w") as f:
-                f.write(self.chat_template)
+            templates = self.chat_template if isinstance(self.chat_template, dict) else {"default": self.chat_template}
+            for name, template in templates.items():  # ProcessorMixin's layout for one or several named templates
+                path = os.path.join(tmp, CHAT_TEMPLATE_FILE if name == "default" else f"{CHAT_TEMPLATE_DIR}/{name}.jinja")
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "w") as f:
+                    f.write(template)
             shutil.copy(os.path.abspath(__file__).replace(".pyc", ".py"), os.path.join(tmp, "processing_qmop.py"))
             _make_portable(tmp)
             _make_portable(os.path.join(tmp, QUERY_TOKENIZER_SUBFOLDER))
@@ -386,33 +402,71 @@ class QMoPProcessor(ProcessorMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        """Load the three components and the settings. Keyword arguments: Hub arguments (`revision`, `token`, ...),
+        the processor's settings (`num_visual_tokens`, `chat_template`, ...), and anything else for the components,
+        as ProcessorMixin does (e.g. `do_normalize=False` for the image processor, `use_fast` for the tokenizers).
+        The chat template is read from `chat_template.jinja` (plus named templates in `additional_chat_templates/`),
+        or from a legacy `chat_template.json`."""
+        kwargs = dict(kwargs)
+        hub = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
+        subfolder = kwargs.pop("subfolder", None) or ""
+        overrides = {k: kwargs.pop(k) for k in (*_SETTINGS, "chat_template") if k in kwargs}
+        component_kwargs = kwargs  # what is left goes to the components, as in ProcessorMixin
         # The sub-processors are standard classes: no remote code unless the caller allows it explicitly.
         hub.setdefault("trust_remote_code", False)
         path = str(pretrained_model_name_or_path)
-        subfolder = kwargs.get("subfolder") or ""
         file_hub = {k: v for k, v in hub.items() if k != "trust_remote_code"}
         config_file = cached_file(path, PROCESSOR_CONFIG_NAME, subfolder=subfolder, **file_hub)
         with open(config_file) as f:
             settings = json.load(f)
         for key in ("processor_class", "auto_map"):
             settings.pop(key, None)
-        image_processor = AutoImageProcessor.from_pretrained(path, subfolder=subfolder, **hub)
-        tokenizer = AutoTokenizer.from_pretrained(path, subfolder=subfolder, **hub)
+        image_processor = AutoImageProcessor.from_pretrained(path, subfolder=subfolder, **hub, **component_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, subfolder=subfolder, **hub, **component_kwargs)
         query_tokenizer = AutoTokenizer.from_pretrained(
-            path, subfolder=f"{subfolder}/{QUERY_TOKENIZER_SUBFOLDER}" if subfolder else QUERY_TOKENIZER_SUBFOLDER, **hub
+            path, subfolder=f"{subfolder}/{QUERY_TOKENIZER_SUBFOLDER}" if subfolder else QUERY_TOKENIZER_SUBFOLDER,
+            **hub, **component_kwargs,
         )
-        try:
-            template_file = cached_file(path, "chat_template.jinja", subfolder=subfolder, **file_hub)
-        except OSError:
-            template_file = None
-        if template_file:
-            with open(template_file) as f:
-                settings["chat_template"] = f.read()
-        for key in ("num_visual_tokens", "pad_to_square", "query_max_length", "caption_prompt", "chat_template"):
-            if key in kwargs:
-                settings[key] = kwargs[key]
+        template = cls._load_chat_template(path, subfolder, file_hub)
+        if template is not None:
+            settings["chat_template"] = template
+        settings.update(overrides)
         return cls(image_processor=image_processor, tokenizer=tokenizer, query_tokenizer=query_tokenizer, **settings)
+
+    @staticmethod
+    def _load_chat_template(path: str, subfolder: str, file_hub: dict):
+        """The chat template: a string, or a dict of named templates ("default" first) as ProcessorMixin keeps them."""
+
+        def read(name):
+            try:
+                found = cached_file(path, name, subfolder=subfolder, **file_hub)
+            except OSError:
+                found = None
+            if not found:
+                return None
+            with open(found) as f:
+                return f.read()
+
+        default = read(CHAT_TEMPLATE_FILE)
+        if default is None:
+            legacy = read(LEGACY_CHAT_TEMPLATE_FILE)
+            default = json.loads(legacy)["chat_template"] if legacy is not None else None
+        local = os.path.join(path, subfolder, CHAT_TEMPLATE_DIR)
+        if os.path.isdir(os.path.join(path, subfolder)):
+            names = [n[: -len(".jinja")] for n in sorted(os.listdir(local)) if n.endswith(".jinja")] if os.path.isdir(local) else []
+        else:
+            from transformers.utils.hub import list_repo_templates
+
+            listed = list_repo_templates(
+                path, local_files_only=bool(file_hub.get("local_files_only")), revision=file_hub.get("revision"),
+                cache_dir=file_hub.get("cache_dir"), token=file_hub.get("token"),
+            )
+            names = sorted(n.rsplit("/", 1)[-1].removesuffix(".jinja") for n in listed)
+        if not names:
+            return default
+        templates = {"default": default} if default is not None else {}
+        templates.update({name: read(f"{CHAT_TEMPLATE_DIR}/{name}.jinja") for name in names})
+        return templates
 
 
 def move_into(source_dir: str, target_dir: str) -> None:
