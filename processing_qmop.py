@@ -14,10 +14,12 @@ Decisions (shared/DESIGN.md sections 3-4):
 - Questions longer than the CLIP context are truncated, with a warning once.
 """
 
+import importlib
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from io import BytesIO
 from typing import Optional, Union
@@ -500,5 +502,27 @@ def _make_portable(folder: str) -> None:
             with open(image_config, "w") as f:
                 json.dump(config, f, indent=2)
 
+
+def _bind_module_to_its_package() -> None:
+    """Make this module's classes picklable by reference when it runs as remote code.
+
+    transformers executes remote code as `transformers_modules.<repo>.<revision>.processing_qmop` in `sys.modules` but
+    does not bind it on its parent package, so pickle-by-name lookups (`getattr(package, "processing_qmop")`, as dill
+    does) fail. dill, which datasets uses to fingerprint `dataset.map(...)` functions, then serialises the class by
+    value, which recurses, and datasets falls back to a random fingerprint: no caching. Binding the module, as the
+    import system does for ordinary imports, gives the processor a stable fingerprint."""
+    package_name, _, child = __name__.rpartition(".")
+    module = sys.modules.get(__name__)
+    if not package_name.startswith("transformers_modules") or module is None:
+        return
+    try:
+        package = importlib.import_module(package_name)
+    except ImportError:
+        return
+    if getattr(package, child, None) is not module:
+        setattr(package, child, module)
+
+
+_bind_module_to_its_package()
 
 __all__ = ["QMoPProcessor", "extract_question", "expand_to_square", "move_into"]
