@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import transformers
 from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, ProcessorMixin
-from transformers.processing_utils import ProcessingKwargs
+from transformers.processing_utils import ProcessingKwargs, Unpack
 from transformers.utils import cached_file, logging
 
 logger = logging.get_logger(__name__)
@@ -63,7 +63,9 @@ ImageInput = Union["PIL.Image.Image", np.ndarray, torch.Tensor, str, bytes]  # n
 
 class QMoPProcessorKwargs(ProcessingKwargs, total=False):
     """Keyword arguments of `QMoPProcessor.__call__`, routed by ProcessorMixin to the image processor (`do_normalize`,
-    `size`, ...) or to the LLM tokenizer (`padding`, `padding_side`, `truncation`, `max_length`, ...)."""
+    `size`, ...) or to the LLM tokenizer (`padding`, `padding_side`, `truncation`, `max_length`, ...). (The
+    per-call overrides `num_visual_tokens` / `pad_to_square` of the processor's own settings are taken by
+    `QMoPProcessor.__call__` before routing.)"""
 
     _defaults = {
         "text_kwargs": {"padding": True, "return_token_type_ids": False},
@@ -149,6 +151,7 @@ class QMoPProcessor(ProcessorMixin):
     """
 
     attributes = ["image_processor", "tokenizer", "query_tokenizer"]
+    valid_processor_kwargs = QMoPProcessorKwargs
     if not TRANSFORMERS_V5:
         image_processor_class = "AutoImageProcessor"
         tokenizer_class = "AutoTokenizer"
@@ -204,23 +207,18 @@ class QMoPProcessor(ProcessorMixin):
         return num_visual_tokens
 
     # ---------------------------------------------------------------------------------------- call
-    def __call__(
-        self,
-        images=None,
-        text=None,
-        queries=None,
-        num_visual_tokens: Optional[int] = None,
-        pad_to_square: Optional[bool] = None,
-        videos=None,
-        audio=None,
-        **kwargs,
-    ) -> BatchFeature:
-        """Other keyword arguments are routed by ProcessorMixin (see [`QMoPProcessorKwargs`]): image-processor
-        arguments to the image processor, tokenizer arguments to the LLM tokenizer (defaults: `padding=True`, the
-        tokenizer's left padding side, `return_tensors="pt"`). The question rows are padded to the longest question,
-        or to `query_max_length` with `padding="max_length"`, so that mapped datasets collate."""
-        if videos is not None or audio is not None:
-            raise ValueError("QMoPProcessor handles images and text only (no videos or audio).")
+    def __call__(self, images=None, text=None, queries=None, **kwargs: Unpack[QMoPProcessorKwargs]) -> BatchFeature:
+        """Keyword arguments (see [`QMoPProcessorKwargs`]): `num_visual_tokens` / `pad_to_square` for this call, and
+        what ProcessorMixin routes: image-processor arguments to the image processor, tokenizer arguments to the LLM
+        tokenizer (defaults: `padding=True`, the tokenizer's left padding side, `return_tensors="pt"`). The question
+        rows are padded to the longest question, or to `query_max_length` with `padding="max_length"`, so that
+        mapped datasets collate. Empty `videos` / `audio` (as evaluation harnesses pass) are accepted."""
+        for modality in ("videos", "audio"):
+            value = kwargs.pop(modality, None)
+            if value is not None and len(value) > 0:
+                raise ValueError(f"QMoPProcessor handles images and text only; got `{modality}`.")
+        num_visual_tokens = kwargs.pop("num_visual_tokens", None)
+        pad_to_square = kwargs.pop("pad_to_square", None)
         budget = self._check_budget(self.num_visual_tokens if num_visual_tokens is None else num_visual_tokens)
         pad_to_square = self.pad_to_square if pad_to_square is None else pad_to_square
         output_kwargs = self._merge_kwargs(QMoPProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
@@ -375,20 +373,31 @@ class QMoPProcessor(ProcessorMixin):
             "caption_prompt": self.caption_prompt,
         }
 
-    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, save_jinja_files: bool = True, **kwargs):
         """Same layout on transformers 4.57 and 5.x: image processor and LLM tokenizer at the root, the CLIP
-        tokenizer in `query_tokenizer/`, `processor_config.json`, `chat_template.jinja` and this code file.
+        tokenizer in `query_tokenizer/`, `processor_config.json`, the chat template and this code file. The chat
+        template is written as ProcessorMixin does: `chat_template.jinja` plus `additional_chat_templates/<name>.jinja`
+        for named templates, or, with `save_jinja_files=False`, the legacy `chat_template.json` (one template only).
         Written to a temporary folder first, then moved into place."""
+        if not save_jinja_files and isinstance(self.chat_template, dict) and len(self.chat_template) > 1:
+            raise ValueError("Several chat templates cannot be saved in the legacy `chat_template.json`; "
+                             "use `save_jinja_files=True`.")
         save_directory = str(save_directory)
         os.makedirs(save_directory, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=save_directory, prefix=".tmp-processor-") as tmp:
             self.image_processor.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp, **({} if save_jinja_files else {"save_jinja_files": False}))
             self.query_tokenizer.save_pretrained(os.path.join(tmp, QUERY_TOKENIZER_SUBFOLDER))
             with open(os.path.join(tmp, PROCESSOR_CONFIG_NAME), "w") as f:
                 json.dump(self._processor_dict(), f, indent=2, sort_keys=True)
             templates = self.chat_template if isinstance(self.chat_template, dict) else {"default": self.chat_template}
-            for name, template in templates.items():  # ProcessorMixin's layout for one or several named templates
+            if not save_jinja_files:
+                with open(os.path.join(tmp, LEGACY_CHAT_TEMPLATE_FILE), "w") as f:
+                    json.dump({"chat_template": templates["default"]}, f, indent=2)
+                templates = {}
+            for name, template in templates.items():
+                if not name or os.path.basename(name) != name or name in (".", ".."):
+                    raise ValueError(f"Chat template name {name!r} is not a plain file name.")  # ProcessorMixin's layout for one or several named templates
                 path = os.path.join(tmp, CHAT_TEMPLATE_FILE if name == "default" else f"{CHAT_TEMPLATE_DIR}/{name}.jinja")
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 with open(path, "w") as f:
@@ -400,7 +409,7 @@ class QMoPProcessor(ProcessorMixin):
         if push_to_hub:
             repo_id = kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(save_directory))
             return self.push_to_hub(repo_id, **kwargs)
-        return [save_directory]
+        return [os.path.join(save_directory, PROCESSOR_CONFIG_NAME)]  # as ProcessorMixin: the processor's config
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):

@@ -30,8 +30,12 @@ MISSING_FROM_SDIST = {
     "generation/test_utils.py": "class GenerationTesterMixin:  # not in transformers' sdist\n    pass\n",
     # 5.x: `from .exporters.test_export import ExportTesterMixin` (torch.export checks, base of ModelTesterMixin).
     "exporters/test_export.py": "class ExportTesterMixin:  # not in transformers' sdist\n    pass\n",
-    # test_processing_common resolves hub URLs of test images through this CI helper; we pass local objects only.
-    "fetch_hub_objects_for_ci.py": "def url_to_local_path(url, **kwargs):  # not in transformers' sdist\n    return url\n",
+}
+# test_processing_common imports transformers' CI helper utils/fetch_hub_objects_for_ci.py (repository root, next to
+# tests/) to map hub URLs of test media to local files; the tests run here pass local objects only.
+UTILS_STAND_IN = {
+    "utils/__init__.py": "",
+    "utils/fetch_hub_objects_for_ci.py": "def url_to_local_path(url, **kwargs):  # not in transformers' sdist\n    return url\n",
 }
 NOT_IN_SDIST_REASON = (
     "transformers' source distribution does not ship tests/generation/test_utils.py, so GenerationTesterMixin "
@@ -87,11 +91,17 @@ def load_transformers_tests() -> str:
                             allow_module_level=True)
             staging = os.path.join(tmp, PACKAGE)
             _build_package(archive, staging)
+            for relative, text in UTILS_STAND_IN.items():
+                destination = os.path.join(version_dir, relative)
+                os.makedirs(os.path.dirname(destination), exist_ok=True)
+                with open(destination, "w") as out:
+                    out.write(text)
             try:
                 os.replace(staging, package_dir)  # atomic: a half-built package never stands in the cache
             except OSError:
                 if not os.path.isdir(package_dir):  # another process built it first otherwise
                     raise
-    if version_dir not in sys.path:
-        sys.path.insert(0, version_dir)
+    for path in (version_dir, os.path.join(version_dir, "utils")):  # 4.57 imports `utils.<helper>`, 5.x `<helper>`
+        if path not in sys.path:
+            sys.path.insert(0, path)
     return PACKAGE
