@@ -24,9 +24,19 @@ import torch
 import torch.nn.functional as F
 import transformers
 from torch import nn
-from transformers import AutoModel, CLIPTextModel, CLIPVisionModel, GenerationMixin, PreTrainedModel
+from transformers import (
+    AutoModel,
+    CLIPPreTrainedModel,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    GenerationMixin,
+    PreTrainedModel,
+)
 from transformers.activations import ACT2FN
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
+from transformers.modeling_utils import ModuleUtilsMixin
 from transformers.utils import logging
 
 try:  # remote code (transformers_modules.<repo>) or installed package
@@ -46,10 +56,55 @@ _GENERATE_HAS_FIRST_ITERATION = (
 )
 
 
-def _unwrap_clip(model: nn.Module) -> nn.Module:
-    """4.x wraps CLIP towers as `.vision_model` / `.text_model`; 5.x does not. Unwrapping gives both versions
-    the same module paths and checkpoint keys (`vision_tower.encoder.layers.0...`)."""
-    return getattr(model, "vision_model", None) or getattr(model, "text_model", None) or model
+# Tensor-parallel style of `lm_head` (as transformers' LLaVA / Llama declare it in each version).
+_LM_HEAD_TP_STYLE = "colwise_gather_output" if TRANSFORMERS_V5 else "colwise_rep"
+
+
+class _CLIPTower(ModuleUtilsMixin):
+    """4.x only: what tools read on a PreTrainedModel tower (attention support flags, `dtype`, `device`), for the
+    unwrapped CLIP transformers below."""
+
+    _supports_sdpa = CLIPPreTrainedModel._supports_sdpa
+    _supports_flash_attn_2 = getattr(CLIPPreTrainedModel, "_supports_flash_attn_2", False)
+    _supports_flex_attn = getattr(CLIPPreTrainedModel, "_supports_flex_attn", False)
+    _supports_attention_backend = getattr(CLIPPreTrainedModel, "_supports_attention_backend", False)
+
+
+if TRANSFORMERS_V5:
+    # 5.x CLIPVisionModel / CLIPTextModel hold embeddings and encoder themselves: the same module paths and checkpoint
+    # keys (`vision_tower.encoder.layers.0...`) as the unwrapped 4.x towers below.
+    _VISION_TOWER_CLASS, _TEXT_ENCODER_CLASS = CLIPVisionModel, CLIPTextModel
+else:
+    # 4.x wraps them as `.vision_model` / `.text_model`; QMoP holds the inner transformers directly.
+    from transformers.models.clip.modeling_clip import CLIPTextTransformer, CLIPVisionTransformer
+
+    class QMoPCLIPVisionTower(_CLIPTower, CLIPVisionTransformer):
+        pass
+
+    class QMoPCLIPTextEncoder(_CLIPTower, CLIPTextTransformer):
+        pass
+
+    _VISION_TOWER_CLASS, _TEXT_ENCODER_CLASS = QMoPCLIPVisionTower, QMoPCLIPTextEncoder
+
+
+def _build_clip_towers(config) -> tuple[nn.Module, nn.Module]:
+    """The vision tower and the CLIP text encoder of a QMoPConfig."""
+    if not TRANSFORMERS_V5:  # the plain 4.x towers do not resolve their attention implementation themselves
+        for sub_config in (config.vision_config, config.text_encoder_config):
+            if getattr(sub_config, "_attn_implementation", None) is None:
+                sub_config._attn_implementation = config._attn_implementation
+    return _VISION_TOWER_CLASS(config.vision_config), _TEXT_ENCODER_CLASS(config.text_encoder_config)
+
+
+def _init_clip_module(module: nn.Module) -> bool:
+    """4.x: initialise a module of an unwrapped CLIP tower with CLIP's own `_init_weights` (which reads only
+    `self.config`, here the module's CLIP config). Returns whether it was a CLIP module. On 5.x the towers are CLIP
+    PreTrainedModels and transformers dispatches to their own initialisation."""
+    config = getattr(module, "config", None)
+    if TRANSFORMERS_V5 or not isinstance(config, (CLIPVisionConfig, CLIPTextConfig)):
+        return False
+    CLIPPreTrainedModel._init_weights(module, module)
+    return True
 
 
 def _run_clip_encoder_layer(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -164,6 +219,29 @@ class QMoPProjectorOutput(ModelOutput):
         order; -1 for images whose router did not select pruning. `None` without a pruning branch.
     aux_loss (`torch.FloatTensor`): load-balancing loss of the router (`None` without a router).
     router_z_loss (`torch.FloatTensor`): z-loss of the router logits (`None` without a router).
+    """
+
+    image_features: Optional[torch.FloatTensor] = None
+    router_weights: Optional[torch.FloatTensor] = None
+    router_probs: Optional[torch.FloatTensor] = None
+    router_logits: Optional[torch.FloatTensor] = None
+    kept_patch_indices: Optional[torch.LongTensor] = None
+    aux_loss: Optional[torch.FloatTensor] = None
+    router_z_loss: Optional[torch.FloatTensor] = None
+
+
+@dataclass
+class QMoPImageFeaturesOutput(BaseModelOutputWithPooling):
+    """Output of `get_image_features`, LLaVA's layout plus what the projector decided:
+
+    last_hidden_state (`torch.FloatTensor` of shape `(num_images, 1 + P, Cv)`): the vision tower's hidden state at
+        `vision_feature_layer` (CLS first), which the branches read.
+    pooler_output (`tuple(torch.FloatTensor)`): one `(M, D)` tensor per image, the visual tokens given to the LLM
+        (as LLaVA's `pooler_output`).
+    hidden_states / attentions: the vision tower's, when asked for (`output_hidden_states` / `output_attentions`).
+    image_features (`torch.FloatTensor` of shape `(num_images, M, D)`): the same visual tokens, stacked.
+    router_weights, router_probs, router_logits, kept_patch_indices, aux_loss, router_z_loss: see
+        [`QMoPProjectorOutput`].
     """
 
     image_features: Optional[torch.FloatTensor] = None
@@ -566,7 +644,18 @@ class QMoPPreTrainedModel(PreTrainedModel):
     _supports_cache_class = True
     _supports_static_cache = True
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # transformers 5.x initialises the modules of remote code conservatively: a module whose own parameters are
+        # flagged as initialised is skipped. Applied to the CLIP sub-models, that skips CLIPAttention / CLIPMLP (they
+        # hold no parameters of their own), so missing tower weights got the generic init instead of CLIP's.
+        # `_init_weights` below uses torch.nn.init only, which honours the per-parameter flags: the conservative
+        # path is not needed.
+        return False
+
     def _init_weights(self, module):
+        if _init_clip_module(module):  # 4.x: the unwrapped CLIP towers get CLIP's own initialisation
+            return
         std = getattr(self.config.text_config, "initializer_range", 0.02)
         if isinstance(module, QMoPResamplerBranch):
             nn.init.normal_(module.query_embed, std=std)
@@ -656,8 +745,7 @@ class QMoPModel(QMoPPreTrainedModel):
 
     def __init__(self, config: QMoPConfig):
         super().__init__(config)
-        self.vision_tower = _unwrap_clip(CLIPVisionModel(config.vision_config))
-        self.text_encoder = _unwrap_clip(CLIPTextModel(config.text_encoder_config))
+        self.vision_tower, self.text_encoder = _build_clip_towers(config)
         self.projector = QMoPProjector(config)
         self.language_model = AutoModel.from_config(config.text_config)
         lm_no_split = getattr(self.language_model, "_no_split_modules", None) or []
@@ -707,22 +795,30 @@ class QMoPModel(QMoPPreTrainedModel):
         query_input_ids: Optional[torch.Tensor] = None,
         query_attention_mask: Optional[torch.Tensor] = None,
         num_visual_tokens: Optional[int] = None,
-    ) -> QMoPProjectorOutput:
-        """Compress images to `num_visual_tokens` (default: the config's budget) tokens each, guided by the query."""
+        vision_feature_layer: Optional[int] = None,
+        output_hidden_states: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+    ):
+        """Compress images to `num_visual_tokens` (default: the config's budget) tokens each, guided by the query.
+
+        Without `query_input_ids` every image gets the empty query (the captioning case of the processor), with a
+        warning. `vision_feature_layer` overrides the config's feature layer for this call. Returns a
+        [`QMoPImageFeaturesOutput`] (a tuple with `return_dict=False`).
+        """
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         num_visual_tokens = self.config.num_visual_tokens if num_visual_tokens is None else num_visual_tokens
-        _check_pixel_values(pixel_values)
         self.config.validate_num_visual_tokens(num_visual_tokens, "num_visual_tokens")
+        _check_pixel_values(pixel_values)
         num_images = pixel_values.shape[0]
         query_embeds = None
         if query_input_ids is not None:
             _check_token_ids("query_input_ids", query_input_ids)
         if self.config.uses_query:
             if query_input_ids is None:
-                raise ValueError(
-                    "`pixel_values` were given without `query_input_ids`: the query-guided router reads the question "
-                    "through the CLIP text encoder. Build inputs with QMoPProcessor (it returns `query_input_ids` and "
-                    "`query_attention_mask`, one row per image)."
-                )
+                query_input_ids, query_attention_mask = self._empty_queries(num_images, pixel_values.device)
             if query_input_ids.shape[0] != num_images:
                 raise ValueError(
                     f"`query_input_ids` has {query_input_ids.shape[0]} rows but there are {num_images} images; "
@@ -730,13 +826,20 @@ class QMoPModel(QMoPPreTrainedModel):
                 )
             query_embeds = self.get_query_embeds(query_input_ids, query_attention_mask)
 
-        hidden, layer_input, feature_layer = self.get_vision_features(pixel_values)
+        default_layer = vision_feature_layer is None or vision_feature_layer == self.config.vision_feature_layer
+        tower_hidden_states = tower_attentions = None
+        if default_layer and not (output_hidden_states or output_attentions):
+            hidden, layer_input, feature_layer = self.get_vision_features(pixel_values)
+        else:
+            hidden, layer_input, feature_layer, tower_hidden_states, tower_attentions = self._run_vision_tower(
+                pixel_values, vision_feature_layer, output_hidden_states, output_attentions
+            )
         patches, cls_token = hidden[:, 1:], hidden[:, 0]  # (N, P, Cv), (N, Cv)
         scores, patch_attention = None, None
         if "pruning" in self.config.branches:
             scores, patch_attention = self.pruning_scores(layer_input, feature_layer, query_embeds)
         device = _execution_device(self.projector)
-        return self.projector(
+        projected = self.projector(
             _to(patches, device),
             _to(cls_token, device),
             _to(query_embeds, device),
@@ -744,6 +847,53 @@ class QMoPModel(QMoPPreTrainedModel):
             pruning_scores=_to(scores, device),
             patch_attention=_to(patch_attention, device),
         )
+        output = QMoPImageFeaturesOutput(
+            last_hidden_state=hidden,
+            pooler_output=tuple(projected.image_features),  # one (M, D) per image, as LLaVA
+            hidden_states=tower_hidden_states if output_hidden_states else None,
+            attentions=tower_attentions if output_attentions else None,
+            **projected,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _empty_queries(self, num_images: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """`<BOS><EOS>` per image: what the processor gives an image without a question."""
+        text_config = self.config.text_encoder_config
+        bos, eos = getattr(text_config, "bos_token_id", None), getattr(text_config, "eos_token_id", None)
+        if bos is None or eos is None:
+            raise ValueError(
+                "`pixel_values` were given without `query_input_ids`: the query-guided router reads the question "
+                "through the CLIP text encoder. Build inputs with QMoPProcessor (it returns `query_input_ids` and "
+                "`query_attention_mask`, one row per image)."
+            )
+        logger.warning_once(
+            "`get_image_features` got no `query_input_ids`: the router reads an empty question (as for captioning). "
+            "Pass the processor's `query_input_ids` to route by the question."
+        )
+        ids = torch.tensor([[bos, eos]], dtype=torch.long, device=device).expand(num_images, -1)  # (N, 2)
+        return ids, torch.ones_like(ids)
+
+    def _run_vision_tower(self, pixel_values, vision_feature_layer, output_hidden_states, output_attentions):
+        """The whole tower, for callers who ask for its hidden states / attentions or another feature layer:
+        (feature layer output, its input, the feature layer module, all hidden states, all attentions)."""
+        num_states = self.config.vision_config.num_hidden_layers + 1
+        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        if not isinstance(layer, int) or isinstance(layer, bool) or not -num_states <= layer < num_states:
+            raise ValueError(
+                f"`vision_feature_layer` must be one integer index into the tower's {num_states} hidden states "
+                f"(QMoP's branches read one layer), got {layer!r}."
+            )
+        index = layer % num_states
+        if index == 0 and "pruning" in self.config.branches:
+            raise ValueError("`vision_feature_layer` must select a transformer layer (not the embeddings) for pruning.")
+        tower = self.vision_tower
+        patch_weight = tower.embeddings.patch_embedding.weight
+        pixel_values = pixel_values.to(device=_execution_device(tower.embeddings), dtype=patch_weight.dtype)
+        out = tower(pixel_values, output_hidden_states=True, output_attentions=output_attentions)
+        states = out.hidden_states  # num_states x (N, S, Cv); states[0] is the encoder's input
+        layer_input = states[index - 1] if index > 0 else None
+        feature_layer = tower.encoder.layers[index - 1] if index > 0 else None
+        return states[index], layer_input, feature_layer, states, out.attentions
 
     def pruning_scores(self, layer_input: torch.Tensor, feature_layer: nn.Module, query_embeds: Optional[torch.Tensor]):
         """Patch scores (N, P) of the pruning branch and, with recycling, patch-to-patch attention (N, P, P), from the
@@ -781,6 +931,24 @@ class QMoPModel(QMoPPreTrainedModel):
         return scores, patch_attention
 
     # ---------------------------------------------------------------------------------------- merge
+    def image_placeholder_mask(
+        self, input_ids: Optional[torch.Tensor], inputs_embeds: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """(B, T) bool: the `<image>` placeholder positions, from `input_ids` or, as LLaVA's `get_placeholder_mask`
+        does, from `inputs_embeds` (the positions equal to the embedding of `config.image_token_id`)."""
+        token_id = self.config.image_token_id
+        if input_ids is not None:
+            return input_ids == token_id
+        embeddings = self.get_input_embeddings()
+        if not 0 <= token_id < embeddings.num_embeddings:
+            raise ValueError(
+                f"`inputs_embeds` with `pixel_values`: the image placeholders are found by the embedding of "
+                f"`config.image_token_id`={token_id}, which is outside the {embeddings.num_embeddings}-token vocabulary. "
+                "Pass `input_ids` instead."
+            )
+        token = embeddings(torch.tensor(token_id, device=_execution_device(embeddings)))  # (D,)
+        return (inputs_embeds == token.to(inputs_embeds.device, inputs_embeds.dtype)).all(-1)  # (B, T)
+
     def _visual_tokens_per_image(self, image_mask: torch.Tensor, num_images: int) -> int:
         num_placeholders = int(image_mask.sum())
         token_id = self.config.image_token_id
@@ -795,7 +963,14 @@ class QMoPModel(QMoPPreTrainedModel):
                 f"for {num_images} images (every image needs the same number M of placeholders)."
             )
         per_image = num_placeholders // num_images
-        self.config.validate_num_visual_tokens(per_image, "number of `<image>` placeholders per image")
+        try:
+            self.config.validate_num_visual_tokens(per_image, "number of `<image>` placeholders per image")
+        except ValueError as error:
+            raise ValueError(
+                f"Image features and image tokens do not match: {num_placeholders} `<image>` placeholders for "
+                f"{num_images} image(s) would make {per_image} visual tokens per image, which is not a valid budget: "
+                f"{error}"
+            ) from None
         # Every run of consecutive placeholders must hold whole images.
         padded = F.pad(image_mask.int(), (1, 1))  # (B, T + 2)
         edges = padded[:, 1:] - padded[:, :-1]
@@ -828,24 +1003,33 @@ class QMoPModel(QMoPPreTrainedModel):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
         if input_ids is not None:
             _check_token_ids("input_ids", input_ids)
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = self.config.return_dict if return_dict is None else return_dict
 
         embeddings = self.get_input_embeddings()
         image_mask = None
         if input_ids is not None:
             input_ids = _to(input_ids, _execution_device(embeddings))
-            image_mask = input_ids == self.config.image_token_id  # (B, T)
+            image_mask = self.image_placeholder_mask(input_ids)  # (B, T)
             # Placeholder ids need not be inside the vocabulary: they are embedded as 0, then overwritten.
             inputs_embeds = embeddings(input_ids.masked_fill(image_mask, 0))  # (B, T, D)
+        elif pixel_values is not None:
+            image_mask = self.image_placeholder_mask(None, inputs_embeds)  # (B, T)
 
         projected = None
         if pixel_values is not None:
-            if image_mask is None:
-                raise ValueError("`pixel_values` need `input_ids` (with `<image>` placeholders), not `inputs_embeds`.")
             _check_pixel_values(pixel_values)
             if pixel_values.shape[0] > 0:
+                if self.config.uses_query and query_input_ids is None:
+                    raise ValueError(
+                        "`pixel_values` were given without `query_input_ids`: the query-guided router reads the "
+                        "question through the CLIP text encoder. Build inputs with QMoPProcessor (it returns "
+                        "`query_input_ids` and `query_attention_mask`, one row per image)."
+                    )
                 per_image = self._visual_tokens_per_image(image_mask, pixel_values.shape[0])
                 projected = self.get_image_features(
-                    pixel_values, query_input_ids, query_attention_mask, num_visual_tokens=per_image
+                    pixel_values, query_input_ids, query_attention_mask, num_visual_tokens=per_image, return_dict=True
                 )
                 features = projected.image_features.to(inputs_embeds.device, inputs_embeds.dtype)  # (N, M, D)
                 scatter_mask = image_mask.to(inputs_embeds.device).unsqueeze(-1).expand_as(inputs_embeds)
@@ -866,7 +1050,7 @@ class QMoPModel(QMoPPreTrainedModel):
             return_dict=True,
             **kwargs,
         )
-        return QMoPModelOutputWithPast(
+        output = QMoPModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
@@ -879,6 +1063,7 @@ class QMoPModel(QMoPPreTrainedModel):
             aux_loss=None if projected is None else projected.aux_loss,
             router_z_loss=None if projected is None else projected.router_z_loss,
         )
+        return output if return_dict else output.to_tuple()
 
 
 # ===================================================================================== generation head
@@ -897,6 +1082,7 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": _LM_HEAD_TP_STYLE}
 
     def __init__(self, config: QMoPConfig):
         super().__init__(config)
@@ -937,8 +1123,11 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
     def language_model(self):
         return self.model.language_model
 
-    def get_image_features(self, pixel_values, query_input_ids=None, query_attention_mask=None, num_visual_tokens=None):
-        return self.model.get_image_features(pixel_values, query_input_ids, query_attention_mask, num_visual_tokens)
+    def get_image_features(self, pixel_values, query_input_ids=None, query_attention_mask=None, num_visual_tokens=None,
+                           **kwargs):
+        return self.model.get_image_features(
+            pixel_values, query_input_ids, query_attention_mask, num_visual_tokens, **kwargs
+        )
 
     def set_router_temperature(self, temperature: float) -> None:
         """Set the router's training temperature (the trainer anneals it; eval mode uses the config's floor)."""
@@ -972,7 +1161,10 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
         logits_to_keep=0,
         **kwargs,
     ) -> QMoPCausalLMOutputWithPast:
+        # Loss arguments of transformers' loss utilities (the Trainer passes them), not model inputs.
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        shift_labels = kwargs.pop("shift_labels", None)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         if labels is not None:
             _check_labels(labels, input_ids, inputs_embeds)
         outputs = self.model(
@@ -987,6 +1179,7 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
             **kwargs,
         )
         hidden = outputs.last_hidden_state  # (B, T, D)
@@ -994,23 +1187,33 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden[:, keep, :])  # (B, T', V)
 
         loss = None
-        if labels is not None:
-            labels = labels.to(logits.device)
-            if input_ids is not None:  # never learn to predict placeholders
-                labels = labels.masked_fill(input_ids.to(labels.device) == self.config.image_token_id, -100)
-            shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # (B·(T-1), V)
-            shift_labels = labels[:, 1:].reshape(-1)  # (B·(T-1),)
-            if num_items_in_batch is not None:  # Trainer's gradient-accumulation-exact normalisation
-                loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
-                loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
-            else:
-                loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+        if labels is not None or shift_labels is not None:
+            # Never learn to predict placeholders: mask them in `labels` (B, T) and in `shift_labels` (B, T), whose
+            # position t is the target of position t, i.e. the token at t + 1.
+            if input_ids is not None or pixel_values is not None:
+                placeholders = self.model.image_placeholder_mask(input_ids, inputs_embeds).to(logits.device)  # (B, T)
+            else:  # text-only inputs_embeds
+                placeholders = torch.zeros(logits.shape[:2], dtype=torch.bool, device=logits.device)
+            if labels is not None:
+                labels = labels.to(logits.device).masked_fill(placeholders, -100)
+            if shift_labels is not None:
+                next_is_placeholder = F.pad(placeholders[:, 1:], (0, 1), value=False)  # (B, T)
+                shift_labels = shift_labels.to(logits.device).masked_fill(next_is_placeholder, -100)
+            # transformers' causal-LM loss: shifts `labels` (or takes `shift_labels`), float32, and divides by
+            # `num_items_in_batch` when the Trainer gives it (gradient-accumulation-exact normalisation).
+            loss = self.loss_function(
+                logits=logits,
+                labels=labels,
+                vocab_size=self.config.text_config.vocab_size,
+                num_items_in_batch=num_items_in_batch,
+                shift_labels=shift_labels,
+            )
             if outputs.aux_loss is not None and self.config.router_aux_loss_coef > 0:
                 loss = loss + self.config.router_aux_loss_coef * outputs.aux_loss.to(loss.device)
             if outputs.router_z_loss is not None and self.config.router_z_loss_coef > 0:
                 loss = loss + self.config.router_z_loss_coef * outputs.router_z_loss.to(loss.device)
 
-        return QMoPCausalLMOutputWithPast(
+        output = QMoPCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
@@ -1024,6 +1227,7 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
             aux_loss=outputs.aux_loss,
             router_z_loss=outputs.router_z_loss,
         )
+        return output if return_dict else output.to_tuple()
 
     def prepare_inputs_for_generation(
         self,
