@@ -105,9 +105,10 @@ class Settings:
         from .towers import FOUNDATION_RECIPE
 
         key = {k: v for k, v in asdict(self).items() if k not in JOB_INDEPENDENT}
-        return key | {"variant_config": self.qmop_settings(variant), "data_version": DATA_VERSION,
-                      "foundation": FOUNDATION_RECIPE, "train_budgets": self.train_budgets(variant),
-                      "images": self.image_folder(variant)}
+        key |= {"variant_config": self.qmop_settings(variant), "data_version": DATA_VERSION,
+                "foundation": FOUNDATION_RECIPE, "train_budgets": self.train_budgets(variant),
+                "images": self.image_folder(variant)}
+        return json.loads(json.dumps(key))  # as stored in result.json (tuples become lists), so equal keys compare equal
 
     def qmop_settings(self, variant: str) -> dict:
         settings = {"num_visual_tokens": self.budget, "router_hidden_size": 64, "resampler_num_layers": 1}
