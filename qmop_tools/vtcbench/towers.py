@@ -250,7 +250,8 @@ def pretrain_clip(processor, image_folder: str, records: list, shapes: TowerShap
     def text_loss(indices):
         chosen = [text_rng.choice(texts[i]) for i in indices]
         encoded = processor.query_tokenizer(chosen, padding=True, truncation=True, max_length=77, return_tensors="pt")
-        text = F.normalize(model.text_projection(model.text_model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).pooler_output), dim=-1)
+        pooled = model.text_model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).pooler_output
+        text = F.normalize(model.text_projection(pooled), dim=-1)
         image = F.normalize(image_projection(cls[torch.tensor(indices)]), dim=-1)
         logits = model.logit_scale.exp().detach() * image @ text.T  # (N, N)
         target = torch.arange(len(indices))
@@ -274,7 +275,8 @@ def pretrain_clip(processor, image_folder: str, records: list, shapes: TowerShap
             report["val_head_accuracy"] = accuracy
             captions = processor.query_tokenizer([r["caption"] for r in val_records], padding=True, truncation=True,
                                                  max_length=77, return_tensors="pt")
-            text = F.normalize(model.text_projection(model.text_model(input_ids=captions["input_ids"], attention_mask=captions["attention_mask"]).pooler_output), dim=-1)
+            pooled = model.text_model(input_ids=captions["input_ids"], attention_mask=captions["attention_mask"]).pooler_output
+            text = F.normalize(model.text_projection(pooled), dim=-1)
             image = F.normalize(image_projection(features[:, 0]), dim=-1)
             report["val_caption_retrieval_top1"] = round(float(((image @ text.T).argmax(-1) == torch.arange(
                 len(val_records))).float().mean()), 4)
