@@ -11,7 +11,7 @@ from typing import Literal, Optional, get_args
 from transformers import AutoConfig, CLIPTextConfig, CLIPVisionConfig, PretrainedConfig
 
 BranchName = Literal["pooling", "resampler", "pruning"]
-PruningScore = Literal["cls_attention", "question_relevance"]
+PruningScore = Literal["cls_attention", "question_relevance", "random"]
 RouterMode = Literal["query", "vision", "uniform"]
 TemperatureSchedule = Literal["cosine", "linear", "exponential", "constant"]
 
@@ -102,7 +102,8 @@ class QMoPConfig(PretrainedConfig):
             How the pruning branch ranks patches. `"cls_attention"`: CLS-to-patch attention of the feature
             layer, recomputed from its q/k (works under SDPA/flash). `"question_relevance"`: QG-VTC Eq. 4,
             the question's EOS embedding mapped into the vision space by a learned MLP, queried against
-            the feature layer's keys.
+            the feature layer's keys. `"random"`: M patches drawn uniformly at random on every call (random-k, the
+            baseline UniPruneBench finds strong); outputs then differ between calls.
         pruning_recycle (`bool`, *optional*, defaults to `False`):
             QG-VTC Eq. 5: add the dropped patches back into the kept ones, weighted by attention.
         router_mode (`str`, *optional*, defaults to `"query"`):
@@ -115,12 +116,25 @@ class QMoPConfig(PretrainedConfig):
             setting).
         router_temperature (`float`, *optional*, defaults to 1.0): softmax temperature at the start of training.
         router_min_temperature (`float`, *optional*, defaults to 0.1):
-            Floor of the annealed temperature; also the temperature used in eval mode.
+            Floor of the annealed temperature (and the eval temperature when `router_eval_temperature` is unset).
+        router_eval_temperature (`float`, *optional*):
+            Softmax temperature in eval mode (inference). Unset: `router_min_temperature`, as in checkpoints written
+            before this field existed. A low value makes routing a hard choice; the mini VTCBench uses 1.0 so that
+            the weights shown at inference are the router's actual preference between its top-k branches.
         router_temperature_schedule (`str`, *optional*, defaults to `"cosine"`):
             How training anneals the temperature from `router_temperature` to `router_min_temperature`.
         router_gumbel_noise (`bool`, *optional*, defaults to `True`): add Gumbel noise to router logits in training.
         router_aux_loss_coef (`float`, *optional*, defaults to 0.01):
-            Weight of the switch-style load-balancing loss added to the LM loss when labels are given.
+            Weight of the switch-style load-balancing loss added to the LM loss when labels are given. Balancing
+            per batch can be met by sending different pictures to different branches whatever the question; keep
+            it small (or 0) when the question should decide.
+        router_z_loss_coef (`float`, *optional*, defaults to 0.001):
+            Weight of the router z-loss (ST-MoE): mean of logsumexp(logits)² over images, added to the loss when
+            labels are given. It keeps the logits small, so the softmax does not saturate and the router keeps a
+            gradient after the early steps.
+        router_logit_cap (`float`, *optional*):
+            Soft cap on router logits, `cap · tanh(logits / cap)` (training and inference). Bounds the gap between
+            branches to `2 · cap` so no temperature schedule can drive the softmax into a hard choice. Unset: no cap.
         query_max_length (`int`, *optional*, defaults to 77): CLIP text encoder's context (longer questions are truncated).
         pad_to_square (`bool`, *optional*, defaults to `False`):
             Default of the processor's LLaVA-1.5 `expand2square` (the original repo pads; llava-hf does not).
@@ -153,6 +167,9 @@ class QMoPConfig(PretrainedConfig):
         router_temperature_schedule: TemperatureSchedule = "cosine",
         router_gumbel_noise: bool = True,
         router_aux_loss_coef: float = 0.01,
+        router_eval_temperature: Optional[float] = None,
+        router_z_loss_coef: float = 0.001,
+        router_logit_cap: Optional[float] = None,
         query_max_length: int = 77,
         pad_to_square: bool = False,
         custom_pipelines=None,
@@ -184,6 +201,9 @@ class QMoPConfig(PretrainedConfig):
         self.router_temperature_schedule = router_temperature_schedule
         self.router_gumbel_noise = router_gumbel_noise
         self.router_aux_loss_coef = router_aux_loss_coef
+        self.router_eval_temperature = router_eval_temperature
+        self.router_z_loss_coef = router_z_loss_coef
+        self.router_logit_cap = router_logit_cap
         self.query_max_length = query_max_length
         self.pad_to_square = pad_to_square
 
@@ -208,6 +228,13 @@ class QMoPConfig(PretrainedConfig):
         """Index into the tower's hidden states (embeddings output is 0): vision layers actually run."""
         num_states = self.vision_config.num_hidden_layers + 1
         return self.vision_feature_layer % num_states
+
+    @property
+    def router_inference_temperature(self) -> float:
+        """Temperature of the router's softmax in eval mode."""
+        if self.router_eval_temperature is None:
+            return self.router_min_temperature
+        return self.router_eval_temperature
 
     @property
     def uses_router(self) -> bool:
@@ -241,7 +268,32 @@ class QMoPConfig(PretrainedConfig):
                 f"({self.patch_grid}x{self.patch_grid})."
             )
 
+    # Numeric and boolean fields, type-checked before any arithmetic on them (a JSON or CLI string such as "2" is an
+    # error naming the field, not a TypeError from a comparison).
+    _INT_FIELDS = ("image_token_id", "vision_feature_layer", "resampler_num_layers", "resampler_num_heads",
+                   "resampler_intermediate_size", "router_hidden_size", "router_top_k", "query_max_length")
+    _FLOAT_FIELDS = ("router_temperature", "router_min_temperature", "router_aux_loss_coef", "router_z_loss_coef")
+    _OPTIONAL_FLOAT_FIELDS = ("router_eval_temperature", "router_logit_cap")
+    _BOOL_FIELDS = ("pruning_recycle", "router_gumbel_noise", "pad_to_square")
+
+    def _check_field_types(self) -> None:
+        for field in self._INT_FIELDS:
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"`{field}` must be an integer, got {value!r} ({type(value).__name__}).")
+        for field in self._FLOAT_FIELDS + self._OPTIONAL_FLOAT_FIELDS:
+            value = getattr(self, field)
+            if value is None and field in self._OPTIONAL_FLOAT_FIELDS:
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise TypeError(f"`{field}` must be a finite number, got {value!r} ({type(value).__name__}).")
+        for field in self._BOOL_FIELDS:
+            value = getattr(self, field)
+            if not isinstance(value, bool):
+                raise TypeError(f"`{field}` must be True or False, got {value!r} ({type(value).__name__}).")
+
     def _validate(self, branches_arg) -> None:
+        self._check_field_types()
         if isinstance(branches_arg, str) or not branches_arg:
             raise ValueError(f"`branches` must be a non-empty list drawn from {list(BRANCH_ORDER)}, got {branches_arg!r}.")
         unknown = [b for b in branches_arg if b not in BRANCH_ORDER]
@@ -288,8 +340,12 @@ class QMoPConfig(PretrainedConfig):
             raise ValueError(
                 f"`resampler_num_heads`={self.resampler_num_heads} does not divide the vision width {vc.hidden_size}."
             )
-        if self.router_aux_loss_coef < 0:
-            raise ValueError(f"`router_aux_loss_coef` must be >= 0, got {self.router_aux_loss_coef}.")
+        for field in ("router_aux_loss_coef", "router_z_loss_coef"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"`{field}` must be >= 0, got {getattr(self, field)}.")
+        for field in ("router_eval_temperature", "router_logit_cap"):
+            if getattr(self, field) is not None and not getattr(self, field) > 0:
+                raise ValueError(f"`{field}` must be > 0 or None, got {getattr(self, field)}.")
         max_pos = getattr(self.text_encoder_config, "max_position_embeddings", None)
         if max_pos is not None and self.query_max_length > max_pos:
             raise ValueError(

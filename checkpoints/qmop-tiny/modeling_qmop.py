@@ -18,15 +18,25 @@ Sources: QMoP (arXiv, March 2026) and QG-VTC (arXiv 2504.00654) for Eq. 4-5; cho
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 import transformers
 from torch import nn
-from transformers import AutoModel, CLIPTextModel, CLIPVisionModel, GenerationMixin, PreTrainedModel
+from transformers import (
+    AutoModel,
+    CLIPPreTrainedModel,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    GenerationMixin,
+    PreTrainedModel,
+)
 from transformers.activations import ACT2FN
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
+from transformers.modeling_utils import ModuleUtilsMixin
 from transformers.utils import logging
 
 try:  # remote code (transformers_modules.<repo>) or installed package
@@ -46,10 +56,55 @@ _GENERATE_HAS_FIRST_ITERATION = (
 )
 
 
-def _unwrap_clip(model: nn.Module) -> nn.Module:
-    """4.x wraps CLIP towers as `.vision_model` / `.text_model`; 5.x does not. Unwrapping gives both versions
-    the same module paths and checkpoint keys (`vision_tower.encoder.layers.0...`)."""
-    return getattr(model, "vision_model", None) or getattr(model, "text_model", None) or model
+# Tensor-parallel style of `lm_head` (as transformers' LLaVA / Llama declare it in each version).
+_LM_HEAD_TP_STYLE = "colwise_gather_output" if TRANSFORMERS_V5 else "colwise_rep"
+
+
+class _CLIPTower(ModuleUtilsMixin):
+    """4.x only: what tools read on a PreTrainedModel tower (attention support flags, `dtype`, `device`), for the
+    unwrapped CLIP transformers below."""
+
+    _supports_sdpa = CLIPPreTrainedModel._supports_sdpa
+    _supports_flash_attn_2 = getattr(CLIPPreTrainedModel, "_supports_flash_attn_2", False)
+    _supports_flex_attn = getattr(CLIPPreTrainedModel, "_supports_flex_attn", False)
+    _supports_attention_backend = getattr(CLIPPreTrainedModel, "_supports_attention_backend", False)
+
+
+if TRANSFORMERS_V5:
+    # 5.x CLIPVisionModel / CLIPTextModel hold embeddings and encoder themselves: the same module paths and checkpoint
+    # keys (`vision_tower.encoder.layers.0...`) as the unwrapped 4.x towers below.
+    _VISION_TOWER_CLASS, _TEXT_ENCODER_CLASS = CLIPVisionModel, CLIPTextModel
+else:
+    # 4.x wraps them as `.vision_model` / `.text_model`; QMoP holds the inner transformers directly.
+    from transformers.models.clip.modeling_clip import CLIPTextTransformer, CLIPVisionTransformer
+
+    class QMoPCLIPVisionTower(_CLIPTower, CLIPVisionTransformer):
+        pass
+
+    class QMoPCLIPTextEncoder(_CLIPTower, CLIPTextTransformer):
+        pass
+
+    _VISION_TOWER_CLASS, _TEXT_ENCODER_CLASS = QMoPCLIPVisionTower, QMoPCLIPTextEncoder
+
+
+def _build_clip_towers(config) -> tuple[nn.Module, nn.Module]:
+    """The vision tower and the CLIP text encoder of a QMoPConfig."""
+    if not TRANSFORMERS_V5:  # the plain 4.x towers do not resolve their attention implementation themselves
+        for sub_config in (config.vision_config, config.text_encoder_config):
+            if getattr(sub_config, "_attn_implementation", None) is None:
+                sub_config._attn_implementation = config._attn_implementation
+    return _VISION_TOWER_CLASS(config.vision_config), _TEXT_ENCODER_CLASS(config.text_encoder_config)
+
+
+def _init_clip_module(module: nn.Module) -> bool:
+    """4.x: initialise a module of an unwrapped CLIP tower with CLIP's own `_init_weights` (which reads only
+    `self.config`, here the module's CLIP config). Returns whether it was a CLIP module. On 5.x the towers are CLIP
+    PreTrainedModels and transformers dispatches to their own initialisation."""
+    config = getattr(module, "config", None)
+    if TRANSFORMERS_V5 or not isinstance(config, (CLIPVisionConfig, CLIPTextConfig)):
+        return False
+    CLIPPreTrainedModel._init_weights(module, module)
+    return True
 
 
 def _run_clip_encoder_layer(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -83,11 +138,43 @@ def _to(tensor: Optional[torch.Tensor], device: Optional[torch.device]) -> Optio
 
 
 def _check_pixel_values(pixel_values: torch.Tensor) -> None:
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"`pixel_values` must be a tensor (from QMoPProcessor), got {type(pixel_values).__name__}.")
     if not torch.is_floating_point(pixel_values):
         raise TypeError(f"`pixel_values` must be a float tensor (from QMoPProcessor), got dtype {pixel_values.dtype}.")
     if pixel_values.ndim != 4:
         raise ValueError(
             f"`pixel_values` must have shape (num_images, channels, height, width), got {tuple(pixel_values.shape)}."
+        )
+    if pixel_values.device.type != "meta" and not bool(torch.isfinite(pixel_values).all()):
+        raise ValueError(
+            f"`pixel_values` hold {int((~torch.isfinite(pixel_values)).sum())} NaN or infinite value(s); a model fed "
+            "non-finite pixels has no meaningful answer."
+        )
+
+
+def _check_token_ids(name: str, ids) -> None:
+    """`input_ids` / `query_input_ids`: a (batch, sequence) integer tensor."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"`{name}` must be a tensor of token ids, got {type(ids).__name__}.")
+    if torch.is_floating_point(ids) or ids.dtype == torch.bool:
+        raise TypeError(f"`{name}` must be integer token ids, got dtype {ids.dtype}.")
+    if ids.ndim != 2:
+        raise ValueError(
+            f"`{name}` must have shape (batch, sequence_length), got {tuple(ids.shape)}; add a batch dimension "
+            "(`ids[None]`) for a single sequence."
+        )
+
+
+def _check_labels(labels, input_ids, inputs_embeds) -> None:
+    """`labels` are token ids of the same (batch, sequence) shape as the inputs (-100 = ignored)."""
+    if not isinstance(labels, torch.Tensor) or torch.is_floating_point(labels) or labels.dtype == torch.bool:
+        kind = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise TypeError(f"`labels` must be an integer tensor of token ids (-100 = ignored), got {kind}.")
+    expected = tuple(input_ids.shape) if input_ids is not None else tuple(inputs_embeds.shape[:2])
+    if tuple(labels.shape) != expected:
+        raise ValueError(
+            f"`labels` must have the inputs' shape (batch, sequence_length) = {expected}, got {tuple(labels.shape)}."
         )
 
 
@@ -105,6 +192,19 @@ def router_temperature_at(config: QMoPConfig, progress: float) -> float:
     return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * progress))  # cosine
 
 
+def _check_unambiguous_budget(run_lengths: torch.Tensor, num_images: int, per_image: int, config_budget: int) -> None:
+    """M is read from the placeholders. When some run of consecutive placeholders must hold several images, the split
+    is a guess (4 images over one image's 16 placeholders would silently become 4 tokens each): accept it only at
+    the config's budget."""
+    if len(run_lengths) == num_images or per_image == config_budget:
+        return
+    raise ValueError(
+        f"Image features and image tokens do not match: {num_images} images for {int(run_lengths.sum())} `<image>` "
+        f"placeholders in {len(run_lengths)} run(s) of lengths {run_lengths.tolist()}. Each image needs its own "
+        f"M placeholders (config budget {config_budget}); build prompts with QMoPProcessor, one `<image>` per image."
+    )
+
+
 # ===================================================================================== outputs
 @dataclass
 class QMoPProjectorOutput(ModelOutput):
@@ -113,16 +213,44 @@ class QMoPProjectorOutput(ModelOutput):
     router_weights (`torch.FloatTensor` of shape `(num_images, num_branches)`): weight of each branch per image
         (columns follow `config.branches`; zero for branches the top-k dropped).
     router_probs (`torch.FloatTensor` of shape `(num_images, num_branches)`): router softmax before top-k.
+    router_logits (`torch.FloatTensor` of shape `(num_images, num_branches)`): router logits before noise and
+        temperature (what `qmop_tools.router_diagnostics` analyses).
     kept_patch_indices (`torch.LongTensor` of shape `(num_images, M)`): patches the pruning branch kept, in raster
         order; -1 for images whose router did not select pruning. `None` without a pruning branch.
     aux_loss (`torch.FloatTensor`): load-balancing loss of the router (`None` without a router).
+    router_z_loss (`torch.FloatTensor`): z-loss of the router logits (`None` without a router).
     """
 
     image_features: Optional[torch.FloatTensor] = None
     router_weights: Optional[torch.FloatTensor] = None
     router_probs: Optional[torch.FloatTensor] = None
+    router_logits: Optional[torch.FloatTensor] = None
     kept_patch_indices: Optional[torch.LongTensor] = None
     aux_loss: Optional[torch.FloatTensor] = None
+    router_z_loss: Optional[torch.FloatTensor] = None
+
+
+@dataclass
+class QMoPImageFeaturesOutput(BaseModelOutputWithPooling):
+    """Output of `get_image_features`, LLaVA's layout plus what the projector decided:
+
+    last_hidden_state (`torch.FloatTensor` of shape `(num_images, 1 + P, Cv)`): the vision tower's hidden state at
+        `vision_feature_layer` (CLS first), which the branches read.
+    pooler_output (`tuple(torch.FloatTensor)`): one `(M, D)` tensor per image, the visual tokens given to the LLM
+        (as LLaVA's `pooler_output`).
+    hidden_states / attentions: the vision tower's, when asked for (`output_hidden_states` / `output_attentions`).
+    image_features (`torch.FloatTensor` of shape `(num_images, M, D)`): the same visual tokens, stacked.
+    router_weights, router_probs, router_logits, kept_patch_indices, aux_loss, router_z_loss: see
+        [`QMoPProjectorOutput`].
+    """
+
+    image_features: Optional[torch.FloatTensor] = None
+    router_weights: Optional[torch.FloatTensor] = None
+    router_probs: Optional[torch.FloatTensor] = None
+    router_logits: Optional[torch.FloatTensor] = None
+    kept_patch_indices: Optional[torch.LongTensor] = None
+    aux_loss: Optional[torch.FloatTensor] = None
+    router_z_loss: Optional[torch.FloatTensor] = None
 
 
 @dataclass
@@ -137,14 +265,16 @@ class QMoPModelOutputWithPast(ModelOutput):
     image_hidden_states: Optional[torch.FloatTensor] = None
     router_weights: Optional[torch.FloatTensor] = None
     router_probs: Optional[torch.FloatTensor] = None
+    router_logits: Optional[torch.FloatTensor] = None
     kept_patch_indices: Optional[torch.LongTensor] = None
     aux_loss: Optional[torch.FloatTensor] = None
+    router_z_loss: Optional[torch.FloatTensor] = None
 
 
 @dataclass
 class QMoPCausalLMOutputWithPast(ModelOutput):
-    """Output of [`QMoPForConditionalGeneration`]. `loss` = LM loss + `router_aux_loss_coef` · `aux_loss` when
-    labels are given."""
+    """Output of [`QMoPForConditionalGeneration`]. `loss` = LM loss + `router_aux_loss_coef` · `aux_loss` +
+    `router_z_loss_coef` · `router_z_loss` when labels are given."""
 
     loss: Optional[torch.FloatTensor] = None
     logits: Optional[torch.FloatTensor] = None
@@ -154,8 +284,10 @@ class QMoPCausalLMOutputWithPast(ModelOutput):
     image_hidden_states: Optional[torch.FloatTensor] = None
     router_weights: Optional[torch.FloatTensor] = None
     router_probs: Optional[torch.FloatTensor] = None
+    router_logits: Optional[torch.FloatTensor] = None
     kept_patch_indices: Optional[torch.LongTensor] = None
     aux_loss: Optional[torch.FloatTensor] = None
+    router_z_loss: Optional[torch.FloatTensor] = None
 
 
 # ===================================================================================== branches
@@ -321,14 +453,26 @@ class QMoPPruningBranch(nn.Module):
 
 
 # ===================================================================================== router
+class RouterOutput(NamedTuple):
+    weights: torch.Tensor  # (N, nb) fusion weights (zero outside the top-k)
+    probs: torch.Tensor  # (N, nb) softmax before top-k
+    logits: torch.Tensor  # (N, nb) before noise and temperature
+    balance_loss: torch.Tensor  # () load balancing
+    z_loss: torch.Tensor  # () mean logsumexp²
+
+
 class QueryGuidedRouter(nn.Module):
     """Query Guided Router (QGR): weights for each branch from the vision CLS token and the question's EOS.
 
-    logits = Linear(GELU(Linear([LN(v); LN(t)])))                          (N, num_branches)
+    logits = Linear(GELU(Linear([LN(v); LN(t)])))                (N, num_branches), soft-capped if `router_logit_cap`
     training: probs = softmax((logits + Gumbel) / τ), τ annealed by the trainer (`temperature`)
-    eval:     probs = softmax(logits / router_min_temperature), deterministic
+    eval:     probs = softmax(logits / router_inference_temperature), deterministic
     weights = probs restricted to the top-k branches, renormalised.
-    aux loss (switch-style load balancing) = num_branches · Σ_b fraction_routed_b · mean_prob_b.
+    Losses (weighted by the config, added to the LM loss): switch-style load balancing
+    num_branches · Σ_b fraction_routed_b · mean_prob_b, and the z-loss mean(logsumexp(logits)²) (ST-MoE).
+
+    `uniform` (set by the trainer, e.g. for stage 1 whose query is one constant caption prompt): every branch gets
+    weight 1/num_branches, so all experts train and the router learns nothing it would have to unlearn.
     """
 
     def __init__(self, config: QMoPConfig):
@@ -337,9 +481,12 @@ class QueryGuidedRouter(nn.Module):
         self.num_branches = len(config.branches)
         self.top_k = config.router_top_k
         self.gumbel_noise = config.router_gumbel_noise
-        self.eval_temperature = config.router_min_temperature
-        # Current training temperature; set by the training loop (`QMoPForConditionalGeneration.set_router_temperature`).
+        self.eval_temperature = config.router_inference_temperature
+        self.logit_cap = config.router_logit_cap
+        # Training state, set by the training loop (`QMoPForConditionalGeneration.set_router_temperature` /
+        # `set_router_uniform`): the current temperature, and whether routing is replaced by equal weights.
         self.temperature = config.router_temperature
+        self.uniform = False
         vision_width = config.vision_config.hidden_size
         text_width = config.text_encoder_config.hidden_size if self.uses_query else 0
         eps = config.vision_config.layer_norm_eps
@@ -350,31 +497,42 @@ class QueryGuidedRouter(nn.Module):
         self.act = nn.GELU()
         self.linear_2 = nn.Linear(config.router_hidden_size, self.num_branches)
 
-    def forward(
-        self, cls_token: torch.Tensor, query_embeds: Optional[torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def logits(self, cls_token: torch.Tensor, query_embeds: Optional[torch.Tensor]) -> torch.Tensor:
+        """Router logits before noise and temperature, (N, Cv) + (N, Ct) -> (N, num_branches), float32."""
         dtype = self.linear_2.bias.dtype  # a bias is never quantized (unlike a Linear weight under 4-bit)
         features = [self.vision_norm(cls_token.to(dtype))]  # (N, Cv)
         if self.uses_query:
             features.append(self.query_norm(query_embeds.to(dtype)))  # (N, Ct)
         logits = self.linear_2(self.act(self.linear_1(torch.cat(features, dim=-1)))).float()  # (N, nb)
+        if self.logit_cap is not None:
+            logits = self.logit_cap * torch.tanh(logits / self.logit_cap)
+        return logits
+
+    def forward(self, cls_token: torch.Tensor, query_embeds: Optional[torch.Tensor]) -> RouterOutput:
+        logits = self.logits(cls_token, query_embeds)  # (N, nb)
+        z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
 
         if self.training:
+            noisy = logits
             if self.gumbel_noise:
                 uniform = torch.rand_like(logits).clamp_(1e-6, 1.0 - 1e-6)
-                logits = logits - torch.log(-torch.log(uniform))
-            probs = torch.softmax(logits / self.temperature, dim=-1)
+                noisy = logits - torch.log(-torch.log(uniform))
+            probs = torch.softmax(noisy / self.temperature, dim=-1)
         else:
             probs = torch.softmax(logits / self.eval_temperature, dim=-1)
 
-        top = probs.topk(self.top_k, dim=-1).indices  # (N, k)
-        selected = torch.zeros_like(probs, dtype=torch.bool).scatter(1, top, True)  # (N, nb)
-        weights = probs * selected
-        weights = weights / weights.sum(dim=-1, keepdim=True)  # (N, nb)
+        if self.uniform:
+            selected = torch.ones_like(probs, dtype=torch.bool)  # (N, nb)
+            weights = torch.full_like(probs, 1.0 / self.num_branches)
+        else:
+            top = probs.topk(self.top_k, dim=-1).indices  # (N, k)
+            selected = torch.zeros_like(probs, dtype=torch.bool).scatter(1, top, True)  # (N, nb)
+            weights = probs * selected
+            weights = weights / weights.sum(dim=-1, keepdim=True)  # (N, nb)
 
-        fraction_routed = selected.float().mean(dim=0) / self.top_k  # (nb,)
-        aux_loss = self.num_branches * (fraction_routed * probs.mean(dim=0)).sum()
-        return weights, probs, aux_loss
+        fraction_routed = selected.float().mean(dim=0) / selected.sum(dim=-1).float().mean()  # (nb,)
+        balance_loss = self.num_branches * (fraction_routed * probs.mean(dim=0)).sum()
+        return RouterOutput(weights, probs, logits, balance_loss, z_loss)
 
 
 # ===================================================================================== projector
@@ -410,9 +568,9 @@ class QMoPProjector(nn.Module):
         """patches (N, P, Cv), cls_token (N, Cv), query_embeds (N, Ct) or None; for the pruning branch, its patch
         scores (N, P) and, with recycling, the feature layer's patch-to-patch attention (N, P, P)."""
         num_images = patches.shape[0]
-        router_probs, aux_loss = None, None
+        router_probs = router_logits = aux_loss = z_loss = None
         if self.router is not None:
-            weights, router_probs, aux_loss = self.router(cls_token, query_embeds)  # (N, nb) each
+            weights, router_probs, router_logits, aux_loss, z_loss = self.router(cls_token, query_embeds)  # (N, nb)
         else:  # single branch, or naive equal-weight fusion ("uniform")
             weights = patches.new_full((num_images, len(self.branches)), 1.0 / len(self.branches), dtype=torch.float32)
 
@@ -441,13 +599,26 @@ class QMoPProjector(nn.Module):
                 kept_patch_indices[rows] = kept
             gate = weights[rows, column].to(out.dtype)[:, None, None]  # (n, 1, 1)
             fused = fused.index_add(0, rows, gate * out)  # (N, M, D)
+        fused = _poison_unroutable_images(fused, weights)
         return QMoPProjectorOutput(
             image_features=fused,
             router_weights=weights,
             router_probs=router_probs,
+            router_logits=router_logits,
             kept_patch_indices=kept_patch_indices,
             aux_loss=aux_loss,
+            router_z_loss=z_loss,
         )
+
+
+def _poison_unroutable_images(fused: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Images whose router weights are not finite (NaN/Inf weights in the checkpoint or the vision features) select no
+    branch and would become all-zero tokens that look like a normal input: give them NaN tokens instead, so the
+    logits are NaN, as in LLaVA with non-finite weights."""
+    unroutable = ~torch.isfinite(weights).all(dim=-1)  # (N,)
+    if not bool(unroutable.any()):
+        return fused
+    return fused.masked_fill(unroutable.to(fused.device)[:, None, None], float("nan"))  # (N, M, D)
 
 
 # ===================================================================================== pre-trained base
@@ -473,7 +644,18 @@ class QMoPPreTrainedModel(PreTrainedModel):
     _supports_cache_class = True
     _supports_static_cache = True
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # transformers 5.x initialises the modules of remote code conservatively: a module whose own parameters are
+        # flagged as initialised is skipped. Applied to the CLIP sub-models, that skips CLIPAttention / CLIPMLP (they
+        # hold no parameters of their own), so missing tower weights got the generic init instead of CLIP's.
+        # `_init_weights` below uses torch.nn.init only, which honours the per-parameter flags: the conservative
+        # path is not needed.
+        return False
+
     def _init_weights(self, module):
+        if _init_clip_module(module):  # 4.x: the unwrapped CLIP towers get CLIP's own initialisation
+            return
         std = getattr(self.config.text_config, "initializer_range", 0.02)
         if isinstance(module, QMoPResamplerBranch):
             nn.init.normal_(module.query_embed, std=std)
@@ -563,8 +745,7 @@ class QMoPModel(QMoPPreTrainedModel):
 
     def __init__(self, config: QMoPConfig):
         super().__init__(config)
-        self.vision_tower = _unwrap_clip(CLIPVisionModel(config.vision_config))
-        self.text_encoder = _unwrap_clip(CLIPTextModel(config.text_encoder_config))
+        self.vision_tower, self.text_encoder = _build_clip_towers(config)
         self.projector = QMoPProjector(config)
         self.language_model = AutoModel.from_config(config.text_config)
         lm_no_split = getattr(self.language_model, "_no_split_modules", None) or []
@@ -601,8 +782,7 @@ class QMoPModel(QMoPPreTrainedModel):
 
     def get_query_embeds(self, query_input_ids: torch.Tensor, query_attention_mask: Optional[torch.Tensor]):
         """EOS embedding of the question from the CLIP text encoder: (N, Ct)."""
-        if torch.is_floating_point(query_input_ids):
-            raise TypeError(f"`query_input_ids` must be integer token ids, got dtype {query_input_ids.dtype}.")
+        _check_token_ids("query_input_ids", query_input_ids)
         device = _execution_device(self.text_encoder)
         output = self.text_encoder(
             input_ids=_to(query_input_ids, device), attention_mask=_to(query_attention_mask, device)
@@ -615,19 +795,30 @@ class QMoPModel(QMoPPreTrainedModel):
         query_input_ids: Optional[torch.Tensor] = None,
         query_attention_mask: Optional[torch.Tensor] = None,
         num_visual_tokens: Optional[int] = None,
-    ) -> QMoPProjectorOutput:
-        """Compress images to `num_visual_tokens` (default: the config's budget) tokens each, guided by the query."""
-        num_visual_tokens = num_visual_tokens or self.config.num_visual_tokens
+        vision_feature_layer: Optional[int] = None,
+        output_hidden_states: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+    ):
+        """Compress images to `num_visual_tokens` (default: the config's budget) tokens each, guided by the query.
+
+        Without `query_input_ids` every image gets the empty query (the captioning case of the processor), with a
+        warning. `vision_feature_layer` overrides the config's feature layer for this call. Returns a
+        [`QMoPImageFeaturesOutput`] (a tuple with `return_dict=False`).
+        """
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        num_visual_tokens = self.config.num_visual_tokens if num_visual_tokens is None else num_visual_tokens
         self.config.validate_num_visual_tokens(num_visual_tokens, "num_visual_tokens")
+        _check_pixel_values(pixel_values)
         num_images = pixel_values.shape[0]
         query_embeds = None
+        if query_input_ids is not None:
+            _check_token_ids("query_input_ids", query_input_ids)
         if self.config.uses_query:
             if query_input_ids is None:
-                raise ValueError(
-                    "`pixel_values` were given without `query_input_ids`: the query-guided router reads the question "
-                    "through the CLIP text encoder. Build inputs with QMoPProcessor (it returns `query_input_ids` and "
-                    "`query_attention_mask`, one row per image)."
-                )
+                query_input_ids, query_attention_mask = self._empty_queries(num_images, pixel_values.device)
             if query_input_ids.shape[0] != num_images:
                 raise ValueError(
                     f"`query_input_ids` has {query_input_ids.shape[0]} rows but there are {num_images} images; "
@@ -635,13 +826,20 @@ class QMoPModel(QMoPPreTrainedModel):
                 )
             query_embeds = self.get_query_embeds(query_input_ids, query_attention_mask)
 
-        hidden, layer_input, feature_layer = self.get_vision_features(pixel_values)
+        default_layer = vision_feature_layer is None or vision_feature_layer == self.config.vision_feature_layer
+        tower_hidden_states = tower_attentions = None
+        if default_layer and not (output_hidden_states or output_attentions):
+            hidden, layer_input, feature_layer = self.get_vision_features(pixel_values)
+        else:
+            hidden, layer_input, feature_layer, tower_hidden_states, tower_attentions = self._run_vision_tower(
+                pixel_values, vision_feature_layer, output_hidden_states, output_attentions
+            )
         patches, cls_token = hidden[:, 1:], hidden[:, 0]  # (N, P, Cv), (N, Cv)
         scores, patch_attention = None, None
         if "pruning" in self.config.branches:
             scores, patch_attention = self.pruning_scores(layer_input, feature_layer, query_embeds)
         device = _execution_device(self.projector)
-        return self.projector(
+        projected = self.projector(
             _to(patches, device),
             _to(cls_token, device),
             _to(query_embeds, device),
@@ -649,17 +847,64 @@ class QMoPModel(QMoPPreTrainedModel):
             pruning_scores=_to(scores, device),
             patch_attention=_to(patch_attention, device),
         )
+        output = QMoPImageFeaturesOutput(
+            last_hidden_state=hidden,
+            pooler_output=tuple(projected.image_features),  # one (M, D) per image, as LLaVA
+            hidden_states=tower_hidden_states if output_hidden_states else None,
+            attentions=tower_attentions if output_attentions else None,
+            **projected,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _empty_queries(self, num_images: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """`<BOS><EOS>` per image: what the processor gives an image without a question."""
+        text_config = self.config.text_encoder_config
+        bos, eos = getattr(text_config, "bos_token_id", None), getattr(text_config, "eos_token_id", None)
+        if bos is None or eos is None:
+            raise ValueError(
+                "`pixel_values` were given without `query_input_ids`: the query-guided router reads the question "
+                "through the CLIP text encoder. Build inputs with QMoPProcessor (it returns `query_input_ids` and "
+                "`query_attention_mask`, one row per image)."
+            )
+        logger.warning_once(
+            "`get_image_features` got no `query_input_ids`: the router reads an empty question (as for captioning). "
+            "Pass the processor's `query_input_ids` to route by the question."
+        )
+        ids = torch.tensor([[bos, eos]], dtype=torch.long, device=device).expand(num_images, -1)  # (N, 2)
+        return ids, torch.ones_like(ids)
+
+    def _run_vision_tower(self, pixel_values, vision_feature_layer, output_hidden_states, output_attentions):
+        """The whole tower, for callers who ask for its hidden states / attentions or another feature layer:
+        (feature layer output, its input, the feature layer module, all hidden states, all attentions)."""
+        num_states = self.config.vision_config.num_hidden_layers + 1
+        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        if not isinstance(layer, int) or isinstance(layer, bool) or not -num_states <= layer < num_states:
+            raise ValueError(
+                f"`vision_feature_layer` must be one integer index into the tower's {num_states} hidden states "
+                f"(QMoP's branches read one layer), got {layer!r}."
+            )
+        index = layer % num_states
+        if index == 0 and "pruning" in self.config.branches:
+            raise ValueError("`vision_feature_layer` must select a transformer layer (not the embeddings) for pruning.")
+        tower = self.vision_tower
+        patch_weight = tower.embeddings.patch_embedding.weight
+        pixel_values = pixel_values.to(device=_execution_device(tower.embeddings), dtype=patch_weight.dtype)
+        out = tower(pixel_values, output_hidden_states=True, output_attentions=output_attentions)
+        states = out.hidden_states  # num_states x (N, S, Cv); states[0] is the encoder's input
+        layer_input = states[index - 1] if index > 0 else None
+        feature_layer = tower.encoder.layers[index - 1] if index > 0 else None
+        return states[index], layer_input, feature_layer, states, out.attentions
 
     def pruning_scores(self, layer_input: torch.Tensor, feature_layer: nn.Module, query_embeds: Optional[torch.Tensor]):
         """Patch scores (N, P) of the pruning branch and, with recycling, patch-to-patch attention (N, P, P), from the
         feature layer's q/k projections applied to its input (N, S, Cv). See [`QMoPPruningBranch`]."""
+        # Every weight is used through a module call (layer_norm1, q_proj, k_proj), never read directly: under
+        # CPU/disk offload accelerate hooks each of these modules and loads its weights only for that call.
         attn = feature_layer.self_attn
-        if attn.k_proj.weight.device.type == "meta" and layer_input.device.type != "meta":
-            raise RuntimeError(
-                "The pruning branch reads the vision tower's feature layer, which is offloaded (meta weights). "
-                "Keep `model.vision_tower` on a device in `device_map` (it is small)."
-            )
         branch = self.projector.pruning_branch
+        if branch.score == "random" and not branch.recycle:  # random-k: no attention needed
+            num_patches = layer_input.shape[1] - 1
+            return torch.rand(layer_input.shape[0], num_patches, device=layer_input.device), None
         num_heads, scale = attn.num_heads, attn.head_dim**-0.5
 
         def heads(x):  # (N, L, Cv) -> (N, H, L, h)
@@ -667,7 +912,9 @@ class QMoPModel(QMoPPreTrainedModel):
 
         normed = feature_layer.layer_norm1(layer_input)  # (N, S, Cv)
         keys = heads(attn.k_proj(normed))  # (N, H, S, h)
-        if branch.score == "cls_attention":
+        if branch.score == "random":
+            scores = torch.rand(keys.shape[0], keys.shape[2] - 1, device=keys.device)  # (N, P)
+        elif branch.score == "cls_attention":
             cls_query = heads(attn.q_proj(normed[:, :1]))  # (N, H, 1, h)
             probs = torch.softmax((cls_query @ keys.transpose(-1, -2)).float() * scale, dim=-1)  # (N, H, 1, S)
             scores = probs.mean(dim=1)[:, 0, 1:]  # (N, P)
@@ -684,6 +931,24 @@ class QMoPModel(QMoPPreTrainedModel):
         return scores, patch_attention
 
     # ---------------------------------------------------------------------------------------- merge
+    def image_placeholder_mask(
+        self, input_ids: Optional[torch.Tensor], inputs_embeds: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """(B, T) bool: the `<image>` placeholder positions, from `input_ids` or, as LLaVA's `get_placeholder_mask`
+        does, from `inputs_embeds` (the positions equal to the embedding of `config.image_token_id`)."""
+        token_id = self.config.image_token_id
+        if input_ids is not None:
+            return input_ids == token_id
+        embeddings = self.get_input_embeddings()
+        if not 0 <= token_id < embeddings.num_embeddings:
+            raise ValueError(
+                f"`inputs_embeds` with `pixel_values`: the image placeholders are found by the embedding of "
+                f"`config.image_token_id`={token_id}, which is outside the {embeddings.num_embeddings}-token vocabulary. "
+                "Pass `input_ids` instead."
+            )
+        token = embeddings(torch.tensor(token_id, device=_execution_device(embeddings)))  # (D,)
+        return (inputs_embeds == token.to(inputs_embeds.device, inputs_embeds.dtype)).all(-1)  # (B, T)
+
     def _visual_tokens_per_image(self, image_mask: torch.Tensor, num_images: int) -> int:
         num_placeholders = int(image_mask.sum())
         token_id = self.config.image_token_id
@@ -698,7 +963,14 @@ class QMoPModel(QMoPPreTrainedModel):
                 f"for {num_images} images (every image needs the same number M of placeholders)."
             )
         per_image = num_placeholders // num_images
-        self.config.validate_num_visual_tokens(per_image, "number of `<image>` placeholders per image")
+        try:
+            self.config.validate_num_visual_tokens(per_image, "number of `<image>` placeholders per image")
+        except ValueError as error:
+            raise ValueError(
+                f"Image features and image tokens do not match: {num_placeholders} `<image>` placeholders for "
+                f"{num_images} image(s) would make {per_image} visual tokens per image, which is not a valid budget: "
+                f"{error}"
+            ) from None
         # Every run of consecutive placeholders must hold whole images.
         padded = F.pad(image_mask.int(), (1, 1))  # (B, T + 2)
         edges = padded[:, 1:] - padded[:, :-1]
@@ -708,6 +980,7 @@ class QMoPModel(QMoPPreTrainedModel):
                 f"Image features and image tokens do not match: runs of `<image>` placeholders of lengths "
                 f"{run_lengths.tolist()} cannot be split into images of {per_image} tokens."
             )
+        _check_unambiguous_budget(run_lengths, num_images, per_image, self.config.num_visual_tokens)
         return per_image
 
     def forward(
@@ -728,26 +1001,35 @@ class QMoPModel(QMoPPreTrainedModel):
     ) -> QMoPModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
-        if input_ids is not None and torch.is_floating_point(input_ids):
-            raise TypeError(f"`input_ids` must be integer token ids, got dtype {input_ids.dtype}.")
+        if input_ids is not None:
+            _check_token_ids("input_ids", input_ids)
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = self.config.return_dict if return_dict is None else return_dict
 
         embeddings = self.get_input_embeddings()
         image_mask = None
         if input_ids is not None:
             input_ids = _to(input_ids, _execution_device(embeddings))
-            image_mask = input_ids == self.config.image_token_id  # (B, T)
+            image_mask = self.image_placeholder_mask(input_ids)  # (B, T)
             # Placeholder ids need not be inside the vocabulary: they are embedded as 0, then overwritten.
             inputs_embeds = embeddings(input_ids.masked_fill(image_mask, 0))  # (B, T, D)
+        elif pixel_values is not None:
+            image_mask = self.image_placeholder_mask(None, inputs_embeds)  # (B, T)
 
         projected = None
         if pixel_values is not None:
-            if image_mask is None:
-                raise ValueError("`pixel_values` need `input_ids` (with `<image>` placeholders), not `inputs_embeds`.")
             _check_pixel_values(pixel_values)
             if pixel_values.shape[0] > 0:
+                if self.config.uses_query and query_input_ids is None:
+                    raise ValueError(
+                        "`pixel_values` were given without `query_input_ids`: the query-guided router reads the "
+                        "question through the CLIP text encoder. Build inputs with QMoPProcessor (it returns "
+                        "`query_input_ids` and `query_attention_mask`, one row per image)."
+                    )
                 per_image = self._visual_tokens_per_image(image_mask, pixel_values.shape[0])
                 projected = self.get_image_features(
-                    pixel_values, query_input_ids, query_attention_mask, num_visual_tokens=per_image
+                    pixel_values, query_input_ids, query_attention_mask, num_visual_tokens=per_image, return_dict=True
                 )
                 features = projected.image_features.to(inputs_embeds.device, inputs_embeds.dtype)  # (N, M, D)
                 scatter_mask = image_mask.to(inputs_embeds.device).unsqueeze(-1).expand_as(inputs_embeds)
@@ -768,7 +1050,7 @@ class QMoPModel(QMoPPreTrainedModel):
             return_dict=True,
             **kwargs,
         )
-        return QMoPModelOutputWithPast(
+        output = QMoPModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
@@ -776,9 +1058,12 @@ class QMoPModel(QMoPPreTrainedModel):
             image_hidden_states=None if projected is None else projected.image_features,
             router_weights=None if projected is None else projected.router_weights,
             router_probs=None if projected is None else projected.router_probs,
+            router_logits=None if projected is None else projected.router_logits,
             kept_patch_indices=None if projected is None else projected.kept_patch_indices,
             aux_loss=None if projected is None else projected.aux_loss,
+            router_z_loss=None if projected is None else projected.router_z_loss,
         )
+        return output if return_dict else output.to_tuple()
 
 
 # ===================================================================================== generation head
@@ -797,6 +1082,7 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": _LM_HEAD_TP_STYLE}
 
     def __init__(self, config: QMoPConfig):
         super().__init__(config)
@@ -837,8 +1123,11 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
     def language_model(self):
         return self.model.language_model
 
-    def get_image_features(self, pixel_values, query_input_ids=None, query_attention_mask=None, num_visual_tokens=None):
-        return self.model.get_image_features(pixel_values, query_input_ids, query_attention_mask, num_visual_tokens)
+    def get_image_features(self, pixel_values, query_input_ids=None, query_attention_mask=None, num_visual_tokens=None,
+                           **kwargs):
+        return self.model.get_image_features(
+            pixel_values, query_input_ids, query_attention_mask, num_visual_tokens, **kwargs
+        )
 
     def set_router_temperature(self, temperature: float) -> None:
         """Set the router's training temperature (the trainer anneals it; eval mode uses the config's floor)."""
@@ -846,6 +1135,13 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
             if temperature <= 0:
                 raise ValueError(f"router temperature must be > 0, got {temperature}.")
             self.model.projector.router.temperature = float(temperature)
+
+    def set_router_uniform(self, uniform: bool) -> None:
+        """Replace routing by equal weights over all branches (`True`) or restore the router (`False`). The trainer
+        does this for stage 1, whose query is one constant prompt: a router trained there learns to route by picture
+        alone (see docs/vtcbench.md)."""
+        if self.model.projector.router is not None:
+            self.model.projector.router.uniform = bool(uniform)
 
     def forward(
         self,
@@ -865,7 +1161,12 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
         logits_to_keep=0,
         **kwargs,
     ) -> QMoPCausalLMOutputWithPast:
+        # Loss arguments of transformers' loss utilities (the Trainer passes them), not model inputs.
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        shift_labels = kwargs.pop("shift_labels", None)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if labels is not None:
+            _check_labels(labels, input_ids, inputs_embeds)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -878,6 +1179,7 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
             **kwargs,
         )
         hidden = outputs.last_hidden_state  # (B, T, D)
@@ -885,21 +1187,33 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden[:, keep, :])  # (B, T', V)
 
         loss = None
-        if labels is not None:
-            labels = labels.to(logits.device)
-            if input_ids is not None:  # never learn to predict placeholders
-                labels = labels.masked_fill(input_ids.to(labels.device) == self.config.image_token_id, -100)
-            shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # (B·(T-1), V)
-            shift_labels = labels[:, 1:].reshape(-1)  # (B·(T-1),)
-            if num_items_in_batch is not None:  # Trainer's gradient-accumulation-exact normalisation
-                loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
-                loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
-            else:
-                loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+        if labels is not None or shift_labels is not None:
+            # Never learn to predict placeholders: mask them in `labels` (B, T) and in `shift_labels` (B, T), whose
+            # position t is the target of position t, i.e. the token at t + 1.
+            if input_ids is not None or pixel_values is not None:
+                placeholders = self.model.image_placeholder_mask(input_ids, inputs_embeds).to(logits.device)  # (B, T)
+            else:  # text-only inputs_embeds
+                placeholders = torch.zeros(logits.shape[:2], dtype=torch.bool, device=logits.device)
+            if labels is not None:
+                labels = labels.to(logits.device).masked_fill(placeholders, -100)
+            if shift_labels is not None:
+                next_is_placeholder = F.pad(placeholders[:, 1:], (0, 1), value=False)  # (B, T)
+                shift_labels = shift_labels.to(logits.device).masked_fill(next_is_placeholder, -100)
+            # transformers' causal-LM loss: shifts `labels` (or takes `shift_labels`), float32, and divides by
+            # `num_items_in_batch` when the Trainer gives it (gradient-accumulation-exact normalisation).
+            loss = self.loss_function(
+                logits=logits,
+                labels=labels,
+                vocab_size=self.config.text_config.vocab_size,
+                num_items_in_batch=num_items_in_batch,
+                shift_labels=shift_labels,
+            )
             if outputs.aux_loss is not None and self.config.router_aux_loss_coef > 0:
                 loss = loss + self.config.router_aux_loss_coef * outputs.aux_loss.to(loss.device)
+            if outputs.router_z_loss is not None and self.config.router_z_loss_coef > 0:
+                loss = loss + self.config.router_z_loss_coef * outputs.router_z_loss.to(loss.device)
 
-        return QMoPCausalLMOutputWithPast(
+        output = QMoPCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
@@ -908,9 +1222,12 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
             image_hidden_states=outputs.image_hidden_states,
             router_weights=outputs.router_weights,
             router_probs=outputs.router_probs,
+            router_logits=outputs.router_logits,
             kept_patch_indices=outputs.kept_patch_indices,
             aux_loss=outputs.aux_loss,
+            router_z_loss=outputs.router_z_loss,
         )
+        return output if return_dict else output.to_tuple()
 
     def prepare_inputs_for_generation(
         self,

@@ -14,10 +14,12 @@ Decisions (shared/DESIGN.md sections 3-4):
 - Questions longer than the CLIP context are truncated, with a warning once.
 """
 
+import importlib
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from io import BytesIO
 from typing import Optional, Union
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 import transformers
 from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, ProcessorMixin
+from transformers.processing_utils import ProcessingKwargs, Unpack
 from transformers.utils import cached_file, logging
 
 logger = logging.get_logger(__name__)
@@ -46,6 +49,11 @@ LLAVA_15_CHAT_TEMPLATE = (
 )
 QUERY_TOKENIZER_SUBFOLDER = "query_tokenizer"
 PROCESSOR_CONFIG_NAME = "processor_config.json"
+# ProcessorMixin's chat-template files: the default template, named extra templates, the pre-jinja JSON file.
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
+LEGACY_CHAT_TEMPLATE_FILE = "chat_template.json"
+_SETTINGS = ("num_visual_tokens", "image_token", "patch_size", "pad_to_square", "query_max_length", "caption_prompt")
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "trust_remote_code", "proxies")
 # Role markers of the llava-1.5 / vicuna-v1 prompts: a turn runs from its marker to the next one.
 _ROLE_MARKER = re.compile(r"(?:^|\s)(USER|ASSISTANT|SYSTEM|HUMAN|GPT)\s*:", re.IGNORECASE)
@@ -53,8 +61,21 @@ _ROLE_MARKER = re.compile(r"(?:^|\s)(USER|ASSISTANT|SYSTEM|HUMAN|GPT)\s*:", re.I
 ImageInput = Union["PIL.Image.Image", np.ndarray, torch.Tensor, str, bytes]  # noqa: F821
 
 
+class QMoPProcessorKwargs(ProcessingKwargs, total=False):
+    """Keyword arguments of `QMoPProcessor.__call__`, routed by ProcessorMixin to the image processor (`do_normalize`,
+    `size`, ...) or to the LLM tokenizer (`padding`, `padding_side`, `truncation`, `max_length`, ...). (The
+    per-call overrides `num_visual_tokens` / `pad_to_square` of the processor's own settings are taken by
+    `QMoPProcessor.__call__` before routing.)"""
+
+    _defaults = {
+        "text_kwargs": {"padding": True, "return_token_type_ids": False},
+        "common_kwargs": {"return_tensors": "pt"},
+    }
+
+
 def _to_pil_rgb(image, index: int):
-    """PIL RGB image from a PIL image, an array (HWC/CHW), a tensor, raw bytes, a path or a URL."""
+    """PIL RGB image from a PIL image, an array (HW, HWC or CHW with 1, 3 or 4 channels), a tensor, raw bytes, a
+    path, a URL or base64 data. Anything else, or a source that cannot be read, is an error naming `images`."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -62,26 +83,82 @@ def _to_pil_rgb(image, index: int):
             image = Image.open(BytesIO(image))
             image.load()
         elif isinstance(image, str):
-            from transformers.image_utils import load_image
-
-            image = load_image(image)
+            image = _load_image_string(image, index)
         elif isinstance(image, (np.ndarray, torch.Tensor)):
-            from transformers.image_transforms import to_pil_image
-
-            array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else image
-            if array.ndim not in (2, 3):
-                raise ValueError(f"an image array must have 2 or 3 dimensions, got shape {array.shape}")
-            image = to_pil_image(array)
+            image = _array_to_pil(image, index)
     except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"Image {index} could not be decoded (corrupt or unsupported bytes): {error}") from error
+        if isinstance(error, FileNotFoundError):
+            raise
+        raise ValueError(f"`images`: image {index} could not be decoded (corrupt or unsupported bytes): {error}") from error
     if not isinstance(image, Image.Image):
         raise TypeError(
-            f"Image {index} has unsupported type {type(image).__name__}; pass PIL images, numpy arrays, "
+            f"`images`: image {index} has unsupported type {type(image).__name__}; pass PIL images, numpy arrays, "
             "tensors, bytes, paths or URLs."
         )
     if image.width < 1 or image.height < 1:
-        raise ValueError(f"Image {index} is empty ({image.width}x{image.height}).")
+        raise ValueError(f"`images`: image {index} is empty ({image.width}x{image.height}).")
     return image.convert("RGB")  # grayscale, palette, RGBA (alpha dropped, as LLaVA does), CMYK
+
+
+def _load_image_string(source: str, index: int):
+    """A local path, an http(s) URL or base64 data; a missing file or an unreachable URL is named as such."""
+    from transformers.image_utils import load_image
+
+    if source.startswith(("http://", "https://")):
+        try:
+            return load_image(source)
+        except Exception as error:  # noqa: BLE001 - requests/httpx raise many kinds; all mean "not fetched"
+            raise ValueError(f"`images`: image {index} could not be fetched from the URL {source!r}: {error}") from error
+    if os.path.isfile(source):
+        return load_image(source)
+    if os.path.isdir(source):
+        raise ValueError(f"`images`: image {index} is the folder {source!r}; pass an image file.")
+    try:
+        return load_image(source)  # base64 data (with or without a data: prefix)
+    except Exception:  # noqa: BLE001 - not base64 either: report the most likely mistake, a wrong path
+        raise FileNotFoundError(
+            f"`images`: image {index} is the string {source[:200]!r}, which is not an existing file, an http(s) URL "
+            "or base64 image data."
+        ) from None
+
+
+def _array_to_pil(array, index: int):
+    """A PIL image from an HW / HWC / CHW array or tensor: uint8 values in [0, 255], or floats in [0, 1]."""
+    from PIL import Image
+
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu()
+        if array.is_floating_point() and array.dtype != torch.float64:
+            array = array.float()  # bfloat16 / float16 have no numpy equivalent that PIL reads
+        array = array.numpy()
+    shape = tuple(array.shape)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    elif array.ndim == 3 and array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4):
+        array = array.transpose(1, 2, 0)  # CHW -> HWC
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+        raise ValueError(
+            f"`images`: image {index} is an array of shape {shape}; expected (height, width), (height, width, C) "
+            "or (C, height, width) with C = 1, 3 or 4."
+        )
+    if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.number):
+        raise TypeError(f"`images`: image {index} is an array of dtype {array.dtype}; expected uint8 or float.")
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ValueError(f"`images`: image {index} holds NaN or infinite values.")
+        if array.size and (array.min() < 0 or array.max() > 1):
+            raise ValueError(
+                f"`images`: image {index} is a float array with values in [{array.min():.3g}, {array.max():.3g}]; "
+                "float images must lie in [0, 1] (or pass uint8 values in [0, 255])."
+            )
+        array = np.round(array * 255.0)
+    elif array.size and (array.min() < 0 or array.max() > 255):
+        raise ValueError(
+            f"`images`: image {index} is an integer array with values in [{array.min()}, {array.max()}]; expected [0, 255]."
+        )
+    array = np.ascontiguousarray(array.astype(np.uint8))
+    mode = "L" if array.shape[-1] == 1 else "RGB"
+    return Image.fromarray(array[:, :, 0] if mode == "L" else array)  # L, RGB or RGBA from the shape
 
 
 def expand_to_square(image, background: tuple):
@@ -114,6 +191,16 @@ def extract_question(prompt: str, image_token: str, occurrence: int = 0) -> str:
     return " ".join(turn.replace(image_token, " ").split())
 
 
+def _check_queries(queries) -> None:
+    """`queries` is None, a string, or a list of strings (None or "" = no question for that image)."""
+    if queries is None or isinstance(queries, str):
+        return
+    if not isinstance(queries, (list, tuple)) or not all(q is None or isinstance(q, str) for q in queries):
+        raise TypeError(
+            f"`queries` must be a string or a list of strings (one per image or one per prompt), got {queries!r:.200}."
+        )
+
+
 class QMoPProcessor(ProcessorMixin):
     r"""Processor for QMoP-LLaVA.
 
@@ -131,6 +218,7 @@ class QMoPProcessor(ProcessorMixin):
     """
 
     attributes = ["image_processor", "tokenizer", "query_tokenizer"]
+    valid_processor_kwargs = QMoPProcessorKwargs
     if not TRANSFORMERS_V5:
         image_processor_class = "AutoImageProcessor"
         tokenizer_class = "AutoTokenizer"
@@ -186,26 +274,25 @@ class QMoPProcessor(ProcessorMixin):
         return num_visual_tokens
 
     # ---------------------------------------------------------------------------------------- call
-    def __call__(
-        self,
-        images=None,
-        text=None,
-        queries=None,
-        num_visual_tokens: Optional[int] = None,
-        return_tensors="pt",
-        padding=True,
-        add_special_tokens: bool = True,
-        pad_to_square: Optional[bool] = None,
-        videos=None,
-        audio=None,
-        **kwargs,
-    ) -> BatchFeature:
-        if videos is not None or audio is not None:
-            raise ValueError("QMoPProcessor handles images and text only (no videos or audio).")
+    def __call__(self, images=None, text=None, queries=None, **kwargs: Unpack[QMoPProcessorKwargs]) -> BatchFeature:
+        """Keyword arguments (see [`QMoPProcessorKwargs`]): `num_visual_tokens` / `pad_to_square` for this call, and
+        what ProcessorMixin routes: image-processor arguments to the image processor, tokenizer arguments to the LLM
+        tokenizer (defaults: `padding=True`, the tokenizer's left padding side, `return_tensors="pt"`). The question
+        rows are padded to the longest question, or to `query_max_length` with `padding="max_length"`, so that
+        mapped datasets collate. Empty `videos` / `audio` (as evaluation harnesses pass) are accepted."""
+        for modality in ("videos", "audio"):
+            value = kwargs.pop(modality, None)
+            if value is not None and len(value) > 0:
+                raise ValueError(f"QMoPProcessor handles images and text only; got `{modality}`.")
+        num_visual_tokens = kwargs.pop("num_visual_tokens", None)
+        pad_to_square = kwargs.pop("pad_to_square", None)
+        _check_queries(queries)
         budget = self._check_budget(self.num_visual_tokens if num_visual_tokens is None else num_visual_tokens)
         pad_to_square = self.pad_to_square if pad_to_square is None else pad_to_square
-        kwargs.pop("return_token_type_ids", None)
-        kwargs.pop("padding_side", None)
+        output_kwargs = self._merge_kwargs(QMoPProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        text_kwargs, images_kwargs = output_kwargs["text_kwargs"], output_kwargs["images_kwargs"]
+        return_tensors = text_kwargs.pop("return_tensors", None)
+        text_kwargs.setdefault("return_token_type_ids", False)
 
         texts, per_sample_images = self._pair(images, text)
         prompts, query_texts = [], []
@@ -227,14 +314,7 @@ class QMoPProcessor(ProcessorMixin):
             prompts.append(prompt.replace(self.image_token, self.image_token * budget))
 
         query_texts = self._queries(queries, query_texts, per_sample_images)
-        encoding = self.tokenizer(
-            prompts,
-            padding=padding,
-            return_tensors=return_tensors,
-            add_special_tokens=add_special_tokens,
-            return_token_type_ids=False,
-            **kwargs,
-        )
+        encoding = self.tokenizer(prompts, return_tensors=return_tensors, **text_kwargs)
         for i, sample_images in enumerate(per_sample_images):
             found = sum(1 for t in encoding["input_ids"][i] if int(t) == self.image_token_id)
             if found != len(sample_images) * budget:
@@ -252,10 +332,10 @@ class QMoPProcessor(ProcessorMixin):
                 background = tuple(int(round(255 * c)) for c in mean)
                 pil_images = [expand_to_square(image, background) for image in pil_images]
             # RGB PIL images, channels last: said explicitly so a 1x1 or 3-pixel-wide image is not misread.
-            data["pixel_values"] = self.image_processor(
-                pil_images, return_tensors="pt", input_data_format="channels_last"
-            )["pixel_values"]
-            data.update(self._tokenize_queries(query_texts))
+            images_kwargs.update(return_tensors="pt")
+            images_kwargs.setdefault("input_data_format", "channels_last")
+            data["pixel_values"] = self.image_processor(pil_images, **images_kwargs)["pixel_values"]
+            data.update(self._tokenize_queries(query_texts, max_length_padding=text_kwargs.get("padding") == "max_length"))
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def _pair(self, images, text):
@@ -317,7 +397,7 @@ class QMoPProcessor(ProcessorMixin):
             f"({len(per_sample_images)})."
         )
 
-    def _tokenize_queries(self, query_texts):
+    def _tokenize_queries(self, query_texts, max_length_padding: bool = False):
         lengths = [len(ids) for ids in self.query_tokenizer(query_texts, add_special_tokens=True)["input_ids"]]
         if max(lengths) > self.query_max_length:
             logger.warning_once(
@@ -326,7 +406,7 @@ class QMoPProcessor(ProcessorMixin):
             )
         encoded = self.query_tokenizer(
             query_texts,
-            padding=True,
+            padding="max_length" if max_length_padding else True,
             truncation=True,
             max_length=self.query_max_length,
             return_tensors="pt",
@@ -361,58 +441,158 @@ class QMoPProcessor(ProcessorMixin):
             "caption_prompt": self.caption_prompt,
         }
 
-    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, save_jinja_files: bool = True, **kwargs):
         """Same layout on transformers 4.57 and 5.x: image processor and LLM tokenizer at the root, the CLIP
-        tokenizer in `query_tokenizer/`, `processor_config.json`, `chat_template.jinja` and this code file.
+        tokenizer in `query_tokenizer/`, `processor_config.json`, the chat template and this code file. The chat
+        template is written as ProcessorMixin does: `chat_template.jinja` plus `additional_chat_templates/<name>.jinja`
+        for named templates, or, with `save_jinja_files=False`, the legacy `chat_template.json` (one template only).
         Written to a temporary folder first, then moved into place."""
+        if not save_jinja_files and isinstance(self.chat_template, dict) and len(self.chat_template) > 1:
+            raise ValueError("Several chat templates cannot be saved in the legacy `chat_template.json`; "
+                             "use `save_jinja_files=True`.")
         save_directory = str(save_directory)
         os.makedirs(save_directory, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=save_directory, prefix=".tmp-processor-") as tmp:
             self.image_processor.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp, **({} if save_jinja_files else {"save_jinja_files": False}))
             self.query_tokenizer.save_pretrained(os.path.join(tmp, QUERY_TOKENIZER_SUBFOLDER))
             with open(os.path.join(tmp, PROCESSOR_CONFIG_NAME), "w") as f:
                 json.dump(self._processor_dict(), f, indent=2, sort_keys=True)
-            with open(os.path.join(tmp, "chat_template.jinja"), "w") as f:
-                f.write(self.chat_template)
+            templates = self.chat_template if isinstance(self.chat_template, dict) else {"default": self.chat_template}
+            if not save_jinja_files:
+                with open(os.path.join(tmp, LEGACY_CHAT_TEMPLATE_FILE), "w") as f:
+                    json.dump({"chat_template": templates["default"]}, f, indent=2)
+                templates = {}
+            for name, template in templates.items():
+                if not name or os.path.basename(name) != name or name in (".", ".."):
+                    raise ValueError(f"Chat template name {name!r} is not a plain file name.")  # ProcessorMixin's layout for one or several named templates
+                path = os.path.join(tmp, CHAT_TEMPLATE_FILE if name == "default" else f"{CHAT_TEMPLATE_DIR}/{name}.jinja")
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "w") as f:
+                    f.write(template)
             shutil.copy(os.path.abspath(__file__).replace(".pyc", ".py"), os.path.join(tmp, "processing_qmop.py"))
             _make_portable(tmp)
             _make_portable(os.path.join(tmp, QUERY_TOKENIZER_SUBFOLDER))
+            _point_at_processor(tmp)
             move_into(tmp, save_directory)
         if push_to_hub:
             repo_id = kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(save_directory))
             return self.push_to_hub(repo_id, **kwargs)
-        return [save_directory]
+        return [os.path.join(save_directory, PROCESSOR_CONFIG_NAME)]  # as ProcessorMixin: the processor's config
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        """Load the three components and the settings. Keyword arguments: Hub arguments (`revision`, `token`, ...),
+        the processor's settings (`num_visual_tokens`, `chat_template`, ...), and anything else for the components,
+        as ProcessorMixin does (e.g. `do_normalize=False` for the image processor, `use_fast` for the tokenizers).
+        The chat template is read from `chat_template.jinja` (plus named templates in `additional_chat_templates/`),
+        or from a legacy `chat_template.json`."""
+        kwargs = dict(kwargs)
+        hub = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
+        subfolder = kwargs.pop("subfolder", None) or ""
+        overrides = {k: kwargs.pop(k) for k in (*_SETTINGS, "chat_template") if k in kwargs}
+        component_kwargs = kwargs  # what is left goes to the components, as in ProcessorMixin
         # The sub-processors are standard classes: no remote code unless the caller allows it explicitly.
         hub.setdefault("trust_remote_code", False)
         path = str(pretrained_model_name_or_path)
-        subfolder = kwargs.get("subfolder") or ""
         file_hub = {k: v for k, v in hub.items() if k != "trust_remote_code"}
-        config_file = cached_file(path, PROCESSOR_CONFIG_NAME, subfolder=subfolder, **file_hub)
-        with open(config_file) as f:
-            settings = json.load(f)
+        settings = _read_processor_settings(path, subfolder, file_hub)
         for key in ("processor_class", "auto_map"):
             settings.pop(key, None)
-        image_processor = AutoImageProcessor.from_pretrained(path, subfolder=subfolder, **hub)
-        tokenizer = AutoTokenizer.from_pretrained(path, subfolder=subfolder, **hub)
+        image_processor = AutoImageProcessor.from_pretrained(path, subfolder=subfolder, **hub, **component_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, subfolder=subfolder, **hub, **component_kwargs)
         query_tokenizer = AutoTokenizer.from_pretrained(
-            path, subfolder=f"{subfolder}/{QUERY_TOKENIZER_SUBFOLDER}" if subfolder else QUERY_TOKENIZER_SUBFOLDER, **hub
+            path, subfolder=f"{subfolder}/{QUERY_TOKENIZER_SUBFOLDER}" if subfolder else QUERY_TOKENIZER_SUBFOLDER,
+            **hub, **component_kwargs,
         )
-        try:
-            template_file = cached_file(path, "chat_template.jinja", subfolder=subfolder, **file_hub)
-        except OSError:
-            template_file = None
-        if template_file:
-            with open(template_file) as f:
-                settings["chat_template"] = f.read()
-        for key in ("num_visual_tokens", "pad_to_square", "query_max_length", "caption_prompt", "chat_template"):
-            if key in kwargs:
-                settings[key] = kwargs[key]
+        template = cls._load_chat_template(path, subfolder, file_hub)
+        if template is not None:
+            settings["chat_template"] = template
+        settings.update(overrides)
         return cls(image_processor=image_processor, tokenizer=tokenizer, query_tokenizer=query_tokenizer, **settings)
+
+    @staticmethod
+    def _load_chat_template(path: str, subfolder: str, file_hub: dict):
+        """The chat template: a string, or a dict of named templates ("default" first) as ProcessorMixin keeps them."""
+
+        def read(name):
+            try:
+                found = cached_file(path, name, subfolder=subfolder, **file_hub)
+            except OSError:
+                found = None
+            if not found:
+                return None
+            with open(found) as f:
+                return f.read()
+
+        default = read(CHAT_TEMPLATE_FILE)
+        if default is None:
+            legacy = read(LEGACY_CHAT_TEMPLATE_FILE)
+            default = json.loads(legacy)["chat_template"] if legacy is not None else None
+        local = os.path.join(path, subfolder, CHAT_TEMPLATE_DIR)
+        if os.path.isdir(os.path.join(path, subfolder)):
+            names = [n[: -len(".jinja")] for n in sorted(os.listdir(local)) if n.endswith(".jinja")] if os.path.isdir(local) else []
+        else:
+            from transformers.utils.hub import list_repo_templates
+
+            listed = list_repo_templates(
+                path, local_files_only=bool(file_hub.get("local_files_only")), revision=file_hub.get("revision"),
+                cache_dir=file_hub.get("cache_dir"), token=file_hub.get("token"),
+            )
+            names = sorted(n.rsplit("/", 1)[-1].removesuffix(".jinja") for n in listed)
+        if not names:
+            return default
+        templates = {"default": default} if default is not None else {}
+        templates.update({name: read(f"{CHAT_TEMPLATE_DIR}/{name}.jinja") for name in names})
+        return templates
+
+
+def _optional_file(path: str, name: str, subfolder: str, file_hub: dict) -> Optional[str]:
+    try:
+        return cached_file(path, name, subfolder=subfolder, **file_hub)
+    except OSError:
+        return None
+
+
+def _read_processor_settings(path: str, subfolder: str, file_hub: dict) -> dict:
+    """processor_config.json; without it (a folder copied without that file), the budget and image settings of the
+    model's config.json, with a warning. Neither: an error naming the folder."""
+    config_file = _optional_file(path, PROCESSOR_CONFIG_NAME, subfolder, file_hub)
+    if config_file is not None:
+        with open(config_file) as f:
+            return json.load(f)
+    model_config_file = _optional_file(path, "config.json", subfolder, file_hub)
+    if model_config_file is None:
+        raise OSError(
+            f"{path} has no {PROCESSOR_CONFIG_NAME} and no config.json: it is not a QMoP-LLaVA processor folder "
+            "(save one with QMoPProcessor.save_pretrained)."
+        )
+    with open(model_config_file) as f:
+        model_config = json.load(f)
+    settings = {key: model_config[key] for key in ("num_visual_tokens", "pad_to_square", "query_max_length") if key in model_config}
+    patch_size = (model_config.get("vision_config") or {}).get("patch_size")
+    if patch_size:
+        settings["patch_size"] = patch_size
+    logger.warning(
+        f"{path} has no {PROCESSOR_CONFIG_NAME}; the processor settings were taken from config.json ({settings}). "
+        "Save the processor again (processor.save_pretrained) to write the file."
+    )
+    return settings
+
+
+def _point_at_processor(folder: str) -> None:
+    """Name QMoPProcessor in the image processor and tokenizer configs too, so that AutoProcessor finds it even in a
+    copy of the folder without processor_config.json (instead of returning a bare tokenizer)."""
+    for name in ("preprocessor_config.json", "tokenizer_config.json"):
+        config_path = os.path.join(folder, name)
+        if not os.path.exists(config_path):
+            continue
+        with open(config_path) as f:
+            config = json.load(f)
+        config["processor_class"] = "QMoPProcessor"
+        config["auto_map"] = dict(config.get("auto_map") or {}, AutoProcessor="processing_qmop.QMoPProcessor")
+        with open(config_path, "w") as f:
+            json.dump(config, f, indent=2)
 
 
 def move_into(source_dir: str, target_dir: str) -> None:
@@ -446,5 +626,27 @@ def _make_portable(folder: str) -> None:
             with open(image_config, "w") as f:
                 json.dump(config, f, indent=2)
 
+
+def _bind_module_to_its_package() -> None:
+    """Make this module's classes picklable by reference when it runs as remote code.
+
+    transformers executes remote code as `transformers_modules.<repo>.<revision>.processing_qmop` in `sys.modules` but
+    does not bind it on its parent package, so pickle-by-name lookups (`getattr(package, "processing_qmop")`, as dill
+    does) fail. dill, which datasets uses to fingerprint `dataset.map(...)` functions, then serialises the class by
+    value, which recurses, and datasets falls back to a random fingerprint: no caching. Binding the module, as the
+    import system does for ordinary imports, gives the processor a stable fingerprint."""
+    package_name, _, child = __name__.rpartition(".")
+    module = sys.modules.get(__name__)
+    if not package_name.startswith("transformers_modules") or module is None:
+        return
+    try:
+        package = importlib.import_module(package_name)
+    except ImportError:
+        return
+    if getattr(package, child, None) is not module:
+        setattr(package, child, module)
+
+
+_bind_module_to_its_package()
 
 __all__ = ["QMoPProcessor", "extract_question", "expand_to_square", "move_into"]
