@@ -176,12 +176,19 @@ def test_folder_appearing_at_output_during_the_run_is_left_alone(sources, tmp_pa
     assert not [p for p in os.listdir(tmp_path) if ".incomplete-" in p]
 
 
+def _default_sigint() -> None:
+    """Run in the child before exec: Ctrl-C acts as in a terminal even when the test runner was started in the
+    background (a non-interactive shell starts background jobs with SIGINT ignored, and Python then installs no
+    KeyboardInterrupt handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _convert_until(sources, output, stage, *extra):  # noqa: F811
     proc = subprocess.Popen(
         [sys.executable, CONVERTER, "--llava", sources["hf_dir"], "--clip", sources["clip_dir"], "--output", str(output),
          "--num-visual-tokens", "16", "--dtype", "float32", "--verify-new-tokens", "2", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT,
-        env=dict(os.environ, **{conv.PAUSE_ENV: stage}),
+        env=dict(os.environ, **{conv.PAUSE_ENV: stage}), preexec_fn=_default_sigint,
     )
     lines, deadline = [], time.time() + 180
     while time.time() < deadline:
@@ -347,7 +354,7 @@ def test_trainer_killed_while_saving_resumes_from_the_last_complete_checkpoint(t
     driver.write_text(textwrap.dedent(PAUSING_DRIVER))
     proc = subprocess.Popen([sys.executable, str(driver), *_train_args(train_space, output)], cwd=REPO_ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+                            env=dict(os.environ, PYTHONPATH=REPO_ROOT), preexec_fn=_default_sigint)
     lines, deadline = [], time.time() + 240
     while time.time() < deadline:
         line = proc.stdout.readline()
