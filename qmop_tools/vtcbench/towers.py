@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from modeling_qmop import _run_clip_encoder_layer
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, LlamaConfig, LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -173,21 +174,9 @@ def _run_to_feature_layer(vision_model, pixel_values: torch.Tensor, feature_inde
     hidden = vision_model.pre_layrnorm(vision_model.embeddings(pixel_values))
     states = [hidden]
     for layer in vision_model.encoder.layers[:feature_index]:
-        out = layer(hidden, None, None) if _LAYER_TAKES_CAUSAL_MASK else layer(hidden, None)
-        hidden = out[0] if isinstance(out, tuple) else out
+        hidden = _run_clip_encoder_layer(layer, hidden)
         states.append(hidden)
     return states
-
-
-def _layer_takes_causal_mask() -> bool:
-    import inspect
-
-    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
-
-    return "causal_attention_mask" in inspect.signature(CLIPEncoderLayer.forward).parameters
-
-
-_LAYER_TAKES_CAUSAL_MASK = _layer_takes_causal_mask()  # 4.57 passes (hidden, mask, causal mask); 5.x (hidden, mask)
 
 
 def pretrain_clip(processor, image_folder: str, records: list, shapes: TowerShapes, steps: int, batch_size: int = 32,
