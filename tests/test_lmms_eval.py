@@ -23,7 +23,7 @@ LMMS_PYTHON = os.environ.get("QMOP_LMMS_PYTHON")
 BUNDLED = os.path.join(REPO_ROOT, "checkpoints", "qmop-tiny")
 IMAGES = 8  # the first 8 test pictures: 40 questions
 
-pytestmark = pytest.mark.skipif(
+needs_lmms_eval = pytest.mark.skipif(
     not LMMS_PYTHON, reason="set QMOP_LMMS_PYTHON to the python of .venv-lmms (scripts/setup_env.sh) to run lmms-eval"
 )
 
@@ -35,6 +35,39 @@ def task(tmp_path_factory):
     write_dataset(str(root / "data"), {"test": IMAGES}, seed=0)
     write_task(str(root / "task"), data_dir=str(root / "data"))
     return str(root / "data"), str(root / "task")
+
+
+def test_task_folder_holds_the_split_as_our_evaluation_reads_it(task, tmp_path):
+    """Without lmms-eval: the parquet rows are the split's questions in order, the YAML's functions exist, and a
+    doc becomes one user turn (image, then question) scored by the first word."""
+    import yaml
+    from datasets import load_dataset
+
+    from qmop_tools.lmms import task as task_module
+
+    data_dir, task_dir = task
+    rows = load_dataset("parquet", data_files={"test": os.path.join(task_dir, "test.parquet")},
+                        cache_dir=str(tmp_path / "cache"))["test"]
+    expected = json.load(open(os.path.join(data_dir, "test_vqa.json")))
+    assert rows["id"] == [s["id"] for s in expected] and len(rows) == IMAGES * 5
+    assert rows["answer"] == [s["conversations"][1]["value"] for s in expected]
+    assert rows[0]["image"].size == (144, 144)
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+    config = yaml.load(open(os.path.join(task_dir, f"{TASK_NAME}.yaml")), Loader=Loader)
+    assert config["task"] == TASK_NAME and config["dataset_kwargs"]["data_files"]["test"] == "test.parquet"
+    for key in ("doc_to_visual", "doc_to_text", "doc_to_messages", "process_results"):
+        module, name = config[key].rsplit(".", 1)
+        assert module == task_module.__name__ and callable(getattr(task_module, name))
+    (turn,) = task_module.doc_to_messages(rows[0])
+    assert turn["role"] == "user" and [c["type"] for c in turn["content"]] == ["image", "text"]
+    assert turn["content"][1]["text"] == expected[0]["conversations"][0]["value"].replace("<image>", "").strip()
+    answer = rows[0]["answer"]
+    assert task_module.process_results(rows[0], [f" {answer.capitalize()}. more"]) == {"accuracy": 1.0}
+    assert task_module.process_results(rows[0], [f"not {answer}"]) == {"accuracy": 0.0}
 
 
 def run_lmms_eval(task_dir: str, output: str, model_args: str, batch_size: int, limit=None) -> tuple:
@@ -66,6 +99,7 @@ def check_same_as_ours(accuracy, answers, ours):
     assert 0 < ours["overall"] < 1, ours["overall"]
 
 
+@needs_lmms_eval
 def test_lmms_eval_accuracy_equals_our_evaluation(task, tmp_path):
     data_dir, task_dir = task
     accuracy, answers = run_lmms_eval(task_dir, str(tmp_path), f"pretrained={BUNDLED}", batch_size=10)
@@ -74,6 +108,7 @@ def test_lmms_eval_accuracy_equals_our_evaluation(task, tmp_path):
     check_same_as_ours(accuracy, answers, ours)
 
 
+@needs_lmms_eval
 def test_lmms_eval_budget_and_ragged_batches(task, tmp_path):
     """`num_visual_tokens` in --model_args reaches the processor; --limit with a last batch shorter than the rest."""
     data_dir, task_dir = task
