@@ -84,6 +84,7 @@ EMPTY_MEDIA = {
     "videos=None": {"videos": None},
     "videos=()": {"videos": ()},
     "videos=[[]]": {"videos": [[]]},  # gathered per prompt, none for this one
+    "videos=[None]": {"videos": [None]},
     "audio=[]": {"audio": []},
     "audio=[[], []]": {"audio": [[], []]},
     "audios=[]": {"audios": []},  # lmms-eval's name
