@@ -92,7 +92,9 @@ class QMoPLMMs(lmms):
         prompts = [self.processor.apply_chat_template(chat.to_hf_messages(), add_generation_prompt=True, tokenize=False)
                    for chat in chats]
         budget = {} if self.num_visual_tokens is None else {"num_visual_tokens": self.num_visual_tokens}
-        inputs = self.processor(images=images, text=prompts, return_tensors="pt", **budget).to(self.device)
+        # left padding: every prompt of a batch ends where generation starts
+        inputs = self.processor(images=images, text=prompts, padding_side="left", return_tensors="pt", **budget)
+        inputs = inputs.to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
 
