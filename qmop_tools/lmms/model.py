@@ -61,7 +61,7 @@ class QMoPLMMs(lmms):
 
     # ------------------------------------------------------------------------------------------- generation
     def generate_until(self, requests: List[Instance]) -> List[GenerationResult]:
-        """Answers in request order; consecutive requests with the same generation arguments share a batch."""
+        """Answers in request order; requests with the same generation arguments are batched together, in order."""
         results = [None] * len(requests)
         groups = {}  # generation arguments -> request indices, in order
         for index, request in enumerate(requests):
