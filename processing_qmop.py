@@ -191,6 +191,14 @@ def extract_question(prompt: str, image_token: str, occurrence: int = 0) -> str:
     return " ".join(turn.replace(image_token, " ").split())
 
 
+def _holds_media(value) -> bool:
+    """Whether a `videos` / `audio` argument holds anything. None, empty lists and lists of empty lists (media
+    gathered per prompt, as evaluation harnesses pass them) hold nothing, as transformers' LlavaProcessor reads them."""
+    if isinstance(value, (list, tuple)):
+        return any(_holds_media(item) for item in value)
+    return value is not None
+
+
 def _check_queries(queries) -> None:
     """`queries` is None, a string, or a list of strings (None or "" = no question for that image)."""
     if queries is None or isinstance(queries, str):
@@ -279,10 +287,10 @@ class QMoPProcessor(ProcessorMixin):
         what ProcessorMixin routes: image-processor arguments to the image processor, tokenizer arguments to the LLM
         tokenizer (defaults: `padding=True`, the tokenizer's left padding side, `return_tensors="pt"`). The question
         rows are padded to the longest question, or to `query_max_length` with `padding="max_length"`, so that
-        mapped datasets collate. Empty `videos` / `audio` (as evaluation harnesses pass) are accepted."""
-        for modality in ("videos", "audio"):
-            value = kwargs.pop(modality, None)
-            if value is not None and len(value) > 0:
+        mapped datasets collate. Empty `videos` / `audio` (as evaluation harnesses pass; `audios` is the name
+        lmms-eval uses) are accepted."""
+        for modality in ("videos", "audio", "audios"):
+            if _holds_media(kwargs.pop(modality, None)):
                 raise ValueError(f"QMoPProcessor handles images and text only; got `{modality}`.")
         num_visual_tokens = kwargs.pop("num_visual_tokens", None)
         pad_to_square = kwargs.pop("pad_to_square", None)

@@ -1,4 +1,4 @@
-"""pip install -e .   (extras: [train], [quant], [bench], [test])
+"""pip install -e .   (extras: [train], [quant], [bench], [lmms], [test])
 
 The three remote-code files (configuration_qmop.py, modeling_qmop.py, processing_qmop.py) and pipeline_qmop.py
 are top-level modules, so a checkout, an installed package and a Hub folder all run the same code.
@@ -34,12 +34,16 @@ setup(
             "qmop-bench = qmop_tools.bench.__main__:main",
             "qmop-vtcbench = qmop_tools.vtcbench.__main__:main",
             "qmop-router-diagnostics = qmop_tools.vtcbench.router_diagnostics:main",
-        ]
+            "qmop-lmms-task = qmop_tools.lmms.task:main",
+        ],
+        # lmms-eval finds `--model qmop` here (README, "Evaluating with lmms-eval")
+        "lmms_eval.models": ["qmop = qmop_tools.lmms:manifest"],
     },
     extras_require={
         "quant": ["bitsandbytes>=0.45"],
         "train": ["peft>=0.13", "tensorboard"],
         "bench": ["matplotlib"],  # also the mini VTCBench's plot
+        "lmms": ["lmms-eval==0.7.3"],  # the `qmop` model entry and the local task (qmop_tools/lmms)
         "test": ["pytest"],
     },
 )

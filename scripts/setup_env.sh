@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create (or reuse) the two virtual environments: .venv (transformers 5.x) and .venv457 (transformers 4.57).
+# Create (or reuse) the virtual environments: .venv (transformers 5.x), .venv457 (transformers 4.57) and .venv-lmms
+# (lmms-eval on transformers 5.x).
 # torch is installed first, pinned to 2.13.0, so that nothing pulls a CUDA build onto a CPU machine.
 # Re-running is cheap: an environment is rebuilt only when its requirements file changed.
 set -euo pipefail
@@ -23,4 +24,11 @@ make_env() {  # make_env DIR REQUIREMENTS
 make_env .venv requirements/tf5.txt
 if [[ "${QMOP_SKIP_457:-0}" != "1" ]]; then
   make_env .venv457 requirements/tf457.txt
+fi
+# lmms-eval (tests/test_lmms_eval.py, run by the transformers-5 suite); QMOP_SKIP_LMMS=1 skips it.
+if [[ "${QMOP_SKIP_LMMS:-0}" != "1" ]]; then
+  make_env .venv-lmms requirements/lmms.txt
+  # lmms-eval pulls PyPI's torchvision, a CUDA build that breaks `import transformers` next to the CPU torch (as
+  # torchaudio and torchcodec would): removed; nothing lmms-eval runs here imports them.
+  .venv-lmms/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi

@@ -77,3 +77,42 @@ def test_dict_chat_templates_round_trip(tmp_path):
     assert loaded.chat_template == templates
     messages = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
     assert loaded.apply_chat_template(messages, chat_template="short") == "short"
+
+
+EMPTY_MEDIA = {
+    "videos=[]": {"videos": []},
+    "videos=None": {"videos": None},
+    "videos=()": {"videos": ()},
+    "videos=[[]]": {"videos": [[]]},  # gathered per prompt, none for this one
+    "videos=[None]": {"videos": [None]},
+    "audio=[]": {"audio": []},
+    "audio=[[], []]": {"audio": [[], []]},
+    "audios=[]": {"audios": []},  # lmms-eval's name
+    "videos=[], audios=[]": {"videos": [], "audios": []},  # lmms-eval's `huggingface` entry passes both
+}
+
+
+@pytest.mark.parametrize("media", list(EMPTY_MEDIA.values()), ids=list(EMPTY_MEDIA))
+def test_empty_videos_and_audio_are_accepted_as_llava_accepts_them(processor, media):
+    """Modalities QMoP does not read, passed empty (as evaluation harnesses pass them): accepted, and the output is
+    the one without them. transformers' LlavaProcessor accepts the same (`audios`, the old name of `audio`, aside:
+    transformers 5 rejects it there)."""
+    from transformers import LlavaProcessor
+
+    image = make_image()
+    expected = processor(images=[image], text=[PROMPT])
+    got = processor(images=[image], text=[PROMPT], **media)
+    assert set(got) == set(expected)
+    assert all(torch.equal(got[key], expected[key]) for key in expected)
+    if "audios" not in media:
+        llava = LlavaProcessor(image_processor=processor.image_processor, tokenizer=processor.tokenizer,
+                               patch_size=processor.patch_size, vision_feature_select_strategy="full",
+                               num_additional_image_tokens=0)
+        assert "pixel_values" in llava(images=[image], text=[PROMPT], **media)
+
+
+@pytest.mark.parametrize("media", [{"videos": [[make_image()]]}, {"audio": [[0.0] * 160]}, {"audios": [[0.0] * 160]}],
+                         ids=["videos", "audio", "audios"])
+def test_videos_and_audio_with_content_are_rejected(processor, media):
+    with pytest.raises(ValueError, match="images and text only"):
+        processor(images=[make_image()], text=[PROMPT], **media)
