@@ -9,7 +9,7 @@ What it changes, and why a subclass (docs/training.md, "TRL"):
   QMoP's router terms never reach that loss (TRL adds a Mixtral-style aux loss only for MoE language models), and
   it cannot be reached from the model without patching TRL. Here the forward is the model's, once per step.
 - Labels on `<image>` placeholders are set to -100 in the batch, before the Trainer counts `num_items_in_batch`:
-  the loss is then normalised by the answer tokens only (the model ignores placeholders anyway, the count did not).
+  the loss is then normalised by the trained tokens only (the model ignores placeholders anyway, the count did not).
 - The router temperature is annealed with the global step (`RouterTemperatureCallback`, as in `QMoPTrainer`).
 - The router terms are per-batch means: under gradient accumulation with `num_items_in_batch` (where the Trainer
   does not divide the loss by the accumulation steps) they are divided by the steps, as TRL does for MoE aux losses.
@@ -25,7 +25,9 @@ from .trainer import RouterTemperatureCallback, unwrap_qmop
 
 
 class PlaceholderLabelMasking:
-    """A data collator around another: labels on the image placeholders of `input_ids` become -100."""
+    """A data collator around another: labels on the image placeholders of `input_ids` become -100, and so does the
+    first label of each row, which a causal LM never predicts (transformers 4.57's Trainer counts it in
+    `num_items_in_batch`, 5.x does not: masked, both normalise the loss by the same, predicted, tokens)."""
 
     def __init__(self, collator, image_token_id: int):
         self.collator = collator
@@ -36,6 +38,7 @@ class PlaceholderLabelMasking:
         if "labels" in batch and "input_ids" in batch:
             placeholders = batch["input_ids"] == self.image_token_id  # (B, T)
             batch["labels"] = batch["labels"].masked_fill(placeholders, IGNORE_INDEX)
+            batch["labels"][:, 0] = IGNORE_INDEX
         return batch
 
     def __getattr__(self, name):  # the wrapped collator's settings (max_length, processor, ...)
@@ -75,8 +78,9 @@ class QMoPSFTTrainer(SFTTrainer):
         # Trainer's compute_loss (SFTTrainer's own would take the fused LM head): the model's forward and loss, with
         # `num_items_in_batch` passed to the model and the multi-process scaling of `average_tokens_across_devices`.
         loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        steps = self.current_gradient_accumulation_steps if model.training else 1
-        if num_items_in_batch is not None and self.model_accepts_loss_kwargs and steps > 1:
+        # Set by the training loop (the last accumulation window of an epoch can be shorter than the setting).
+        steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        if model.training and num_items_in_batch is not None and self.model_accepts_loss_kwargs and steps > 1:
             loss = loss - router_loss(outputs, self.core.config) * (1 - 1 / steps)
         self._record_metrics(inputs, outputs)
         return (loss, outputs) if return_outputs else loss
