@@ -38,13 +38,17 @@ logger = logging.get_logger(__name__)
 # attributes; 5.x reads the __init__ signature and logs a deprecation for `image_processor_class`.
 TRANSFORMERS_V5 = int(transformers.__version__.split(".")[0]) >= 5
 
-# llava-hf's llava-1.5 chat template: "USER: <image>\n{question} ASSISTANT:" (no system prompt).
+# llava-hf's llava-1.5 chat template: "USER: <image>\n{question} ASSISTANT:" (no system prompt), except that an answer
+# ends with the EOS token, as in LLaVA-1.5's own conversations ("ASSISTANT: {answer}</s>USER: ..."), inside the
+# `{% generation %}` block: training on the assistant tokens (TRL's assistant_only_loss, prompt/completion) then
+# teaches the model to stop. Prompts for generation (add_generation_prompt) are llava-hf's.
 LLAVA_15_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
     "{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% else %}{% generation %}"
+    "{{ message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') }}{{ eos_token }}"
+    "{% endgeneration %}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 QUERY_TOKENIZER_SUBFOLDER = "query_tokenizer"
@@ -58,7 +62,8 @@ _EXTRA_OUTPUTS = ("return_mm_token_type_ids", "return_text_replacement_offsets")
 _SETTINGS = ("num_visual_tokens", "image_token", "patch_size", "pad_to_square", "query_max_length", "caption_prompt")
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "trust_remote_code", "proxies")
 # Role markers of the llava-1.5 / vicuna-v1 prompts: a turn runs from its marker to the next one.
-_ROLE_MARKER = re.compile(r"(?:^|\s)(USER|ASSISTANT|SYSTEM|HUMAN|GPT)\s*:", re.IGNORECASE)
+# A marker follows the start, white space or a special token ("...</s>USER:").
+_ROLE_MARKER = re.compile(r"(?:^|\s|(?<=>))(USER|ASSISTANT|SYSTEM|HUMAN|GPT)\s*:", re.IGNORECASE)
 
 ImageInput = Union["PIL.Image.Image", np.ndarray, torch.Tensor, str, bytes]  # noqa: F821
 

@@ -41,11 +41,16 @@ def prompt_completion_rows():
     ]
 
 
+def trained(*answers):
+    """The words of answers as the labels decode: each closed by the EOS token, so that the model learns to stop."""
+    return [word for answer in answers for word in f"{answer}</s>".split()]
+
+
 FORMATS = {  # name: (rows, SFTConfig arguments, the words each sample is trained on; None = the whole sequence)
     "messages": (conversational_rows, {}, None),
     "assistant_only": (conversational_rows, {"assistant_only_loss": True},
-                       [ANSWERS[0].split() + FOLLOW_UP[1].split(), ANSWERS[1].split()]),
-    "prompt_completion": (prompt_completion_rows, {}, [answer.split() for answer in ANSWERS]),
+                       [trained(ANSWERS[0], FOLLOW_UP[1]), trained(ANSWERS[1])]),
+    "prompt_completion": (prompt_completion_rows, {}, [trained(answer) for answer in ANSWERS]),
 }
 
 
