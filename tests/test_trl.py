@@ -11,7 +11,8 @@ from trl import SFTConfig, SFTTrainer
 
 from conversion.tiny import build_config, build_model, build_processor
 from modeling_qmop import TRANSFORMERS_V5, router_temperature_at
-from qmop_tools.train.sft import QMoPSFTTrainer, router_loss
+from qmop_tools.train import configure_trainable, lora_target_pattern, router_loss
+from qmop_tools.train.sft import QMoPSFTTrainer
 
 BUDGET = 4  # placeholders per image: short sequences
 QUESTIONS = ["what is in the image?", "how many objects are there?"]
@@ -212,3 +213,33 @@ def test_router_temperature_annealed_during_trl_training(processor, tmp_path):
     for key in ("aux_loss", "router_z_loss", "mean_token_accuracy", "entropy", "num_tokens",
                 *(f"router_weight/{branch}" for branch in config.branches)):
         assert key in logs[0], key
+
+
+def test_lora_through_peft_config(processor, tmp_path):
+    """LoRA as TRL users add it (`peft_config`), the projector trained in full as a PEFT `modules_to_save`: the
+    temperature reaches the router copy that runs, and the loss is still the model's own."""
+    from peft import LoraConfig
+
+    model = build_model(build_config(processor, router_gumbel_noise=False))
+    configure_trainable(model, stage=2, train_language_model=False)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=lora_target_pattern(model, ["q_proj", "v_proj"]),
+                      modules_to_save=["projector"], task_type="CAUSAL_LM")
+    steps = 3
+    args = SFTConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=steps, logging_steps=1,
+                     save_strategy="no", report_to="none", use_cpu=True, bf16=False, disable_tqdm=True)
+    trainer = QMoPSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(prompt_completion_rows()),
+                             processing_class=processor, peft_config=lora)
+    batch = first_batch(trainer)
+    trainer.train()
+    active = trainer.model.base_model.model.model.projector.modules_to_save["default"].router
+    assert active.temperature == pytest.approx(router_temperature_at(model.config, (steps - 1) / steps))
+    trainable = [name for name, p in trainer.model.named_parameters() if p.requires_grad]
+    assert any("lora_" in name for name in trainable) and any(".router." in name for name in trainable)
+    assert not any("vision_tower" in name or "text_encoder" in name for name in trainable)
+    trainer.model.train()
+    with torch.no_grad():
+        outputs = trainer.model(**batch)
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    assert float(loss) == pytest.approx(float(outputs.loss), rel=1e-5)
+    assert float(outputs.loss) == pytest.approx(
+        float(token_cross_entropy(outputs.logits, batch["labels"]) + router_loss(outputs, model.config)), rel=1e-5)

@@ -21,7 +21,7 @@ from transformers import Trainer
 from trl import SFTTrainer
 
 from .data import IGNORE_INDEX
-from .trainer import RouterTemperatureCallback, unwrap_qmop
+from .trainer import RouterTemperatureCallback, accumulation_scaled_loss, unwrap_qmop
 
 
 class PlaceholderLabelMasking:
@@ -47,16 +47,6 @@ class PlaceholderLabelMasking:
         return getattr(self.collator, name)
 
 
-def router_loss(outputs, config) -> torch.Tensor:
-    """The router terms of QMoP's loss: `router_aux_loss_coef` · aux_loss + `router_z_loss_coef` · router_z_loss."""
-    total = 0.0
-    if getattr(outputs, "aux_loss", None) is not None and config.router_aux_loss_coef > 0:
-        total = total + config.router_aux_loss_coef * outputs.aux_loss
-    if getattr(outputs, "router_z_loss", None) is not None and getattr(config, "router_z_loss_coef", 0.0) > 0:
-        total = total + config.router_z_loss_coef * outputs.router_z_loss
-    return total
-
-
 class QMoPSFTTrainer(SFTTrainer):
     """`trl.SFTTrainer` that optimises QMoP-LLaVA's own loss (placeholders masked, router aux and z-losses included)
     and anneals the router temperature. Takes exactly SFTTrainer's arguments."""
@@ -78,10 +68,7 @@ class QMoPSFTTrainer(SFTTrainer):
         # Trainer's compute_loss (SFTTrainer's own would take the fused LM head): the model's forward and loss, with
         # `num_items_in_batch` passed to the model and the multi-process scaling of `average_tokens_across_devices`.
         loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        # Set by the training loop (the last accumulation window of an epoch can be shorter than the setting).
-        steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-        if model.training and num_items_in_batch is not None and self.model_accepts_loss_kwargs and steps > 1:
-            loss = loss - router_loss(outputs, self.core.config) * (1 - 1 / steps)
+        loss = accumulation_scaled_loss(self, model, loss, outputs, num_items_in_batch, self.core.config)
         self._record_metrics(inputs, outputs)
         return (loss, outputs) if return_outputs else loss
 
@@ -120,4 +107,4 @@ class QMoPSFTTrainer(SFTTrainer):
                 metrics[f"router_weight/{branch}"].append(float(weights[:, column].float().mean()))
 
 
-__all__ = ["QMoPSFTTrainer", "PlaceholderLabelMasking", "router_loss"]
+__all__ = ["QMoPSFTTrainer", "PlaceholderLabelMasking"]
