@@ -134,6 +134,17 @@ def test_processor_outputs_for_assistant_masks(processor):
     assert "text_replacement_offsets" not in processor(images=[make_image()], text=[prompt])
 
 
+def test_chat_template_closes_answers_with_eos(processor):
+    """LLaVA-1.5's conversation format: each answer ends with `</s>` (so answer-only training learns to stop), the
+    generation prompt is llava-hf's, and each image's question is still found after a `</s>`."""
+    messages = [_user(QUESTIONS[0]), _assistant(ANSWERS[0]), _user(QUESTIONS[1])]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt == f"USER: <image>\n{QUESTIONS[0]} ASSISTANT: {ANSWERS[0]}</s>USER: <image>\n{QUESTIONS[1]} ASSISTANT:"
+    out = processor(images=[make_image(seed=0), make_image(seed=1)], text=prompt)
+    queries = processor.query_tokenizer.batch_decode(out["query_input_ids"], skip_special_tokens=True)
+    assert [q.strip() for q in queries] == QUESTIONS
+
+
 # ===================================================================================== loss
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_trl_optimises_the_models_own_loss(processor, tmp_path, name):
