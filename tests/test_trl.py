@@ -11,7 +11,7 @@ from trl import SFTConfig, SFTTrainer
 
 from conversion.tiny import build_config, build_model, build_processor
 from modeling_qmop import TRANSFORMERS_V5, router_temperature_at
-from qmop_tools.train import configure_trainable, lora_target_pattern, router_loss
+from qmop_tools.train import configure_trainable, get_template, lora_target_pattern, router_loss
 from qmop_tools.train.sft import QMoPSFTTrainer
 
 BUDGET = 4  # placeholders per image: short sequences
@@ -143,6 +143,16 @@ def test_chat_template_closes_answers_with_eos(processor):
     out = processor(images=[make_image(seed=0), make_image(seed=1)], text=prompt)
     queries = processor.query_tokenizer.batch_decode(out["query_input_ids"], skip_special_tokens=True)
     assert [q.strip() for q in queries] == QUESTIONS
+
+
+def test_same_training_text_as_the_qmop_trainer(processor):
+    """TRL renders a conversation with the processor's chat template; `scripts/train_qmop.py --template llava_hf`
+    renders it itself: the two texts, and so what each trains on, are the same."""
+    messages = conversational_rows()[0]["messages"]
+    rounds = [("<image>\n" + QUESTIONS[0], ANSWERS[0]), FOLLOW_UP]
+    ours = get_template("llava_hf").render(rounds, "<image>", processor.tokenizer.eos_token, has_image=True)
+    assert processor.apply_chat_template(messages) == ours.text
+    assert [ours.text[start:end] for start, end in ours.answer_spans] == [f"{ANSWERS[0]}</s>", f"{FOLLOW_UP[1]}</s>"]
 
 
 # ===================================================================================== loss
