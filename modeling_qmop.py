@@ -598,7 +598,8 @@ class QMoPProjector(nn.Module):
                 )
                 kept_patch_indices[rows] = kept
             gate = weights[rows, column].to(out.dtype)[:, None, None]  # (n, 1, 1)
-            fused = fused.index_add(0, rows, gate * out)  # (N, M, D)
+            # Under autocast (e.g. TRL's default bf16=True) the experts compute in the autocast dtype.
+            fused = fused.index_add(0, rows, (gate * out).to(fused.dtype))  # (N, M, D)
         fused = _poison_unroutable_images(fused, weights)
         return QMoPProjectorOutput(
             image_features=fused,

@@ -41,7 +41,7 @@ setup(
     },
     extras_require={
         "quant": ["bitsandbytes>=0.45"],
-        "train": ["peft>=0.13", "tensorboard"],
+        "train": ["peft>=0.13", "tensorboard", "trl>=1.16"],  # trl: qmop_tools.train.sft (TRL SFTTrainer)
         "bench": ["matplotlib"],  # also the mini VTCBench's plot
         "lmms": ["lmms-eval==0.7.3"],  # the `qmop` model entry and the local task (qmop_tools/lmms)
         "test": ["pytest"],

@@ -11,6 +11,7 @@ from .trainer import (
     lora_target_pattern,
     merge_lora_adapter,
     push_folder,
+    router_loss,
     unwrap_qmop,
 )
 
@@ -34,5 +35,6 @@ __all__ = [
     "lora_target_pattern",
     "merge_lora_adapter",
     "push_folder",
+    "router_loss",
     "unwrap_qmop",
 ]

@@ -110,7 +110,8 @@ class ConversationTemplate:
 TEMPLATES = {
     "plain": ConversationTemplate(name="plain", plain=True),
     "vicuna_v1": ConversationTemplate(name="vicuna_v1", system=VICUNA_V1_SYSTEM),
-    # vicuna_v1 without the system prompt: exactly what `processor.apply_chat_template` renders (llava-hf's template),
+    # vicuna_v1 without the system prompt: exactly what `processor.apply_chat_template` renders (llava-hf's prompts,
+    # answers closed by `</s>`; tests/test_trl.py checks it),
     # so a model trained with it answers prompts built the way Hub users build them.
     "llava_hf": ConversationTemplate(name="llava_hf"),
 }

@@ -143,6 +143,28 @@ def _router_schedule_function(core: torch.nn.Module):
     return module.router_temperature_at
 
 
+# ===================================================================================== loss
+def router_loss(outputs, config) -> torch.Tensor:
+    """The router terms of QMoP's loss: `router_aux_loss_coef` · aux_loss + `router_z_loss_coef` · router_z_loss."""
+    total = 0.0
+    if getattr(outputs, "aux_loss", None) is not None and config.router_aux_loss_coef > 0:
+        total = total + config.router_aux_loss_coef * outputs.aux_loss
+    if getattr(outputs, "router_z_loss", None) is not None and getattr(config, "router_z_loss_coef", 0.0) > 0:
+        total = total + config.router_z_loss_coef * outputs.router_z_loss
+    return total
+
+
+def accumulation_scaled_loss(trainer: Trainer, model, loss, outputs, num_items_in_batch, config):
+    """The model's loss for one micro-batch of a gradient-accumulation window. With `num_items_in_batch` the Trainer
+    does not divide the loss by the accumulation steps (the LM loss is already normalised over the whole window), so
+    the router terms, per-micro-batch means, are divided here; otherwise they would count once per micro-batch."""
+    # Set by the training loop (the last window of an epoch can be shorter than the setting).
+    steps = getattr(trainer, "current_gradient_accumulation_steps", trainer.args.gradient_accumulation_steps)
+    if model.training and num_items_in_batch is not None and trainer.model_accepts_loss_kwargs and steps > 1:
+        loss = loss - router_loss(outputs, config) * (1 - 1 / steps)
+    return loss
+
+
 # ===================================================================================== trainer
 class QMoPTrainer(Trainer):
     """HF Trainer that logs the router (mean weight per branch, temperature, aux loss, LM loss without the aux
@@ -159,6 +181,7 @@ class QMoPTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        loss = accumulation_scaled_loss(self, model, loss, outputs, num_items_in_batch, self.core.config)
         if model.training:
             self._record_router(outputs)
         return (loss, outputs) if return_outputs else loss
