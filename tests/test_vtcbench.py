@@ -185,6 +185,21 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     main(["--smoke", "--output", str(output)])
     assert written and all(os.path.getmtime(path) == mtime for path, mtime in written.items())
 
+    # the reader probe trains on the same data and foundation, with 36 pooled or all 576 tokens per picture
+    from qmop_tools.vtcbench.reader_probe import ProbeSettings, run_probe
+
+    for tokens, count in (("pool36", 36), ("full", 576)):
+        probe = run_probe(str(output), ProbeSettings(tokens=tokens, steps=3, batch_size=8, eval_every=2))
+        assert probe["tokens_per_picture"] == count and [point["step"] for point in probe["curve"]] == [2, 3]
+        assert set(probe["curve"][-1]["val_accuracy"]) == set(DIMENSIONS)
+        assert json.load(open(output / "probes" / f"reader-{tokens}.json"))["curve"] == probe["curve"]
+    cached = output / "foundation" / "clip" / "tokens-train.pt"
+    mtime = os.path.getmtime(cached)
+    run_probe(str(output), ProbeSettings(steps=1))
+    assert os.path.getmtime(cached) == mtime  # the tower's tokens are computed once
+    with pytest.raises(ValueError, match="tokens"):
+        ProbeSettings(tokens="pool16")
+
 
 def test_bundled_checkpoint_accuracy_on_a_fixed_test_slice(tmp_path):
     """The committed tiny checkpoint answers the first 40 test images' 200 questions at least as well as the table
@@ -216,3 +231,15 @@ def test_demo_answers_the_bundled_questions(tmp_path):
     assert [normalise_answer(a) for a in answers] == spec["model_answers"], result.stdout
     assert spec["correct"] == [m == a for m, a in zip(spec["model_answers"], spec["answers"])]
     assert Image.open(picture).width > 400
+
+
+def test_tower_class_weights_and_balanced_accuracy():
+    from qmop_tools.vtcbench.towers import balanced_accuracy, inverse_frequency
+
+    targets = torch.tensor([[0, 0, 0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 0, 0, 0, 2]])  # class 0: 13, class 1: 2, class 2: 1
+    weights = inverse_frequency(torch.cat([targets, torch.full((2, 3), -1)], 1), 3)  # -1 (not applicable) ignored
+    assert torch.allclose(weights * torch.tensor([13.0, 2.0, 1.0]), torch.full((3,), 16 / 3))  # each class weighs 16/3
+    # predicting the majority everywhere is 81% plain accuracy but a third balanced
+    majority = torch.zeros(16, dtype=torch.long)
+    assert balanced_accuracy(majority, targets.flatten()) == pytest.approx(1 / 3)
+    assert balanced_accuracy(targets.flatten(), targets.flatten()) == 1.0

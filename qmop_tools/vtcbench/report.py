@@ -108,14 +108,36 @@ def foundation_line(foundation: dict) -> str:
     clip = foundation["clip"]
     heads = clip.get("val_head_accuracy", {})
     return (
-        "Foundation (frozen, shared by every variant): tower heads on val patches "
-        + ", ".join(f"{k.split('/')[1]} {100 * v:.0f}%" for k, v in heads.items() if k.startswith("patch/"))
+        "Foundation (frozen, shared by every variant): tower heads on val patches, accuracy (balanced: mean of "
+        "per-class recalls) "
+        + ", ".join(f"{k.split('/')[1]} {100 * v:.0f}%" + (f" ({100 * heads[k + '/balanced']:.0f}%)"
+                                                          if k + "/balanced" in heads else "")
+                    for k, v in heads.items() if k.startswith("patch/") and not k.endswith("/balanced"))
         + f"; salience pruning keeps {100 * clip['salience_pruning']['tag_patches_kept']:.0f}% of tag patches and "
         f"{100 * clip['salience_pruning']['foreground_patches_kept']:.0f}% of foreground patches at "
         f"{clip['salience_pruning']['budget']} tokens; text encoder caption retrieval top-1 "
         f"{100 * clip['val_caption_retrieval_top1']:.0f}% (chance {100 * clip['val_caption_retrieval_chance']:.0f}%); "
         f"LLM text loss {foundation['llm']['first_loss']:.2f} -> {foundation['llm']['last_loss']:.2f}."
     )
+
+
+def reader_probe_table(output: str) -> str:
+    """The reader probes found in `<output>/probes/` (`reader_probe.py`): val accuracy per dimension at their last
+    step, next to chance. Empty when none was run."""
+    rows = []
+    for name in sorted(os.listdir(os.path.join(output, "probes"))) if os.path.isdir(os.path.join(output, "probes")) else []:
+        with open(os.path.join(output, "probes", name)) as f:
+            probe = json.load(f)
+        last = probe["curve"][-1]
+        rows.append(f"| {probe['settings']['tokens']} ({probe['tokens_per_picture']} tokens) | {last['step']} | "
+                    + " | ".join(f"{last['val_accuracy'].get(d, float('nan')):.1f}" for d in DIMENSIONS) + " |")
+    if not rows:
+        return ""
+    header = ["Reader probe (projector + LLM trained on the frozen tower's tokens for the answer token alone; val "
+              "accuracy in %; an upper bound on what a variant can read):", "",
+              "| tokens | steps | " + " | ".join(DIMENSIONS) + " |", "|" + " --- |" * (len(DIMENSIONS) + 2),
+              "| chance | - | " + " | ".join(f"{100 * CHANCE[d]:.1f}" for d in DIMENSIONS) + " |"]
+    return "\n".join(header + rows) + "\n"
 
 
 def _fmt(mean_std, single_seed: bool = False) -> str:
@@ -375,6 +397,7 @@ def write_report(output: str, settings, foundation: dict, results: list, timings
         "",
         foundation_line(foundation),
         "",
+        reader_probe_table(output),
         "Wall time of this invocation (s; finished runs are reused, not re-timed): "
         + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + ".",
     ]

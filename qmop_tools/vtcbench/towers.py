@@ -10,7 +10,10 @@
   - dense supervision of the feature layer (`vision_feature_layer` = -2): linear heads read, from each patch token,
     what covers the patch (`data.draw_labels`: kind, shape colour, tag letter, background colour and texture, row
     and column), and from the CLS token the picture's facts; real CLIP features carry object identity, text and
-    position, which the contrastive run alone did not learn (row probe 8.7% against 4.2% chance);
+    position, which the contrastive run alone did not learn (row probe 8.7% against 4.2% chance). Each patch head's
+    classes are weighted by inverse frequency: 97% of patches are background, and unweighted the `kind` head reached
+    96.6% accuracy while hardly marking the cross (4 patches of 576). Held-out accuracy is reported both plain and
+    balanced (the mean of per-class recalls), the number that shows whether rare things are read;
   - a salience prior on the feature layer's CLS-to-patch attention (the pruning branch's score), pulled towards the
     patches that hold something (shapes, cross, tag): real CLIP's CLS attends to objects and text, the contrastive
     run's attended to background (0.2% of tag patches kept).
@@ -37,7 +40,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 logger = logging.getLogger(__name__)
 
 
-FOUNDATION_RECIPE = "dense+salience+lit/2"  # bump when the pre-training changes: the foundation is rebuilt
+FOUNDATION_RECIPE = "dense-balanced+salience+lit/3"  # bump when the pre-training changes: the foundation is rebuilt
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,19 @@ def picture_heads() -> dict:
             "cross_h": 2, "cross_v": 2}
 
 
+def inverse_frequency(targets: torch.Tensor, classes: int) -> torch.Tensor:
+    """Cross-entropy class weights (classes,): total / (classes x count), so each class weighs the same in sum;
+    labels -1 are ignored, absent classes get the weight of a single occurrence."""
+    counts = torch.bincount(targets[targets >= 0].flatten(), minlength=classes).float().clamp(min=1)
+    return counts.sum() / (classes * counts)
+
+
+def balanced_accuracy(predicted: torch.Tensor, target: torch.Tensor) -> float:
+    """The mean over the classes present in `target` (-1 ignored) of the share of that class predicted right."""
+    recalls = [float((predicted[target == c] == c).float().mean()) for c in target[target >= 0].unique().tolist()]
+    return sum(recalls) / max(1, len(recalls))
+
+
 def picture_labels(record: dict) -> dict:
     from .data import BACKGROUNDS, GLYPHS, IMAGE_SIZE, TEXTURES
 
@@ -204,6 +220,7 @@ def pretrain_clip(processor, image_folder: str, records: list, shapes: TowerShap
     patch_targets = {name: torch.tensor([[v for row in r["labels"][name] for v in row] for r in records])
                      for name in dense_heads()}  # name -> (n, P)
     picture_targets = {name: torch.tensor([picture_labels(r)[name] for r in records]) for name in picture_heads()}
+    class_weights = {name: inverse_frequency(targets, dense_heads()[name]) for name, targets in patch_targets.items()}
     foreground = (patch_targets["kind"] > 0).float()  # (n, P)
     salience = foreground / foreground.sum(-1, keepdim=True).clamp(min=1)
 
@@ -214,8 +231,8 @@ def pretrain_clip(processor, image_folder: str, records: list, shapes: TowerShap
         loss = 0.0
         for name, head in patch_heads.items():
             weight = LETTER_LOSS_WEIGHT if name == "letter" else 1.0
-            loss = loss + weight * F.cross_entropy(head(features[:, 1:]).flatten(0, 1),
-                                                   patch_targets[name][index].flatten(), ignore_index=-1)
+            loss = loss + weight * F.cross_entropy(head(features[:, 1:]).flatten(0, 1), patch_targets[name][index].flatten(),
+                                                   weight=class_weights[name], ignore_index=-1)
         for name, head in cls_heads.items():
             weight = LETTER_LOSS_WEIGHT if name == "letter" else 1.0
             loss = loss + weight * F.cross_entropy(head(features[:, 0]), picture_targets[name][index])
@@ -258,9 +275,12 @@ def pretrain_clip(processor, image_folder: str, records: list, shapes: TowerShap
                 target = torch.tensor([[v for row in r["labels"][name] for v in row] for r in val_records]).flatten()
                 predicted = head(features[:, 1:]).flatten(0, 1).argmax(-1)
                 accuracy[f"patch/{name}"] = round(float((predicted == target)[target >= 0].float().mean()), 4)
+                accuracy[f"patch/{name}/balanced"] = round(balanced_accuracy(predicted, target), 4)
             for name, head in cls_heads.items():
                 target = torch.tensor([picture_labels(r)[name] for r in val_records])
-                accuracy[f"picture/{name}"] = round(float((head(features[:, 0]).argmax(-1) == target).float().mean()), 4)
+                predicted = head(features[:, 0]).argmax(-1)
+                accuracy[f"picture/{name}"] = round(float((predicted == target).float().mean()), 4)
+                accuracy[f"picture/{name}/balanced"] = round(balanced_accuracy(predicted, target), 4)
             report["val_head_accuracy"] = accuracy
             captions = processor.query_tokenizer([r["caption"] for r in val_records], padding=True, truncation=True,
                                                  max_length=77, return_tensors="pt")
