@@ -154,14 +154,34 @@ def router_loss(outputs, config) -> torch.Tensor:
     return total
 
 
+def trainer_loss_scale(trainer: Trainer, num_items_in_batch) -> int:
+    """The factor `Trainer.compute_loss` multiplied the model's loss by. With `average_tokens_across_devices` (the
+    default) the LM loss is normalised by the token count of all processes, so the Trainer scales it by the number of
+    processes, whose gradients are then averaged; the router terms, per-process means, are scaled with it."""
+    args = trainer.args
+    if not (getattr(args, "average_tokens_across_devices", False) and num_items_in_batch is not None
+            and (trainer.model_accepts_loss_kwargs or trainer.compute_loss_func)):
+        return 1
+    if args.n_gpu > 1:
+        return args.n_gpu
+    # Tensor-parallel ranks share a batch and are not counted (transformers 5.x; 4.57 has no get_tp_size).
+    tp_size = trainer.get_tp_size() if hasattr(trainer, "get_tp_size") else 1
+    return trainer.accelerator.num_processes // tp_size
+
+
 def accumulation_scaled_loss(trainer: Trainer, model, loss, outputs, num_items_in_batch, config):
-    """The model's loss for one micro-batch of a gradient-accumulation window. With `num_items_in_batch` the Trainer
-    does not divide the loss by the accumulation steps (the LM loss is already normalised over the whole window), so
-    the router terms, per-micro-batch means, are divided here; otherwise they would count once per micro-batch."""
+    """The model's loss for one micro-batch of a gradient-accumulation window on one process. With
+    `num_items_in_batch` the Trainer does not divide the loss by the accumulation steps (the LM loss is already
+    normalised over the whole window and all processes) and multiplies it by the number of processes
+    (`trainer_loss_scale`). The router terms are per-micro-batch means, so they are weighted 1 / steps here instead:
+    averaged over processes and summed over the window, they then count once per optimizer step, as in a
+    one-process run with the same global batch."""
     # Set by the training loop (the last window of an epoch can be shorter than the setting).
     steps = getattr(trainer, "current_gradient_accumulation_steps", trainer.args.gradient_accumulation_steps)
-    if model.training and num_items_in_batch is not None and trainer.model_accepts_loss_kwargs and steps > 1:
-        loss = loss - router_loss(outputs, config) * (1 - 1 / steps)
+    if model.training and num_items_in_batch is not None and trainer.model_accepts_loss_kwargs:
+        scale = trainer_loss_scale(trainer, num_items_in_batch)
+        if scale != 1 / steps:
+            loss = loss - router_loss(outputs, config) * (scale - 1 / steps)
     return loss
 
 
