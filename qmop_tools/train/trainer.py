@@ -186,6 +186,26 @@ def accumulation_scaled_loss(trainer: Trainer, model, loss, outputs, num_items_i
 
 
 # ===================================================================================== trainer
+def check_distributed_engine(trainer: Trainer) -> None:
+    """Refuse to train when FSDP or DeepSpeed was asked for but the Trainer's accelerator did not enable it.
+    accelerate turns FSDP on only for accelerator devices (CUDA, XPU, NPU, ...): launched on CPU with an FSDP config
+    (or `--fsdp`), it would otherwise train with plain DDP without a word."""
+    args = trainer.args
+    fsdp_requested = bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp_requested and not trainer.is_fsdp_enabled:
+        raise RuntimeError(
+            f"FSDP was requested (accelerate config `distributed_type: FSDP` or `--fsdp`), but the Trainer runs as "
+            f"{trainer.accelerator.distributed_type}: accelerate enables FSDP only on accelerator devices (CUDA, XPU, "
+            "NPU, ...), and torch's FSDP needs one. On CPU, launch data-parallel without the FSDP config "
+            "(`torchrun --nproc_per_node N` or `accelerate launch --num_processes N`), see docs/training.md."
+        )
+    if args.deepspeed and not trainer.is_deepspeed_enabled:
+        raise RuntimeError(
+            f"`--deepspeed {args.deepspeed}` was given, but the Trainer runs as {trainer.accelerator.distributed_type} "
+            "without DeepSpeed; launch with `torchrun` or `deepspeed` (see docs/training.md)."
+        )
+
+
 class QMoPTrainer(Trainer):
     """HF Trainer that logs the router (mean weight per branch, temperature, aux loss, LM loss without the aux
     term) and can give the projector its own learning rate."""
@@ -193,6 +213,7 @@ class QMoPTrainer(Trainer):
     def __init__(self, *args, projector_lr: Optional[float] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.projector_lr = projector_lr
+        check_distributed_engine(self)
         self.core = unwrap_qmop(self.model)
         self.router_callback = RouterTemperatureCallback(self.model)
         self.add_callback(self.router_callback)
@@ -220,12 +241,24 @@ class QMoPTrainer(Trainer):
             self._router_sums[f"router_weight/{branch}"] += float(weights[:, column].detach().float().mean())
         self._router_count += 1
 
+    def _router_means(self) -> dict:
+        """Router statistics averaged over the micro-batches of every process since the last log (as the logged loss
+        is). The training loop logs on every process at once, so the sums can be reduced here."""
+        keys = ["aux_loss", "router_z_loss", "router_saturated"]
+        keys += [f"router_weight/{branch}" for branch in self.core.config.branches]
+        totals = torch.tensor([self._router_sums[key] for key in keys] + [float(self._router_count)],
+                              dtype=torch.float64, device=self.args.device)
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        count = float(totals[-1])
+        return {key: float(value) / count for key, value in zip(keys, totals[:-1])} if count else {}
+
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs and "eval_loss" not in logs:
             if self.core.model.projector.router is not None:
                 logs["router_temperature"] = round(self.router_callback.temperature, 6)
-            if self._router_count:
-                means = {key: value / self._router_count for key, value in self._router_sums.items()}
+            means = self._router_means()
+            if means:
                 logs.update({key: round(value, 6) for key, value in means.items()})
                 config = self.core.config
                 router_loss = config.router_aux_loss_coef * means["aux_loss"]
