@@ -1,5 +1,6 @@
 """Multi-process training on CPU (gloo): a 2-process run of our trainer equals a 1-process run with the same global
-batch (losses, router statistics, final weights), and the shipped FSDP config, which cannot run on CPU, fails with
+batch (losses, router statistics, final weights), the same with the shipped DeepSpeed ZeRO-2 config where
+deepspeed is installed, and the shipped FSDP config, which cannot run on CPU, fails with
 a clear error instead of silently training data-parallel. See docs/training.md, "Distributed training"."""
 
 import json
@@ -38,12 +39,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_args(workspace, output_name, *extra):
+def train_args(workspace, output_name, *extra, base=None):
     # Stage 2 in full: frozen CLIP towers next to a trained LLM and projector, as in the FSDP recipe. The router terms
     # are weighted up so that their scaling under several processes shows in the loss. Gumbel noise is off: each
     # process draws its own noise (seeded alike), so a 2-process run cannot draw the 1-process run's noise.
     return [
-        "--model_name_or_path", workspace["base"], "--stage", "2",
+        "--model_name_or_path", base or workspace["base"], "--stage", "2",
         "--data_path", workspace["data"], "--image_folder", workspace["images"],
         "--output_dir", str(workspace["root"] / output_name), "--max_steps", str(STEPS),
         "--learning_rate", "1e-3", "--lr_scheduler_type", "cosine", "--logging_steps", "1",
@@ -53,10 +54,10 @@ def train_args(workspace, output_name, *extra):
     ]
 
 
-def launch(workspace, launcher, args, name):
+def launch(workspace, launcher, args, name, env=None):
     """Run the driver under `launcher` (a command prefix); returns (completed process, report or None)."""
     result_path = workspace["root"] / f"{name}.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT, QMOP_RESULT=str(result_path))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT, QMOP_RESULT=str(result_path), **(env or {}))
     try:
         completed = subprocess.run([*launcher, DRIVER, *args], capture_output=True, text=True, env=env,
                                    cwd=REPO_ROOT, timeout=TIMEOUT_S)
@@ -71,21 +72,24 @@ def torchrun(nproc):
             "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
 
 
-def test_two_processes_equal_one_process_with_the_same_global_batch(workspace):
-    # Global batch 2: two processes with one sample each, or one process accumulating two micro-batches of one.
-    two, two_report = launch(workspace, torchrun(2),
-                             train_args(workspace, "two", "--per_device_train_batch_size", "1", "--ddp_backend", "gloo"),
-                             "two")
+def train_pair(workspace, name, base, two_launcher, two_extra, env=None):
+    """The same training twice with global batch 2: two processes with one sample each, and one process
+    accumulating two micro-batches of one. Returns both reports."""
+    two, two_report = launch(workspace, two_launcher,
+                             train_args(workspace, f"{name}-two", "--per_device_train_batch_size", "1", *two_extra,
+                                        base=base), f"{name}-two", env)
     assert two.returncode == 0, two.stderr[-4000:]
     one, one_report = launch(workspace, [sys.executable],
-                             train_args(workspace, "one", "--per_device_train_batch_size", "1",
-                                        "--gradient_accumulation_steps", "2"), "one")
+                             train_args(workspace, f"{name}-one", "--per_device_train_batch_size", "1",
+                                        "--gradient_accumulation_steps", "2", base=base), f"{name}-one", env)
     assert one.returncode == 0, one.stderr[-4000:]
-    assert (two_report["world_size"], two_report["distributed_type"]) == (2, "MULTI_CPU")
-    assert (one_report["world_size"], one_report["distributed_type"]) == (1, "NO")
+    assert one_report["world_size"] == 1 and two_report["world_size"] == 2
+    return two_report, one_report
 
+
+def assert_same_training(workspace, name, base, two_report, one_report):
     # The same samples reach the same steps in float32; what differs is the order of the sums (gradients summed
-    # by gloo's all-reduce, or accumulated in one process), about 1e-7 relative: 1e-5 leaves room for that and
+    # by the all-reduce, or accumulated in one process), about 1e-7 relative: 1e-5 leaves room for that and
     # still sees the router terms counted twice (their share of the loss here is about 2%).
     logs_two, logs_one = two_report["log"], one_report["log"]
     assert [e["step"] for e in logs_two] == [e["step"] for e in logs_one] == list(range(1, STEPS + 1))
@@ -95,15 +99,35 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(workspace):
         for field in fields:
             assert a[field] == pytest.approx(b[field], rel=1e-5, abs=1e-6), (a["step"], field, a[field], b[field])
 
-    # Final weights: Adam moved them by up to lr per step (about 2e-3 here); the runs agree to 1e-6.
-    base = load_file(os.path.join(workspace["base"], "model.safetensors"))
-    weights_two = load_file(str(workspace["root"] / "two" / "model.safetensors"))
-    weights_one = load_file(str(workspace["root"] / "one" / "model.safetensors"))
-    assert weights_two.keys() == weights_one.keys() == base.keys()
-    moved = max(float((weights_one[key] - base[key]).abs().max()) for key in base)
+    # Final weights (the full model.safetensors the main process saved): Adam moved them by up to lr per step
+    # (about 2e-3 here); the runs agree to 1e-6.
+    initial = load_file(os.path.join(base, "model.safetensors"))
+    weights_two = load_file(str(workspace["root"] / f"{name}-two" / "model.safetensors"))
+    weights_one = load_file(str(workspace["root"] / f"{name}-one" / "model.safetensors"))
+    assert weights_two.keys() == weights_one.keys() == initial.keys()
+    moved = max(float((weights_one[key] - initial[key]).abs().max()) for key in initial)
     assert moved > 1e-4, "training did not move the weights"
-    for key in base:
+    for key in initial:
         torch.testing.assert_close(weights_two[key], weights_one[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_two_processes_equal_one_process_with_the_same_global_batch(workspace):
+    two, one = train_pair(workspace, "ddp", workspace["base"], torchrun(2), ["--ddp_backend", "gloo"])
+    assert (two["distributed_type"], one["distributed_type"]) == ("MULTI_CPU", "NO")
+    assert_same_training(workspace, "ddp", workspace["base"], two, one)
+
+
+def test_deepspeed_zero2_two_processes_equal_one_process(workspace):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not in the test environments (docs/training.md: .venv-ds)")
+    # ZeRO-2 keeps the gradients in one flat buffer, so a parameter that gets no gradient in a step (the branch no
+    # image routed to) gets a zero one, and Adam moves it by its momentum; torch's optimizer skips it. With every
+    # branch selected (router_top_k = 3) each parameter has a gradient in every step and the two must agree.
+    base = save_tiny_checkpoint(str(workspace["root"] / "base-top3"), num_visual_tokens=BUDGET, router_top_k=3)
+    zero2 = os.path.join(REPO_ROOT, "configs", "zero2.json")
+    two, one = train_pair(workspace, "zero2", base, torchrun(2), ["--deepspeed", zero2],
+                          env={"DS_ACCELERATOR": "cpu"})
+    assert two["distributed_type"] == "DEEPSPEED"
+    assert_same_training(workspace, "zero2", base, two, one)
 
 
 def test_shipped_fsdp_config_names_qmop_layers():
