@@ -1,7 +1,7 @@
 """Multi-process training on CPU (gloo): a 2-process run of our trainer equals a 1-process run with the same global
-batch (losses, router statistics, final weights), the same with the shipped DeepSpeed ZeRO-2 config where
-deepspeed is installed, and the shipped FSDP config, which cannot run on CPU, fails with
-a clear error instead of silently training data-parallel. See docs/training.md, "Distributed training"."""
+batch (losses, router statistics, final weights), with DDP and, where deepspeed is installed, with the shipped
+ZeRO-2 config. The shipped FSDP config cannot run on CPU: it must fail with a clear error instead of silently
+training data-parallel. See docs/training.md, "Distributed training"."""
 
 import json
 import os
@@ -62,7 +62,8 @@ def launch(workspace, launcher, args, name, env=None):
         completed = subprocess.run([*launcher, DRIVER, *args], capture_output=True, text=True, env=env,
                                    cwd=REPO_ROOT, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired as error:
-        pytest.fail(f"{name}: no result after {TIMEOUT_S} s (a hung collective?)\n{(error.stderr or b'')[-3000:]}")
+        stderr = error.stderr.decode(errors="replace") if isinstance(error.stderr, bytes) else (error.stderr or "")
+        pytest.fail(f"{name}: no result after {TIMEOUT_S} s (a hung collective?)\n{stderr[-3000:]}")
     report = json.loads(result_path.read_text()) if result_path.exists() else None
     return completed, report
 
