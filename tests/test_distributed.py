@@ -5,7 +5,6 @@ training data-parallel. See docs/training.md, "Distributed training"."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -16,7 +15,7 @@ from conftest import REPO_ROOT
 from safetensors.torch import load_file
 
 from conversion.tiny import build_tiny, save_tiny_checkpoint
-from test_training import BUDGET, write_dataset
+from test_training import BUDGET, free_port, write_dataset
 
 DRIVER = os.path.join(REPO_ROOT, "tests", "distributed_train_driver.py")
 FSDP_CONFIG = os.path.join(REPO_ROOT, "configs", "fsdp.yaml")
@@ -31,12 +30,6 @@ def workspace(tmp_path_factory):
     # Image samples only: every micro-batch runs the router, so its per-batch terms are defined on every process.
     data_path, image_folder = write_dataset(str(root), num_image_samples=8, num_text_samples=0)
     return {"root": root, "base": base, "data": data_path, "images": image_folder}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_args(workspace, output_name, *extra, base=None):
