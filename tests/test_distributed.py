@@ -13,6 +13,7 @@ import torch
 import yaml
 from conftest import REPO_ROOT
 from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText
 
 from conversion.tiny import build_tiny, save_tiny_checkpoint
 from test_training import BUDGET, free_port, write_dataset
@@ -103,6 +104,12 @@ def assert_same_training(workspace, name, base, two_report, one_report):
     assert moved > 1e-4, "training did not move the weights"
     for key in initial:
         torch.testing.assert_close(weights_two[key], weights_one[key], rtol=0, atol=1e-6, msg=key)
+
+    # The multi-process run's folder loads as a model, with the weights it saved.
+    reloaded = AutoModelForImageTextToText.from_pretrained(str(workspace["root"] / f"{name}-two"), trust_remote_code=True)
+    state = reloaded.state_dict()
+    for key in initial:
+        assert torch.equal(state[key], weights_two[key]), key
 
 
 def test_two_processes_equal_one_process_with_the_same_global_batch(workspace):
