@@ -3,6 +3,7 @@ LoRA / QLoRA, loss going down, resume, 2-process DDP, outputs reloading in a fre
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -74,6 +75,12 @@ def train(workspace, output_name, *extra, callbacks=None, stage=1):
 
 def train_logs(result):
     return [entry for entry in result.trainer.state.log_history if "loss" in entry]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_python(code, timeout=240):
@@ -335,7 +342,7 @@ def test_two_process_ddp_run_agrees_with_itself(workspace, tmp_path):
     """))
     output = workspace["root"] / "ddp"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29613", str(driver),
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), str(driver),
         "--model_name_or_path", workspace["base"], "--stage", "1", "--data_path", workspace["data"],
         "--image_folder", workspace["images"], "--output_dir", str(output), "--max_steps", "2",
         "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--logging_steps", "1",

@@ -21,7 +21,7 @@ from transformers import Trainer
 from trl import SFTTrainer
 
 from .data import IGNORE_INDEX
-from .trainer import RouterTemperatureCallback, accumulation_scaled_loss, unwrap_qmop
+from .trainer import RouterTemperatureCallback, accumulation_scaled_loss, check_distributed_engine, unwrap_qmop
 
 
 class PlaceholderLabelMasking:
@@ -58,6 +58,7 @@ class QMoPSFTTrainer(SFTTrainer):
                 "QMoPSFTTrainer optimises the model's own loss (LM loss + router terms): `loss_type='dft'`, "
                 "`label_smoothing_factor` and `compute_loss_func` are not supported."
             )
+        check_distributed_engine(self)
         self.core = unwrap_qmop(self.model)
         self.data_collator = PlaceholderLabelMasking(self.data_collator, self.core.config.image_token_id)
         self.router_callback = RouterTemperatureCallback(self.model)

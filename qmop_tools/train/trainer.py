@@ -154,18 +154,58 @@ def router_loss(outputs, config) -> torch.Tensor:
     return total
 
 
+def trainer_loss_scale(trainer: Trainer, num_items_in_batch) -> int:
+    """The factor `Trainer.compute_loss` multiplied the model's loss by. With `average_tokens_across_devices` (the
+    default) the LM loss is normalised by the token count of all processes, so the Trainer scales it by the number of
+    processes, whose gradients are then averaged; the router terms, per-process means, are scaled with it."""
+    args = trainer.args
+    if not (getattr(args, "average_tokens_across_devices", False) and num_items_in_batch is not None
+            and (trainer.model_accepts_loss_kwargs or trainer.compute_loss_func)):
+        return 1
+    if args.n_gpu > 1:
+        return args.n_gpu
+    # Tensor-parallel ranks share a batch and are not counted (transformers 5.x; 4.57 has no get_tp_size).
+    tp_size = trainer.get_tp_size() if hasattr(trainer, "get_tp_size") else 1
+    return trainer.accelerator.num_processes // tp_size
+
+
 def accumulation_scaled_loss(trainer: Trainer, model, loss, outputs, num_items_in_batch, config):
-    """The model's loss for one micro-batch of a gradient-accumulation window. With `num_items_in_batch` the Trainer
-    does not divide the loss by the accumulation steps (the LM loss is already normalised over the whole window), so
-    the router terms, per-micro-batch means, are divided here; otherwise they would count once per micro-batch."""
+    """The model's loss for one micro-batch of a gradient-accumulation window on one process. With
+    `num_items_in_batch` the Trainer does not divide the loss by the accumulation steps (the LM loss is already
+    normalised over the whole window and all processes) and multiplies it by the number of processes
+    (`trainer_loss_scale`). The router terms are per-micro-batch means, so they are weighted 1 / steps here instead:
+    averaged over processes and summed over the window, they then count once per optimizer step, as in a
+    one-process run with the same global batch."""
     # Set by the training loop (the last window of an epoch can be shorter than the setting).
     steps = getattr(trainer, "current_gradient_accumulation_steps", trainer.args.gradient_accumulation_steps)
-    if model.training and num_items_in_batch is not None and trainer.model_accepts_loss_kwargs and steps > 1:
-        loss = loss - router_loss(outputs, config) * (1 - 1 / steps)
+    if model.training and num_items_in_batch is not None and trainer.model_accepts_loss_kwargs:
+        scale = trainer_loss_scale(trainer, num_items_in_batch)
+        if scale != 1 / steps:
+            loss = loss - router_loss(outputs, config) * (scale - 1 / steps)
     return loss
 
 
 # ===================================================================================== trainer
+def check_distributed_engine(trainer: Trainer) -> None:
+    """Refuse to train when FSDP or DeepSpeed was asked for but the Trainer's accelerator did not enable it.
+    accelerate turns FSDP on only for accelerator devices (CUDA, XPU, NPU, ...): launched on CPU with an FSDP config
+    (or `--fsdp`), it would otherwise train with plain DDP without a word."""
+    args = trainer.args
+    fsdp_requested = bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp_requested and not trainer.is_fsdp_enabled:
+        raise RuntimeError(
+            f"FSDP was requested (accelerate config `distributed_type: FSDP` or `--fsdp`), but the Trainer runs as "
+            f"{trainer.accelerator.distributed_type}: accelerate enables FSDP only on accelerator devices (CUDA, XPU, "
+            "NPU, ...), and torch's FSDP needs one. On CPU, launch data-parallel without the FSDP config "
+            "(`torchrun --nproc_per_node N` or `accelerate launch --num_processes N`), see docs/training.md."
+        )
+    if args.deepspeed and not trainer.is_deepspeed_enabled:
+        raise RuntimeError(
+            f"`--deepspeed {args.deepspeed}` was given, but the Trainer runs as {trainer.accelerator.distributed_type} "
+            "without DeepSpeed; launch with `torchrun` or `deepspeed` (see docs/training.md)."
+        )
+
+
 class QMoPTrainer(Trainer):
     """HF Trainer that logs the router (mean weight per branch, temperature, aux loss, LM loss without the aux
     term) and can give the projector its own learning rate."""
@@ -173,6 +213,7 @@ class QMoPTrainer(Trainer):
     def __init__(self, *args, projector_lr: Optional[float] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.projector_lr = projector_lr
+        check_distributed_engine(self)
         self.core = unwrap_qmop(self.model)
         self.router_callback = RouterTemperatureCallback(self.model)
         self.add_callback(self.router_callback)
@@ -200,12 +241,24 @@ class QMoPTrainer(Trainer):
             self._router_sums[f"router_weight/{branch}"] += float(weights[:, column].detach().float().mean())
         self._router_count += 1
 
+    def _router_means(self) -> dict:
+        """Router statistics averaged over the micro-batches of every process since the last log (as the logged loss
+        is). The training loop logs on every process at once, so the sums can be reduced here."""
+        keys = ["aux_loss", "router_z_loss", "router_saturated"]
+        keys += [f"router_weight/{branch}" for branch in self.core.config.branches]
+        totals = torch.tensor([self._router_sums[key] for key in keys] + [float(self._router_count)],
+                              dtype=torch.float64, device=self.args.device)
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        count = float(totals[-1])
+        return {key: float(value) / count for key, value in zip(keys, totals[:-1])} if count else {}
+
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs and "eval_loss" not in logs:
             if self.core.model.projector.router is not None:
                 logs["router_temperature"] = round(self.router_callback.temperature, 6)
-            if self._router_count:
-                means = {key: value / self._router_count for key, value in self._router_sums.items()}
+            means = self._router_means()
+            if means:
                 logs.update({key: round(value, 6) for key, value in means.items()})
                 config = self.core.config
                 router_loss = config.router_aux_loss_coef * means["aux_loss"]
