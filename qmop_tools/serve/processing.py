@@ -26,7 +26,7 @@ from vllm.config.multimodal import MultiModalDummyOptions
 from vllm.inputs import MultiModalDataDict
 from vllm.multimodal.hasher import MultiModalHasher
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
-from vllm.multimodal.parse import ImageSize, MultiModalDataItems
+from vllm.multimodal.parse import ImageProcessorItems, ImageSize, MultiModalDataItems
 from vllm.multimodal.processing import (
     BaseDummyInputsBuilder,
     BaseMultiModalProcessor,
@@ -93,6 +93,11 @@ class QMoPMultiModalProcessor(BaseMultiModalProcessor[QMoPProcessingInfo]):
         """Settle each image's question and the budget before anything is hashed, cached or processed."""
         num_images = inputs.mm_data_items.get_count("image", strict=False)
         if num_images:
+            if not isinstance(inputs.mm_data_items["image"], ImageProcessorItems):
+                raise ValueError(
+                    "QMoP-LLaVA needs the pictures themselves: the router and the pruning branch read the vision "
+                    "tower's CLS token and attention, so precomputed image embeddings cannot be served."
+                )
             kwargs = dict(inputs.hf_processor_mm_kwargs)
             kwargs[QUERIES_KEY] = self._questions(inputs.prompt, kwargs.get(QUERIES_KEY), num_images)
             kwargs[BUDGET_KEY] = self.info.get_budget(kwargs)
