@@ -233,6 +233,26 @@ def test_router_modes_and_versions(setup, variant):
         _assert_same(setup["outputs"][variant]["runs"][run], reference, f"{variant}, {run}")
 
 
+def test_serving_benchmark_runs(setup, tmp_path):
+    """qmop_tools.bench.vllm_serving end to end on a tiny checkpoint: a row per budget, with the prompt growing by
+    exactly the budget, and positive rates."""
+    output = tmp_path / "bench"
+    done = subprocess.run(
+        [VLLM_PYTHON, "-m", "qmop_tools.bench.vllm_serving", "--model", setup["checkpoints"]["routed"], "--budgets",
+         "64", "16", "--num-requests", "2", "--single", "1", "--rounds", "1", "--max-tokens", "2", "--max-model-len",
+         "256", "--output", str(output)],
+        cwd=str(tmp_path), env=_env(in_process=True), capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    result = json.load(open(output / "serving.json"))
+    rows = {row["budget"]: row for row in result["rows"]}
+    assert set(rows) == {64, 16} and result["vllm"] and result["device"]
+    assert rows[64]["prompt_tokens"] - rows[16]["prompt_tokens"] == 64 - 16
+    assert all(row[key] > 0 for row in rows.values() for key in ("requests_per_s", "output_tokens_per_s",
+                                                                  "burst_ttft_mean_s", "single_ttft_median_s"))
+    assert "| 64 |" in (output / "serving.md").read_text()
+
+
 # ---------------------------------------------------------------------------------------------- vllm serve
 def _free_port() -> int:
     with socket.socket() as sock:
