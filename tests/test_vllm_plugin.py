@@ -200,6 +200,44 @@ def test_same_image_with_another_question_is_not_served_from_the_cache(setup, ro
             routed_reference[first]["token_ids"], routed_reference[second]["token_ids"]]
 
 
+def _expected_cache_hits(cases, seen, key) -> tuple[int, int]:
+    """(lookups, hits) of a cache keyed by `key(case, k)` for image k of a case, sending `cases` in order after the
+    keys in `seen` (which it extends)."""
+    lookups = hits = 0
+    for case in cases:
+        for k in range(len(case["images"])):
+            entry = key(case, k)
+            lookups, hits = lookups + 1, hits + (entry in seen)
+            seen.add(entry)
+    return lookups, hits
+
+
+def test_multimodal_cache_is_keyed_by_image_question_and_budget(setup):
+    """vLLM's own cache counters: an image is found in the cache only with the same question and budget as before,
+    and every image of a repeated batch is. A key of the image alone would have hit in the first pass already."""
+    from processing_qmop import extract_question
+
+    def question(case, k):
+        queries = (case.get("mm_processor_kwargs") or {}).get("queries")
+        return queries if queries is not None else extract_question(case["prompt"], "<image>", k)
+
+    def full_key(case, k):
+        budget = (case.get("mm_processor_kwargs") or {}).get("num_visual_tokens", TINY["num_visual_tokens"])
+        return case["images"][k], question(case, k), budget
+
+    counts = setup["outputs"]["routed"]["mm_cache"]
+    seen = set()
+    first = _expected_cache_hits(ROUTED_CASES, seen, full_key)
+    assert _expected_cache_hits(ROUTED_CASES, set(), lambda case, k: case["images"][k])[1] > first[1]
+    assert (counts["one_by_one"]["queries"], counts["one_by_one"]["hits"]) == first
+    lookups = sum(len(case["images"]) for case in ROUTED_CASES)
+    for run in ("batched", "batched_again"):
+        assert (counts[run]["queries"], counts[run]["hits"]) == (lookups, lookups)
+    wrong = [dict(ROUTED_CASES[i], mm_processor_kwargs={"queries": WRONG_QUESTION}) for i in WRONG_CASES]
+    assert (counts["wrong_question"]["queries"], counts["wrong_question"]["hits"]) == \
+        _expected_cache_hits(wrong, seen, full_key)
+
+
 def test_wrong_question_gives_other_tokens(setup, routed_reference):
     """Control: with a wrong question vLLM no longer matches transformers' answer to the right one (so the
     comparisons above see the question), and it does match transformers given the same wrong question."""

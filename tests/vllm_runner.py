@@ -7,7 +7,8 @@ one after another in this one process, written as JSON.
 SPEC: {"max_tokens": 8, "engines": [{"name", "model", "requests": [{"prompt", "images": [png paths],
 "mm_processor_kwargs"?}], "runs": [{"name", "requests": [indices], "batched": bool, "expect_error"?: bool}]}]}
 OUT:  {engine name: {"runs": {run name: [{"prompt_token_ids", "token_ids"}, ...] or {"error": message}},
-      "init_s": seconds}}
+      "mm_cache": {run name: {"queries", "hits"}}, "init_s": seconds}}   (images looked up in / found in the
+      multimodal processor cache during the run)
 """
 
 import gc
@@ -15,6 +16,16 @@ import json
 import sys
 import time
 from importlib.metadata import entry_points
+
+
+def _mm_cache_counts(llm) -> dict:
+    """Cumulative multimodal-cache lookups and hits of this engine (vLLM's own metrics)."""
+    names = {"vllm:mm_cache_queries": "queries", "vllm:mm_cache_hits": "hits"}
+    counts = {"queries": 0, "hits": 0}
+    for metric in llm.get_metrics():
+        if metric.name in names:
+            counts[names[metric.name]] += metric.value
+    return counts
 
 
 def main(spec_path: str, out_path: str) -> None:
@@ -33,7 +44,8 @@ def main(spec_path: str, out_path: str) -> None:
     for engine in spec["engines"]:
         start = time.perf_counter()
         llm = LLM(model=engine["model"], trust_remote_code=True, dtype="float32", enforce_eager=True, seed=0,
-                  max_model_len=512, max_num_seqs=8, max_num_batched_tokens=2048, limit_mm_per_prompt={"image": 2})
+                  max_model_len=512, max_num_seqs=8, max_num_batched_tokens=2048, limit_mm_per_prompt={"image": 2},
+                  disable_log_stats=False)
         init_s = time.perf_counter() - start
         requests = []
         for request in engine["requests"]:
@@ -42,9 +54,10 @@ def main(spec_path: str, out_path: str) -> None:
             if request.get("mm_processor_kwargs"):
                 prompt["mm_processor_kwargs"] = request["mm_processor_kwargs"]
             requests.append(prompt)
-        runs = {}
+        runs, mm_cache = {}, {}
         for run in engine["runs"]:
             chosen = [requests[i] for i in run["requests"]]
+            before = _mm_cache_counts(llm)
             if run.get("expect_error"):  # a bad request: its error message, and the engine must keep serving
                 try:
                     llm.generate(chosen, greedy, use_tqdm=False)
@@ -60,7 +73,9 @@ def main(spec_path: str, out_path: str) -> None:
                 {"prompt_token_ids": list(o.prompt_token_ids), "token_ids": list(o.outputs[0].token_ids)}
                 for o in outputs
             ]
-        results[engine["name"]] = {"runs": runs, "init_s": init_s}
+            after = _mm_cache_counts(llm)
+            mm_cache[run["name"]] = {key: after[key] - before[key] for key in after}
+        results[engine["name"]] = {"runs": runs, "mm_cache": mm_cache, "init_s": init_s}
         del llm
         gc.collect()
     with open(out_path, "w") as file:
