@@ -76,6 +76,9 @@ SMALL_CASES = [
     dict(prompt="USER: <image>\n<image>\nWhich picture is brighter? ASSISTANT:", images=[(5, 48, 48), (6, 64, 32)]),
     dict(prompt="USER: <image>\nWhat colour is the square? ASSISTANT:", images=[(4, 40, 60)]),
 ]
+# the serving benchmark's measurement, run on the routed engine after its cases (budget 64 = every patch)
+BENCH = dict(budgets=[64, 16], num_requests=2, single=1, max_tokens=2, image_side=48, rounds=1)
+ENGINE_BUDGET = 36  # the server-wide default budget (`--mm-processor-kwargs`) of one engine
 VARIANTS = {
     "vision_router": dict(router_mode="vision"),
     "uniform": dict(router_mode="uniform"),
@@ -123,11 +126,15 @@ def setup(tmp_path_factory):
     n, w = len(ROUTED_CASES), len(wrong)
     engines = [dict(name="routed", model=checkpoints["routed"], requests=routed_requests,
                     runs=_runs(n) + [dict(name="wrong_question", requests=list(range(n, n + w)), batched=True),
-                                     dict(name="bad_budget", requests=[n + w], batched=True, expect_error=True)])]
+                                     dict(name="bad_budget", requests=[n + w], batched=True, expect_error=True)],
+                    bench=BENCH)]
     for name in checkpoints:
         if name != "routed":
             engines.append(dict(name=name, model=checkpoints[name], requests=requests(SMALL_CASES),
                                 runs=_runs(len(SMALL_CASES))))
+    engines.append(dict(name="engine_default_budget", model=checkpoints["routed"], requests=requests(SMALL_CASES),
+                        engine_kwargs={"mm_processor_kwargs": {"num_visual_tokens": ENGINE_BUDGET}},
+                        runs=_runs(len(SMALL_CASES))))
     spec_path, out_path = str(work / "spec.json"), str(work / "out.json")
     with open(spec_path, "w") as file:
         json.dump({"max_tokens": MAX_TOKENS, "engines": engines}, file)
@@ -142,8 +149,9 @@ def setup(tmp_path_factory):
     return dict(checkpoints=checkpoints, images=images, outputs=outputs)
 
 
-def _reference(folder, cases, images, queries=None):
-    """transformers' greedy generate for each case: prompt ids, new tokens, router weights (one row per image)."""
+def _reference(folder, cases, queries=None):
+    """transformers' greedy generate for each case (the same pictures as the PNG files vLLM reads): prompt ids, new
+    tokens, router weights (one row per image)."""
     from modeling_qmop import QMoPForConditionalGeneration
     from processing_qmop import QMoPProcessor
 
@@ -167,7 +175,7 @@ def _reference(folder, cases, images, queries=None):
 
 @pytest.fixture(scope="module")
 def routed_reference(setup):
-    return _reference(setup["checkpoints"]["routed"], ROUTED_CASES, setup["images"])
+    return _reference(setup["checkpoints"]["routed"], ROUTED_CASES)
 
 
 def _assert_same(vllm_outputs, references, what):
@@ -246,7 +254,7 @@ def test_wrong_question_gives_other_tokens(setup, routed_reference):
     differing = sum(g["token_ids"] != r["token_ids"] for g, r in zip(got, right))
     assert differing >= 3, f"only {differing} of {len(right)} cases changed with a wrong question"
     wrong_reference = _reference(setup["checkpoints"]["routed"], [ROUTED_CASES[i] for i in WRONG_CASES],
-                                 setup["images"], queries=WRONG_QUESTION)
+                                 queries=WRONG_QUESTION)
     _assert_same(got, wrong_reference, "wrong question")
 
 
@@ -266,29 +274,33 @@ def test_per_request_budget(setup):
 def test_router_modes_and_versions(setup, variant):
     if variant not in setup["checkpoints"]:
         pytest.skip("set QMOP_OTHER_PYTHON to the other transformers version's python")
-    reference = _reference(setup["checkpoints"][variant], SMALL_CASES, setup["images"])
+    reference = _reference(setup["checkpoints"][variant], SMALL_CASES)
     for run in ("one_by_one", "batched", "batched_again"):
         _assert_same(setup["outputs"][variant]["runs"][run], reference, f"{variant}, {run}")
 
 
-def test_serving_benchmark_runs(setup, tmp_path):
-    """qmop_tools.bench.vllm_serving end to end on a tiny checkpoint: a row per budget, with the prompt growing by
-    exactly the budget, and positive rates."""
-    output = tmp_path / "bench"
-    done = subprocess.run(
-        [VLLM_PYTHON, "-m", "qmop_tools.bench.vllm_serving", "--model", setup["checkpoints"]["routed"], "--budgets",
-         "64", "16", "--num-requests", "2", "--single", "1", "--rounds", "1", "--max-tokens", "2", "--max-model-len",
-         "256", "--output", str(output)],
-        cwd=str(tmp_path), env=_env(in_process=True), capture_output=True, text=True, timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    result = json.load(open(output / "serving.json"))
-    rows = {row["budget"]: row for row in result["rows"]}
-    assert set(rows) == {64, 16} and result["vllm"] and result["device"]
+def test_serving_benchmark_measures(setup):
+    """qmop_tools.bench.vllm_serving's measurement on a vLLM engine: a row per budget, the prompt growing by exactly
+    the budget, positive rates, and its table."""
+    from qmop_tools.bench.vllm_serving import markdown
+
+    rows = {row["budget"]: row for row in setup["outputs"]["routed"]["bench"]}
+    assert set(rows) == set(BENCH["budgets"])
     assert rows[64]["prompt_tokens"] - rows[16]["prompt_tokens"] == 64 - 16
     assert all(row[key] > 0 for row in rows.values() for key in ("requests_per_s", "output_tokens_per_s",
                                                                   "burst_ttft_mean_s", "single_ttft_median_s"))
-    assert "| 64 |" in (output / "serving.md").read_text()
+    table = markdown(dict(model="routed", num_patches=64, device="cpu", vllm="-", torch="-", transformers="-",
+                          dtype="float32", num_requests=2, max_tokens=2, single=1, rounds=1,
+                          load_average={"start": [0.0], "end": [0.0]}, rows=list(rows.values())))
+    assert "| 64 | " in table and "1.00x" in table
+
+
+def test_engine_wide_default_budget(setup):
+    """`LLM(mm_processor_kwargs={"num_visual_tokens": M})` (`vllm serve --mm-processor-kwargs`) sets every request's M."""
+    cases = [dict(case, mm_processor_kwargs={"num_visual_tokens": ENGINE_BUDGET}) for case in SMALL_CASES]
+    reference = _reference(setup["checkpoints"]["routed"], cases)
+    for run in ("one_by_one", "batched", "batched_again"):
+        _assert_same(setup["outputs"]["engine_default_budget"]["runs"][run], reference, f"engine default budget, {run}")
 
 
 # ---------------------------------------------------------------------------------------------- vllm serve
@@ -356,7 +368,7 @@ def test_openai_server_answers_a_chat_request_with_an_image(setup, tmp_path):
     processor = QMoPProcessor.from_pretrained(folder)
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
-    reference = _reference(folder, [dict(prompt=prompt, images=[(seed, width, height)])], setup["images"])[0]
+    reference = _reference(folder, [dict(prompt=prompt, images=[(seed, width, height)])])[0]
     choice = answer["choices"][0]
     assert answer["prompt_token_ids"] == reference["prompt_token_ids"]
     assert choice["token_ids"] == reference["token_ids"]

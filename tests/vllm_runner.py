@@ -4,11 +4,13 @@ one after another in this one process, written as JSON.
 
     python tests/vllm_runner.py SPEC.json OUT.json
 
-SPEC: {"max_tokens": 8, "engines": [{"name", "model", "requests": [{"prompt", "images": [png paths],
-"mm_processor_kwargs"?}], "runs": [{"name", "requests": [indices], "batched": bool, "expect_error"?: bool}]}]}
+SPEC: {"max_tokens": 8, "engines": [{"name", "model", "engine_kwargs"?: {LLM arguments}, "requests": [{"prompt", "images": [png paths],
+"mm_processor_kwargs"?}], "runs": [{"name", "requests": [indices], "batched": bool, "expect_error"?: bool}],
+      "bench"?: {keyword arguments of qmop_tools.bench.vllm_serving.measure}}]}
 OUT:  {engine name: {"runs": {run name: [{"prompt_token_ids", "token_ids"}, ...] or {"error": message}},
-      "mm_cache": {run name: {"queries", "hits"}}, "init_s": seconds}}   (images looked up in / found in the
-      multimodal processor cache during the run)
+      "mm_cache": {run name: {"queries", "hits"}}, "init_s": seconds, "bench"?: rows}}   (mm_cache: images looked
+      up in / found in the multimodal processor cache during the run; bench: the serving benchmark's rows, measured
+      on this engine after the runs)
 """
 
 import gc
@@ -45,7 +47,7 @@ def main(spec_path: str, out_path: str) -> None:
         start = time.perf_counter()
         llm = LLM(model=engine["model"], trust_remote_code=True, dtype="float32", enforce_eager=True, seed=0,
                   max_model_len=512, max_num_seqs=8, max_num_batched_tokens=2048, limit_mm_per_prompt={"image": 2},
-                  disable_log_stats=False)
+                  disable_log_stats=False, **engine.get("engine_kwargs", {}))
         init_s = time.perf_counter() - start
         requests = []
         for request in engine["requests"]:
@@ -76,6 +78,10 @@ def main(spec_path: str, out_path: str) -> None:
             after = _mm_cache_counts(llm)
             mm_cache[run["name"]] = {key: after[key] - before[key] for key in after}
         results[engine["name"]] = {"runs": runs, "mm_cache": mm_cache, "init_s": init_s}
+        if "bench" in engine:
+            from qmop_tools.bench.vllm_serving import measure
+
+            results[engine["name"]]["bench"] = measure(llm, **engine["bench"])
         del llm
         gc.collect()
     with open(out_path, "w") as file:
