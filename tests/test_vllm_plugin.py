@@ -24,7 +24,8 @@ from conftest import REPO_ROOT, TESTS_DIR, make_image
 VLLM_PYTHON = os.environ.get("QMOP_VLLM_PYTHON")
 OTHER_PYTHON = os.environ.get("QMOP_OTHER_PYTHON")  # the other transformers version: saves one checkpoint
 pytestmark = pytest.mark.skipif(
-    not VLLM_PYTHON, reason="set QMOP_VLLM_PYTHON to the python of the vLLM environment (.venv-vllm, scripts/setup_env.sh)"
+    not VLLM_PYTHON,
+    reason="set QMOP_VLLM_PYTHON to the python of the vLLM environment (.venv-vllm, scripts/setup_env.sh)",
 )
 
 MAX_TOKENS = 8
@@ -58,9 +59,11 @@ ROUTED_CASES = [
     dict(prompt="USER: <image>\n<image>\nHow many objects are there? ASSISTANT:", images=[(0, 48, 48), (1, 48, 48)]),
     dict(prompt="USER: <image>\n<image>\nWhich one is brighter? ASSISTANT:", images=[(0, 48, 48), (3, 48, 48)]),
     # the question given explicitly instead of read off the prompt
-    dict(prompt="USER: <image>\nAnswer briefly. ASSISTANT:", images=[(1, 48, 48)], mm_processor_kwargs={"queries": "count"}),
+    dict(prompt="USER: <image>\nAnswer briefly. ASSISTANT:", images=[(1, 48, 48)],
+         mm_processor_kwargs={"queries": "count"}),
     # per-request budgets: 36, and 64 = every patch (LLaVA's uncompressed count for this tower)
-    dict(prompt="USER: <image>\nWhat is shown? ASSISTANT:", images=[(0, 48, 48)], mm_processor_kwargs={"num_visual_tokens": 36}),
+    dict(prompt="USER: <image>\nWhat is shown? ASSISTANT:", images=[(0, 48, 48)],
+         mm_processor_kwargs={"num_visual_tokens": 36}),
     dict(prompt="USER: <image>\n<image>\nHow many objects are there? ASSISTANT:", images=[(0, 48, 48), (3, 48, 48)],
          mm_processor_kwargs={"num_visual_tokens": 64}),
 ]
@@ -182,7 +185,8 @@ def _assert_same(vllm_outputs, references, what):
     assert len(vllm_outputs) == len(references)
     for k, (got, want) in enumerate(zip(vllm_outputs, references)):
         assert got["prompt_token_ids"] == want["prompt_token_ids"], f"{what}, case {k}: prompt ids differ"
-        assert got["token_ids"] == want["token_ids"], f"{what}, case {k}: vLLM {got['token_ids']} vs {want['token_ids']}"
+        assert got["token_ids"] == want["token_ids"], \
+            f"{what}, case {k}: vLLM {got['token_ids']} vs transformers {want['token_ids']}"
 
 
 # ---------------------------------------------------------------------------------------------- offline LLM
@@ -193,7 +197,8 @@ def test_greedy_tokens_match_transformers(setup, routed_reference, run):
 
 def test_cases_cover_every_router_choice(routed_reference):
     """The router (top-2 of 3) picks each of the three pairs of branches for some image of the cases."""
-    chosen = {frozenset(b for b, w in zip(BRANCHES, row) if w > 0) for case in routed_reference for row in case["router_weights"]}
+    rows = [row for case in routed_reference for row in case["router_weights"]]  # one per image
+    chosen = {frozenset(branch for branch, weight in zip(BRANCHES, row) if weight > 0) for row in rows}
     assert chosen == {frozenset(pair) for pair in [BRANCHES[:2], BRANCHES[1:], BRANCHES[::2]]}
 
 
@@ -262,7 +267,8 @@ def test_per_request_budget(setup):
     """`mm_processor_kwargs={"num_visual_tokens": M}` gives M placeholders per image (the prompt ids compared
     above hold them); an impossible budget fails the request with a clear error."""
     runs = setup["outputs"]["routed"]["runs"]
-    budgets = [(c.get("mm_processor_kwargs") or {}).get("num_visual_tokens", TINY["num_visual_tokens"]) for c in ROUTED_CASES]
+    budgets = [(case.get("mm_processor_kwargs") or {}).get("num_visual_tokens", TINY["num_visual_tokens"])
+               for case in ROUTED_CASES]
     image_id = json.load(open(os.path.join(setup["checkpoints"]["routed"], "config.json")))["image_token_id"]
     for case, budget, out in zip(ROUTED_CASES, budgets, runs["batched"]):
         assert out["prompt_token_ids"].count(image_id) == budget * len(case["images"])
@@ -296,7 +302,8 @@ def test_serving_benchmark_measures(setup):
 
 
 def test_engine_wide_default_budget(setup):
-    """`LLM(mm_processor_kwargs={"num_visual_tokens": M})` (`vllm serve --mm-processor-kwargs`) sets every request's M."""
+    """`LLM(mm_processor_kwargs={"num_visual_tokens": M})` (the server's `--mm-processor-kwargs`) sets every
+    request's M."""
     cases = [dict(case, mm_processor_kwargs={"num_visual_tokens": ENGINE_BUDGET}) for case in SMALL_CASES]
     reference = _reference(setup["checkpoints"]["routed"], cases)
     for run in ("one_by_one", "batched", "batched_again"):
@@ -311,7 +318,8 @@ def _free_port() -> int:
 
 
 def _post(url, payload, timeout=120):
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers=headers)
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.load(response)
 

@@ -4,8 +4,9 @@ one after another in this one process, written as JSON.
 
     python tests/vllm_runner.py SPEC.json OUT.json
 
-SPEC: {"max_tokens": 8, "engines": [{"name", "model", "engine_kwargs"?: {LLM arguments}, "requests": [{"prompt", "images": [png paths],
-"mm_processor_kwargs"?}], "runs": [{"name", "requests": [indices], "batched": bool, "expect_error"?: bool}],
+SPEC: {"max_tokens": 8, "engines": [{"name", "model", "engine_kwargs"?: {LLM arguments},
+      "requests": [{"prompt", "images": [png paths], "mm_processor_kwargs"?}],
+      "runs": [{"name", "requests": [indices], "batched": bool, "expect_error"?: bool}],
       "bench"?: {keyword arguments of qmop_tools.bench.vllm_serving.measure}}]}
 OUT:  {engine name: {"runs": {run name: [{"prompt_token_ids", "token_ids"}, ...] or {"error": message}},
       "mm_cache": {run name: {"queries", "hits"}}, "init_s": seconds, "bench"?: rows}}   (mm_cache: images looked

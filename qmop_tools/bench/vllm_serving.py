@@ -109,12 +109,12 @@ def measure(llm, budgets, num_requests: int, single: int, max_tokens: int, image
             row["single_ttft_median_s"] = statistics.median(alone)
             samples[budget].append(row)
             print(json.dumps({"budget": budget, **row}), flush=True)
+    keys = ("requests_per_s", "output_tokens_per_s", "burst_ttft_mean_s", "single_ttft_median_s")
     rows = []
     for budget in budgets:
         runs = samples[budget]
         rows.append({"budget": budget, "prompt_tokens": runs[0]["prompt_tokens"], "requests": num_requests,
-                     **{key: statistics.median(run[key] for run in runs)
-                        for key in ("requests_per_s", "output_tokens_per_s", "burst_ttft_mean_s", "single_ttft_median_s")},
+                     **{key: statistics.median(run[key] for run in runs) for key in keys},
                      "requests_per_s_all_rounds": [run["requests_per_s"] for run in runs]})
     return rows
 
@@ -126,19 +126,21 @@ def markdown(result: dict) -> str:
         f"# Serving through vLLM: {result['model']}",
         "",
         f"{result['device']}; vLLM {result['vllm']}, torch {result['torch']}, transformers {result['transformers']}; "
-        f"{result['dtype']}; {result['num_requests']} requests per burst, {result['max_tokens']} generated tokens each; "
+        f"{result['dtype']}; {result['num_requests']} requests per burst, {result['max_tokens']} generated tokens "
+        "each; "
         f"single-request TTFT: median of {result['single']}; each figure the median of {result['rounds']} rounds. "
         f"M = {result['num_patches']} is LLaVA-1.5's token count. 1-minute load average at start / end: "
         f"{result['load_average']['start'][0]:.1f} / {result['load_average']['end'][0]:.1f}.",
         "",
-        "| M | prompt tokens | requests/s | output tokens/s | TTFT in the burst (mean) | TTFT alone (median) | requests/s vs M="
-        f"{result['num_patches']} |",
+        "| M | prompt tokens | requests/s | output tokens/s | TTFT in the burst (mean) | TTFT alone (median) "
+        f"| requests/s vs M={result['num_patches']} |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         ratio = f"{r['requests_per_s'] / base['requests_per_s']:.2f}x" if base else "-"
-        lines.append(f"| {r['budget']} | {r['prompt_tokens']} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} "
-                     f"| {1000 * r['burst_ttft_mean_s']:.0f} ms | {1000 * r['single_ttft_median_s']:.0f} ms | {ratio} |")
+        lines.append(f"| {r['budget']} | {r['prompt_tokens']} | {r['requests_per_s']:.2f} "
+                     f"| {r['output_tokens_per_s']:.1f} | {1000 * r['burst_ttft_mean_s']:.0f} ms "
+                     f"| {1000 * r['single_ttft_median_s']:.0f} ms | {ratio} |")
     return "\n".join(lines) + "\n"
 
 
@@ -184,22 +186,25 @@ def main(argv=None):
 
     load_at_start = os.getloadavg()  # 1/5/15-minute load: the machine may be shared
     with tempfile.TemporaryDirectory(prefix="qmop-serving-") as scratch:
-        model = args.model or build_serving_checkpoint(os.path.join(scratch, f"qmop-{args.preset}"), args.preset, args.seed)
+        model = args.model or build_serving_checkpoint(os.path.join(scratch, f"qmop-{args.preset}"), args.preset,
+                                                       args.seed)
         config = transformers.AutoConfig.from_pretrained(model, trust_remote_code=True)
         budgets = args.budgets or [b for b in (config.num_patches, 144, 64, 36) if b <= config.num_patches]
         for budget in budgets:
             config.validate_num_visual_tokens(budget, "--budgets")
-        llm = LLM(model=model, trust_remote_code=True, dtype=args.dtype, seed=args.seed, max_model_len=args.max_model_len,
-                  max_num_seqs=args.num_requests, tensor_parallel_size=args.tensor_parallel_size,
-                  limit_mm_per_prompt={"image": 1}, disable_log_stats=False, enable_prefix_caching=False)
+        llm = LLM(model=model, trust_remote_code=True, dtype=args.dtype, seed=args.seed,
+                  max_model_len=args.max_model_len, max_num_seqs=args.num_requests,
+                  tensor_parallel_size=args.tensor_parallel_size, limit_mm_per_prompt={"image": 1},
+                  disable_log_stats=False, enable_prefix_caching=False)
         rows = measure(llm, budgets, args.num_requests, args.single, args.max_tokens, config.vision_config.image_size,
                        args.rounds, args.seed)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else \
         f"CPU {_cpu_name()}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"
     result = {
         "model": args.model or f"random --preset {args.preset} checkpoint", "num_patches": config.num_patches,
-        "device": device, "vllm": vllm.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-        "python": sys.version.split()[0], "dtype": args.dtype, "num_requests": args.num_requests, "single": args.single, "rounds": args.rounds,
+        "device": device, "vllm": vllm.__version__, "torch": torch.__version__,
+        "transformers": transformers.__version__, "python": sys.version.split()[0], "dtype": args.dtype,
+        "num_requests": args.num_requests, "single": args.single, "rounds": args.rounds,
         "max_tokens": args.max_tokens, "load_average": {"start": load_at_start, "end": os.getloadavg()},
         "rows": rows,
     }

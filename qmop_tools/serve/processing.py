@@ -76,7 +76,8 @@ class QMoPDummyInputsBuilder(BaseDummyInputsBuilder[QMoPProcessingInfo]):
     ) -> MultiModalDataDict:
         size = self.info.get_image_size_with_most_features()
         images = self._get_dummy_images(
-            width=size.width, height=size.height, num_images=mm_counts.get("image", 0), overrides=mm_options.get("image")
+            width=size.width, height=size.height, num_images=mm_counts.get("image", 0),
+            overrides=mm_options.get("image"),
         )
         return {"image": images}
 
@@ -119,7 +120,9 @@ class QMoPMultiModalProcessor(BaseMultiModalProcessor[QMoPProcessingInfo]):
         if isinstance(queries, str):
             return (queries,) * num_images
         if not isinstance(queries, (list, tuple)) or not all(q is None or isinstance(q, str) for q in queries):
-            raise ValueError(f"mm_processor_kwargs['{QUERIES_KEY}'] must be a string or a list of strings, got {queries!r:.200}.")
+            raise ValueError(
+                f"mm_processor_kwargs['{QUERIES_KEY}'] must be a string or a list of strings, got {queries!r:.200}."
+            )
         if len(queries) != num_images:
             raise ValueError(
                 f"mm_processor_kwargs['{QUERIES_KEY}'] has {len(queries)} questions for {num_images} images; give one "
@@ -170,7 +173,8 @@ class QMoPMultiModalProcessor(BaseMultiModalProcessor[QMoPProcessingInfo]):
         """Only the questions of the images that missed the cache (the others are not processed again)."""
         kwargs = dict(inputs.hf_processor_mm_kwargs)
         if QUERIES_KEY in kwargs and "image" in mm_is_cached:
-            kwargs[QUERIES_KEY] = tuple(q for q, cached in zip(kwargs[QUERIES_KEY], mm_is_cached["image"]) if not cached)
+            missing = [not cached for cached in mm_is_cached["image"]]
+            kwargs[QUERIES_KEY] = tuple(q for q, wanted in zip(kwargs[QUERIES_KEY], missing) if wanted)
         return kwargs
 
     # ------------------------------------------------------------------------------------------------ HF processor
