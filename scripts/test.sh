@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Set up everything on a fresh machine, then run the test suite on transformers 5.x and on 4.57.x.
-# Each run also loads a checkpoint saved by the other version (QMOP_OTHER_PYTHON). The transformers-5 run also tests the
-# vLLM plugin against the vLLM environment (QMOP_VLLM_PYTHON; without .venv-vllm those tests skip).
+# Each run also loads a checkpoint saved by the other version (QMOP_OTHER_PYTHON); the transformers-5 run also tests
+# the vLLM plugin with vLLM from its own environment (QMOP_VLLM_PYTHON, tests/test_vllm_plugin.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 ROOT="$(pwd)"
 status=0
+VLLM_PYTHON=""
+if [[ "${QMOP_SKIP_VLLM:-0}" != "1" ]]; then
+  VLLM_PYTHON="$ROOT/.venv-vllm/bin/python"
+fi
 echo "=== tests on $("$ROOT/.venv/bin/python" -c 'import transformers; print("transformers", transformers.__version__)')"
-VLLM_PYTHON="$ROOT/.venv-vllm/bin/python"
-[[ -x "$VLLM_PYTHON" ]] || VLLM_PYTHON=""
-QMOP_VLLM_PYTHON="$VLLM_PYTHON" QMOP_OTHER_PYTHON="$ROOT/.venv457/bin/python" "$ROOT/.venv/bin/python" -m pytest tests -q -p no:cacheprovider "$@" || status=$?
+QMOP_OTHER_PYTHON="$ROOT/.venv457/bin/python" QMOP_VLLM_PYTHON="$VLLM_PYTHON" \
+  "$ROOT/.venv/bin/python" -m pytest tests -q -p no:cacheprovider "$@" || status=$?
 echo "=== tests on $("$ROOT/.venv457/bin/python" -c 'import transformers; print("transformers", transformers.__version__)')"
 QMOP_OTHER_PYTHON="$ROOT/.venv/bin/python" "$ROOT/.venv457/bin/python" -m pytest tests -q -p no:cacheprovider "$@" || status=$?
 exit $status
