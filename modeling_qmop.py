@@ -644,6 +644,10 @@ class QMoPPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _supports_cache_class = True
     _supports_static_cache = True
+    # The decode step (text tokens on a cache: no image work) compiles as one graph with a static cache:
+    # `generate(..., cache_implementation="static")` with a `compile_config`, tested in tests/test_compile.py. The
+    # prefill, which encodes the images, runs eager there (as generate runs every prefill).
+    _can_compile_fullgraph = True
 
     @classmethod
     def is_custom_code(cls) -> bool:
@@ -1035,7 +1039,9 @@ class QMoPModel(QMoPPreTrainedModel):
                 features = projected.image_features.to(inputs_embeds.device, inputs_embeds.dtype)  # (N, M, D)
                 scatter_mask = image_mask.to(inputs_embeds.device).unsqueeze(-1).expand_as(inputs_embeds)
                 inputs_embeds = inputs_embeds.masked_scatter(scatter_mask, features)  # (B, T, D)
-        elif image_mask is not None and bool(image_mask.any()) and past_key_values is None:
+        # A decode step (a cache is given) never holds placeholders to check: testing the cache first keeps the step
+        # free of host syncs, as full-graph compilation of the decode step needs.
+        elif past_key_values is None and image_mask is not None and bool(image_mask.any()):
             raise ValueError(
                 f"`input_ids` hold {int(image_mask.sum())} `<image>` placeholders but no `pixel_values` were given."
             )
