@@ -539,7 +539,13 @@ class QueryGuidedRouter(nn.Module):
 class QMoPProjector(nn.Module):
     """The three branches, the router and MoE-style fusion: M tokens out per image (not 3·M).
 
-    Only branches that carry weight for at least one image are computed, and only on those images.
+    Two ways to compute the same fusion, picked per call (`config.projector_dense_max_images` documents the rule):
+      - dense (inference on small batches, or under torch.compile): every branch runs on every image and is weighed
+        by the router's weights, zero outside an image's top-k. Shapes do not depend on the routing and nothing waits
+        for the device (no `nonzero`, no `.item()`), as CUDA graphs and full-graph compilation need.
+      - routed (training, larger batches): a branch runs only on the images that selected it (one host sync per
+        branch to learn which), which saves the unselected branches' compute.
+    Both give the same tokens, weights and kept indices (tests/test_modeling.py compares them).
     """
 
     def __init__(self, config: QMoPConfig):
@@ -555,6 +561,22 @@ class QMoPProjector(nn.Module):
             self.pruning_branch = QMoPPruningBranch(config)
         self.router = QueryGuidedRouter(config) if config.uses_router else None
         self.output_width = config.text_config.hidden_size
+        self.dense_max_images = config.projector_dense_max_images
+
+    def uses_dense_path(self, num_images: int) -> bool:
+        """The rule of `config.projector_dense_max_images`: dense in eval mode for at most that many images, and
+        whenever torch.compile traces the projector (data-dependent shapes would break its graph)."""
+        if torch.compiler.is_compiling():
+            return True
+        return not self.training and num_images <= self.dense_max_images
+
+    def _run_branch(self, name, patches, num_tokens, pruning_scores, patch_attention):
+        """One branch on the given images: (n, M, D) tokens and, for pruning, the kept patch indices (n, M)."""
+        if name == "pooling":
+            return self.pooling_branch(patches, num_tokens), None
+        if name == "resampler":
+            return self.resampler_branch(patches, num_tokens), None
+        return self.pruning_branch(patches, pruning_scores, patch_attention, num_tokens)
 
     def forward(
         self,
@@ -580,25 +602,32 @@ class QMoPProjector(nn.Module):
         if "pruning" in self.branches:
             kept_patch_indices = torch.full((num_images, num_tokens), -1, dtype=torch.long, device=patches.device)
 
+        dense = self.uses_dense_path(num_images)
         for column, name in enumerate(self.branches):
-            rows = (weights[:, column] > 0).nonzero().flatten()  # images that use this branch
+            selected = weights[:, column] > 0  # (N,) images that use this branch (False for NaN weights)
+            if dense:
+                out, kept = self._run_branch(name, patches, num_tokens, pruning_scores, patch_attention)  # (N, M, D)
+                gate = weights[:, column].to(out.dtype)[:, None, None]  # (N, 1, 1)
+                # Unselected images add an exact zero (even where a branch they did not pick gives NaN/Inf).
+                contribution = torch.where(selected[:, None, None], gate * out, 0.0)  # (N, M, D)
+                # Under autocast (e.g. TRL's default bf16=True) the experts compute in the autocast dtype.
+                fused = fused + contribution.to(fused.dtype)  # (N, M, D)
+                if kept is not None:
+                    kept_patch_indices = torch.where(selected[:, None], kept, -1)  # (N, M)
+                continue
+            rows = selected.nonzero().flatten()  # (n,)
             if rows.numel() == 0:
                 continue
-            branch_patches = patches[rows]  # (n, P, Cv)
-            if name == "pooling":
-                out = self.pooling_branch(branch_patches, num_tokens)
-            elif name == "resampler":
-                out = self.resampler_branch(branch_patches, num_tokens)
-            else:
-                out, kept = self.pruning_branch(
-                    branch_patches,
-                    pruning_scores[rows],
-                    None if patch_attention is None else patch_attention[rows],
-                    num_tokens,
-                )
+            out, kept = self._run_branch(
+                name,
+                patches[rows],  # (n, P, Cv)
+                num_tokens,
+                None if pruning_scores is None else pruning_scores[rows],
+                None if patch_attention is None else patch_attention[rows],
+            )
+            if kept is not None:
                 kept_patch_indices[rows] = kept
             gate = weights[rows, column].to(out.dtype)[:, None, None]  # (n, 1, 1)
-            # Under autocast (e.g. TRL's default bf16=True) the experts compute in the autocast dtype.
             fused = fused.index_add(0, rows, (gate * out).to(fused.dtype))  # (N, M, D)
         fused = _poison_unroutable_images(fused, weights)
         return QMoPProjectorOutput(
@@ -617,8 +646,7 @@ def _poison_unroutable_images(fused: torch.Tensor, weights: torch.Tensor) -> tor
     branch and would become all-zero tokens that look like a normal input: give them NaN tokens instead, so the
     logits are NaN, as in LLaVA with non-finite weights."""
     unroutable = ~torch.isfinite(weights).all(dim=-1)  # (N,)
-    if not bool(unroutable.any()):
-        return fused
+    # Applied unconditionally: testing `unroutable.any()` first would wait for the device on every call.
     return fused.masked_fill(unroutable.to(fused.device)[:, None, None], float("nan"))  # (N, M, D)
 
 
