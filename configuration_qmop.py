@@ -137,12 +137,13 @@ class QMoPConfig(PretrainedConfig):
             branches to `2 · cap` so no temperature schedule can drive the softmax into a hard choice. Unset: no cap.
         query_max_length (`int`, *optional*, defaults to 77): CLIP text encoder's context (longer questions are truncated).
         projector_dense_max_images (`int`, *optional*, defaults to 8):
-            How the projector computes the router's choice at inference (eval mode). Batches of at most this many
-            images run every branch on every image and weigh each by the router's weights (zero outside the top-k):
-            static shapes and no host synchronisation, as CUDA graphs and `torch.compile(fullgraph=True)` need, for
-            up to `len(branches) - router_top_k` extra branch passes per image. Larger batches, and training, run
-            each branch only on the images routed to it (one host sync per branch). Under torch.compile the dense
-            path is always used. Both give the same outputs; 0 = always the routed path.
+            How the projector computes the router's choice at inference (eval mode) on an accelerator. Batches of at
+            most this many images run every branch on every image and weigh each by the router's weights (zero
+            outside the top-k): static shapes and no host synchronisation, as CUDA graphs and
+            `torch.compile(fullgraph=True)` need, for up to `len(branches) - router_top_k` extra branch passes per
+            image. Larger batches, training, and the CPU (which has no device to wait for) run each branch only on
+            the images routed to it (one host sync per branch). Under torch.compile the dense path is always used.
+            Both give the same outputs; 0 = the routed path except under torch.compile.
         pad_to_square (`bool`, *optional*, defaults to `False`):
             Default of the processor's LLaVA-1.5 `expand2square` (the original repo pads; llava-hf does not).
     """

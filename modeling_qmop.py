@@ -539,11 +539,12 @@ class QueryGuidedRouter(nn.Module):
 class QMoPProjector(nn.Module):
     """The three branches, the router and MoE-style fusion: M tokens out per image (not 3·M).
 
-    Two ways to compute the same fusion, picked per call (`config.projector_dense_max_images` documents the rule):
-      - dense (inference on small batches, or under torch.compile): every branch runs on every image and is weighed
-        by the router's weights, zero outside an image's top-k. Shapes do not depend on the routing and nothing waits
-        for the device (no `nonzero`, no `.item()`), as CUDA graphs and full-graph compilation need.
-      - routed (training, larger batches): a branch runs only on the images that selected it (one host sync per
+    Two ways to compute the same fusion, picked per call by `uses_dense_path` (the rule is documented at
+    `config.projector_dense_max_images`) unless `forward(dense=...)` says:
+      - dense (inference on an accelerator at small batch, or under torch.compile): every branch runs on every image
+        and is weighed by the router's weights, zero outside an image's top-k. Shapes do not depend on the routing
+        and nothing waits for the device (no `nonzero`, no `.item()`), as CUDA graphs and full-graph compilation need.
+      - routed (training, CPU, larger batches): a branch runs only on the images that selected it (one host sync per
         branch to learn which), which saves the unselected branches' compute.
     Both give the same tokens, weights and kept indices (tests/test_modeling.py compares them).
     """
@@ -563,12 +564,14 @@ class QMoPProjector(nn.Module):
         self.output_width = config.text_config.hidden_size
         self.dense_max_images = config.projector_dense_max_images
 
-    def uses_dense_path(self, num_images: int) -> bool:
-        """The rule of `config.projector_dense_max_images`: dense in eval mode for at most that many images, and
-        whenever torch.compile traces the projector (data-dependent shapes would break its graph)."""
+    def uses_dense_path(self, num_images: int, device: torch.device) -> bool:
+        """The rule of `config.projector_dense_max_images`: dense whenever torch.compile traces the projector
+        (data-dependent shapes would break its graph); otherwise in eval mode, on an accelerator, for at most that
+        many images. A CPU computes in the calling thread, so it has no device to wait for and no sync to save:
+        there the routed path, which skips the unselected branches, is always faster."""
         if torch.compiler.is_compiling():
             return True
-        return not self.training and num_images <= self.dense_max_images
+        return not self.training and device.type not in ("cpu", "meta") and num_images <= self.dense_max_images
 
     def _run_branch(self, name, patches, num_tokens, pruning_scores, patch_attention):
         """One branch on the given images: (n, M, D) tokens and, for pruning, the kept patch indices (n, M)."""
@@ -586,9 +589,11 @@ class QMoPProjector(nn.Module):
         num_tokens: int,
         pruning_scores: Optional[torch.Tensor] = None,
         patch_attention: Optional[torch.Tensor] = None,
+        dense: Optional[bool] = None,
     ) -> QMoPProjectorOutput:
         """patches (N, P, Cv), cls_token (N, Cv), query_embeds (N, Ct) or None; for the pruning branch, its patch
-        scores (N, P) and, with recycling, the feature layer's patch-to-patch attention (N, P, P)."""
+        scores (N, P) and, with recycling, the feature layer's patch-to-patch attention (N, P, P). `dense` forces
+        the dense (True) or routed (False) computation; None applies `uses_dense_path`."""
         num_images = patches.shape[0]
         router_probs = router_logits = aux_loss = z_loss = None
         if self.router is not None:
@@ -602,7 +607,7 @@ class QMoPProjector(nn.Module):
         if "pruning" in self.branches:
             kept_patch_indices = torch.full((num_images, num_tokens), -1, dtype=torch.long, device=patches.device)
 
-        dense = self.uses_dense_path(num_images)
+        dense = self.uses_dense_path(num_images, patches.device) if dense is None else dense
         for column, name in enumerate(self.branches):
             selected = weights[:, column] > 0  # (N,) images that use this branch (False for NaN weights)
             if dense:
