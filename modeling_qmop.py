@@ -988,6 +988,9 @@ class QMoPModel(QMoPPreTrainedModel):
         return (inputs_embeds == token.to(inputs_embeds.device, inputs_embeds.dtype)).all(-1)  # (B, T)
 
     def _visual_tokens_per_image(self, image_mask: torch.Tensor, num_images: int) -> int:
+        # M decides the shapes that follow, so the host must read it: one transfer of the (B, T) mask, then every
+        # check on the host (instead of a device sync per count, `nonzero` and test).
+        image_mask = image_mask.cpu()  # (B, T)
         num_placeholders = int(image_mask.sum())
         token_id = self.config.image_token_id
         if num_placeholders == 0:
