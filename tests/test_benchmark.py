@@ -240,3 +240,22 @@ def test_generate_decode_eager_vs_compiled(tmp_path):
     markdown = (tmp_path / "efficiency.md").read_text()
     assert "## Decode in generate(): eager vs torch.compile (eager, fullgraph), static cache" in markdown
     assert "| QMoP M=16 | 1 |" in markdown
+
+
+def test_dense_projector_flops_follow_every_branch(monkeypatch):
+    """On an accelerator at small batch the projector runs every branch on every image (the dense path): the FLOP
+    count then charges all of them, and the analytic count, told so, agrees."""
+    from modeling_qmop import QMoPProjector
+    from qmop_tools.bench.measure import adapter_for, count_prefill_flops
+    from qmop_tools.bench.models import make_inputs
+
+    preset = get_preset("smoke")
+    model = build_qmop(preset.shapes, device="cpu", dtype=torch.float32)
+    monkeypatch.setattr(QMoPProjector, "uses_dense_path", lambda self, num_images, device: True)
+    inputs = make_inputs(model.config, 1, preset.prompt_tokens, 16, preset.query_tokens, "cpu", torch.float32)
+    counted = count_prefill_flops(adapter_for(model), inputs)
+    assert counted["branch_images"] == {"pooling": 1, "resampler": 1, "pruning": 1}
+    analytic = F.qmop_analytic_flops(model.config, 1, preset.prompt_tokens, 16, preset.query_tokens,
+                                     branch_images=counted["branch_images"])
+    assert counted["components"]["branches"] == analytic.as_dict()["branches"]
+    assert counted["whole_forward"] == counted["components"]["total"]
