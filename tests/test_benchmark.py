@@ -210,7 +210,7 @@ def test_nf4_quantizes_only_the_llm_layers_and_runs(monkeypatch):
 def test_cpu_preset_on_the_576_patch_grid(tmp_path):
     """The CPU preset itself (cut to one short run): the issue's exact KV ratio (T+M)/(T+576) at M=144."""
     main(["--preset", "cpu", "--budgets", "144", "--batch-sizes", "1", "--warmup", "0", "--repeats", "1",
-          "--decode-tokens", "1", "--no-components", "--no-plot", "--output", str(tmp_path)])
+          "--decode-tokens", "1", "--no-components", "--no-plot", "--compile-batch-sizes", "--output", str(tmp_path)])
     results = json.loads((tmp_path / "efficiency.json").read_text())
     llava, qmop = results["variants"]
     assert (llava["visual_tokens"], qmop["visual_tokens"], results["settings"]["prompt_tokens"]) == (576, 144, 40)
@@ -218,3 +218,44 @@ def test_cpu_preset_on_the_576_patch_grid(tmp_path):
     assert ratio == Fraction(40 + 144, 40 + 576)
     assert qmop["flops"]["whole_forward"] == qmop["flops"]["counted"]["total"]
     assert "| QMoP M=144 | 144 | 184 |" in (tmp_path / "efficiency.md").read_text()
+
+
+def test_generate_decode_eager_vs_compiled(tmp_path):
+    """The generate() decode comparison (dynamo's "eager" backend keeps it quick): LLaVA and QMoP at M = P/4, both
+    modes timed, the compiled one really compiled, and the table in the report."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    main(["--preset", "smoke", "--budgets", "64", "16", "--batch-sizes", "1", "--warmup", "0", "--repeats", "1",
+          "--decode-tokens", "3", "--no-components", "--no-plot", "--compile-batch-sizes", "1", "--compile-backend",
+          "eager", "--output", str(tmp_path)])
+    assert counters["stats"]["unique_graphs"] >= 2  # one decode graph per model at least
+    results = json.loads((tmp_path / "efficiency.json").read_text())
+    measured = results["generate_decode"]["1"]
+    assert list(measured) == ["LLaVA-1.5 (64)", "QMoP M=16"]
+    for modes in measured.values():
+        assert modes["eager"]["tokens_per_s"] > 0 and modes["compiled"]["tokens_per_s"] > 0
+        assert len(modes["compiled"]["all"]) == 1 and modes["compiled"]["first_call_s"] > 0
+    markdown = (tmp_path / "efficiency.md").read_text()
+    assert "## Decode in generate(): eager vs torch.compile (eager, fullgraph), static cache" in markdown
+    assert "| QMoP M=16 | 1 |" in markdown
+
+
+def test_dense_projector_flops_follow_every_branch(monkeypatch):
+    """On an accelerator at small batch the projector runs every branch on every image (the dense path): the FLOP
+    count then charges all of them, and the analytic count, told so, agrees."""
+    from modeling_qmop import QMoPProjector
+    from qmop_tools.bench.measure import adapter_for, count_prefill_flops
+    from qmop_tools.bench.models import make_inputs
+
+    preset = get_preset("smoke")
+    model = build_qmop(preset.shapes, device="cpu", dtype=torch.float32)
+    monkeypatch.setattr(QMoPProjector, "uses_dense_path", lambda self, num_images, device: True)
+    inputs = make_inputs(model.config, 1, preset.prompt_tokens, 16, preset.query_tokens, "cpu", torch.float32)
+    counted = count_prefill_flops(adapter_for(model), inputs)
+    assert counted["branch_images"] == {"pooling": 1, "resampler": 1, "pruning": 1}
+    analytic = F.qmop_analytic_flops(model.config, 1, preset.prompt_tokens, 16, preset.query_tokens,
+                                     branch_images=counted["branch_images"])
+    assert counted["components"]["branches"] == analytic.as_dict()["branches"]
+    assert counted["whole_forward"] == counted["components"]["total"]

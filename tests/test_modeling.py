@@ -124,6 +124,7 @@ def test_router_temperature_schedule():
 
 
 def test_only_selected_branches_run(image):
+    # The routed path (CPU, training, batches above `projector_dense_max_images`): a branch runs only where selected.
     model, processor = build_tiny(num_visual_tokens=16, router_top_k=1)
     calls = {"pooling": 0, "resampler": 0, "pruning": 0}
     for name in calls:
@@ -135,6 +136,83 @@ def test_only_selected_branches_run(image):
     assert calls == {name: int(name == chosen) for name in calls}
     if chosen != "pruning":
         assert (out.kept_patch_indices == -1).all()
+
+
+QUESTIONS = ["What colour is the circle?", "How many objects are there?", "Describe it.", "Is it a dog?"]
+
+
+def _projector_inputs(model, inputs, num_tokens=16):
+    """What `get_image_features` hands the projector: patches, CLS, question, budget, pruning scores, attention."""
+    base = model.model
+    with torch.no_grad():
+        hidden, layer_input, layer = base.get_vision_features(inputs["pixel_values"])
+        query = None
+        if model.config.uses_query:
+            query = base.get_query_embeds(inputs["query_input_ids"], inputs["query_attention_mask"])
+        scores = attention = None
+        if "pruning" in model.config.branches:
+            scores, attention = base.pruning_scores(layer_input, layer, query)
+    return hidden[:, 1:], hidden[:, 0], query, num_tokens, scores, attention
+
+
+@pytest.mark.parametrize(
+    "config",
+    [dict(router_mode="query", router_top_k=k) for k in (1, 2, 3)]
+    + [dict(router_mode="vision", router_top_k=k) for k in (1, 2)]
+    + [dict(router_mode="uniform"), dict(branches=["pooling", "pruning"], router_top_k=1),
+       dict(branches=["resampler"]), dict(router_top_k=1, pruning_score="question_relevance", pruning_recycle=True)],
+    ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()),
+)
+def test_dense_projector_equals_routed(config):
+    """The dense path (every branch on every image, masked by the router's weights) gives the routed outputs."""
+    from conftest import make_image
+
+    model, processor = build_tiny(num_visual_tokens=16, seed=3, router_eval_temperature=1.0, **config)
+    images = [make_image(seed=s, width=30 + 7 * s) for s in range(4)]
+    inputs = processor(images=images, text=[f"USER: <image>\n{q} ASSISTANT:" for q in QUESTIONS])
+    args = _projector_inputs(model, inputs)
+    with torch.no_grad():
+        routed = model.model.projector(*args, dense=False)
+        dense = model.model.projector(*args, dense=True)
+    weights = routed.router_weights
+    if model.config.uses_router and model.config.router_top_k < len(model.config.branches):
+        assert (weights == 0).any()  # some branch is really masked out for some image
+    assert torch.equal(dense.router_weights, weights)
+    torch.testing.assert_close(dense.image_features, routed.image_features, rtol=1e-5, atol=1e-6)
+    if routed.kept_patch_indices is None:
+        assert dense.kept_patch_indices is None
+    else:
+        assert torch.equal(dense.kept_patch_indices, routed.kept_patch_indices)
+
+
+def test_dense_path_rule():
+    model, _ = build_tiny(num_visual_tokens=16, projector_dense_max_images=2)
+    projector, cuda, cpu = model.model.projector, torch.device("cuda"), torch.device("cpu")
+    assert projector.uses_dense_path(1, cuda) and projector.uses_dense_path(2, cuda)
+    assert not projector.uses_dense_path(3, cuda)  # larger batches: each branch on its own images
+    assert not projector.uses_dense_path(1, cpu)  # nothing to wait for on a CPU
+    model.train()
+    assert not projector.uses_dense_path(1, cuda)  # training runs each branch on its own images only
+    model.eval()
+    with pytest.raises(ValueError, match="projector_dense_max_images"):
+        build_tiny(num_visual_tokens=16, projector_dense_max_images=-1)
+
+
+def test_dense_projector_compiles_as_one_graph(tiny, image):
+    """No data-dependent shape or host sync: dynamo captures the whole projector (it takes the dense path when
+    compiled), and the result is the eager one."""
+    model, processor = tiny
+    projector = model.model.projector
+    inputs = processor(images=[image, image], text=[PROMPT, "USER: <image>\nHow many? ASSISTANT:"])
+    args = _projector_inputs(model, inputs)
+    with torch.no_grad():
+        eager = projector(*args)
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(projector)(*args)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        compiled = torch.compile(projector, fullgraph=True, backend="eager")(*args)
+    torch.testing.assert_close(compiled.image_features, eager.image_features)
+    assert torch.equal(compiled.kept_patch_indices, eager.kept_patch_indices)
 
 
 def test_uniform_fusion_and_single_branch(image):

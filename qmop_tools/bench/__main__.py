@@ -31,6 +31,10 @@ def parse_args(argv=None) -> BenchSettings:
     parser.add_argument("--no-components", dest="components", action="store_false",
                         help="skip timing QMoP's parts separately")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--compile-batch-sizes", type=int, nargs="*",
+                        help="batch sizes of the generate() decode comparison, eager vs torch.compile with a static "
+                             "cache (none: skip it; default: the preset's)")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of that comparison")
     parser.add_argument("--output", default="outputs/bench", help="folder for efficiency.{md,json,png}")
     parser.add_argument("--no-plot", dest="plot", action="store_false")
     args = vars(parser.parse_args(argv))

@@ -265,7 +265,11 @@ def count_prefill_flops(adapter: ModelAdapter, inputs: BenchInputs) -> dict:
     branch_images = None
     if adapter.kind == "qmop" and not meta:
         weights = state["projected"].router_weights  # (N, nb)
-        branch_images = {b: int((weights[:, i] > 0).sum()) for i, b in enumerate(adapter.config.branches)}
+        if adapter.model.model.projector.uses_dense_path(weights.shape[0], adapter.device):
+            # Dense path (accelerator, small batch): every branch ran on every image, masked by the weights.
+            branch_images = {b: weights.shape[0] for b in adapter.config.branches}
+        else:
+            branch_images = {b: int((weights[:, i] > 0).sum()) for i, b in enumerate(adapter.config.branches)}
     return dict(components=counted, whole_forward=whole, branch_images=branch_images, note=note)
 
 

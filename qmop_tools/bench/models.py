@@ -60,6 +60,8 @@ class BenchPreset:
     repeats: int = 5
     dtype: str = "bfloat16"
     memory_budget_gib: float = 24.0  # "largest batch that fits": e.g. a 24 GiB consumer GPU
+    # Batch sizes of the generate() decode comparison, eager vs torch.compile with a static cache (empty: skipped).
+    compile_batch_sizes: tuple = (1, 8)
     notes: list = field(default_factory=list)
 
 
@@ -83,6 +85,7 @@ def _preset_cpu() -> BenchPreset:
         name="cpu", shapes=BenchShapes(vision=vision, text_encoder=text_encoder, llm=llm, resampler_num_layers=2,
                                        router_hidden_size=128, image_token_id=32000),
         batch_sizes=(1, 8, 32), decode_tokens=8, warmup=1, repeats=3, dtype="float32", memory_budget_gib=2.0,
+        compile_batch_sizes=(1,),
         notes=["small CPU shapes: 576-patch grid at 336 px, vision width 128 x4 layers, LLM width 512 x4 layers"],
     )
 
@@ -98,7 +101,7 @@ def _preset_smoke() -> BenchPreset:
         name="smoke", shapes=BenchShapes(vision=vision, text_encoder=text_encoder, llm=llm, resampler_num_layers=1,
                                          router_hidden_size=16),
         budgets=(64, 16, 4), batch_sizes=(1, 2), prompt_tokens=12, query_tokens=6, decode_tokens=2, warmup=1,
-        repeats=1, dtype="float32", memory_budget_gib=0.25, notes=["tiny shapes for the CI smoke test"],
+        repeats=1, dtype="float32", memory_budget_gib=0.25, compile_batch_sizes=(), notes=["tiny shapes for the CI smoke test"],
     )
 
 

@@ -82,6 +82,8 @@ def markdown_report(results: dict) -> str:
             lines.append(_row(cells))
         lines += ["", f"Max batch: {variants[0]['max_batch_method']}.", ""]
         lines += _breakdown(variants, batches)
+    if results.get("generate_decode"):
+        lines += _generate_decode(results)
     lines += ["", "## FLOPs by component (batch 1, counted)", ""]
     parts = ["vision_tower", "text_encoder", "router", "branches", "llm"]
     lines += [_row(["model"] + parts + ["QMoP's own share"]), _row(["---"] * (len(parts) + 2))]
@@ -119,6 +121,22 @@ def _breakdown(variants, batches) -> list:
     lines.append("")
     lines.append("QMoP's own share = (text encoder + router + branches) / sum of the parts; the branches include the "
                  "expert MLPs that LLaVA's projector also has.")
+    return lines
+
+
+def _generate_decode(results) -> list:
+    backend = results["settings"].get("compile_backend", "inductor")
+    lines = ["", f"## Decode in generate(): eager vs torch.compile ({backend}, fullgraph), static cache", ""]
+    header = ["model", "batch", "eager tok/s", "compiled tok/s", "compiled / eager", "first compiled call s",
+              "first eager call s"]
+    lines += [_row(header), _row(["---"] * len(header))]
+    for batch, measured in results["generate_decode"].items():
+        for name, modes in measured.items():
+            lines.append(_row([name, batch, _fmt(modes["eager"]["tokens_per_s"]), _fmt(modes["compiled"]["tokens_per_s"]),
+                               f"{modes['speedup']:.2f}x", _fmt(modes["compiled"]["first_call_s"], digits=1),
+                               _fmt(modes["eager"]["first_call_s"], digits=2)]))
+    lines += ["", "Decode = from the first generated token to the last, timed by a streamer inside generate(); the "
+              "first compiled call includes the compilation (prefill is eager in both modes)."]
     return lines
 
 

@@ -46,6 +46,8 @@ class BenchSettings:
     llava_path: Optional[str] = None  # a llava-hf checkpoint
     seed: int = 0
     components: bool = True  # also time QMoP's parts (vision, text encoder, router+branches, LLM)
+    compile_batch_sizes: Optional[list] = None  # generate() decode, eager vs torch.compile (static cache)
+    compile_backend: str = "inductor"  # torch.compile backend of that comparison
     threads: Optional[int] = None
 
 
@@ -60,7 +62,7 @@ class Variant:
 def _resolve(settings: BenchSettings):
     preset = get_preset(settings.preset)
     for name in ("budgets", "batch_sizes", "prompt_tokens", "query_tokens", "decode_tokens", "warmup", "repeats",
-                 "memory_budget_gib", "dtype"):
+                 "memory_budget_gib", "dtype", "compile_batch_sizes"):
         value = getattr(settings, name)
         if value is not None:
             setattr(preset, name, tuple(value) if isinstance(value, list) else value)
@@ -160,7 +162,12 @@ def run_benchmark(settings: BenchSettings, log=print) -> dict:
         for batch_size in preset.batch_sizes:
             _time_batch(variants, records, preset, batch_size, device, dtype, settings, log)
 
+    generate_decode = {}
+    if not meta and preset.decode_tokens:
+        generate_decode = _time_generate_decode(variants, preset, device, dtype, settings, log)
+
     results = dict(
+        generate_decode=generate_decode,
         preset=preset.name, notes=list(preset.notes), settings=_settings_dict(settings, preset),
         environment=environment(device),
         weights_bytes={"llava": weights_bytes(llava), "qmop": weights_bytes(qmop)},
@@ -218,11 +225,40 @@ def _time_batch(variants, records, preset, batch_size, device, dtype, settings, 
             + (f", decode {entry['decode_tokens_per_s']:8.1f} tok/s" if entry["decode_tokens_per_s"] else ""))
 
 
+def compile_variants(variants) -> list:
+    """The generate() decode comparison: LLaVA and QMoP at M = P/4 (144 on LLaVA's 576-patch grid), or QMoP's
+    smallest budget when P/4 is not one; each compiled shape costs a compilation, so not every budget."""
+    qmop = [v for v in variants if v.kind == "qmop"]
+    quarter = [v for v in qmop if v.visual_tokens * 4 == variants[0].visual_tokens]
+    return variants[:1] + (quarter or sorted(qmop, key=lambda v: v.visual_tokens)[:1])
+
+
+def _time_generate_decode(variants, preset, device, dtype, settings, log) -> dict:
+    from .decode import measure_generate_decode
+
+    chosen = compile_variants(variants)
+    out = {}
+    for batch_size in preset.compile_batch_sizes:
+        log(f"generate() decode at batch {batch_size}: eager vs torch.compile ({settings.compile_backend}), "
+            "static cache")
+        inputs = {v.name: _inputs(v, preset, batch_size, device, dtype, settings.seed) for v in chosen}
+        measured = measure_generate_decode({v.name: v.adapter for v in chosen}, inputs, batch_size,
+                                           preset.decode_tokens, preset.warmup, preset.repeats,
+                                           settings.compile_backend, device)
+        for name, modes in measured.items():
+            modes["speedup"] = modes["compiled"]["tokens_per_s"] / modes["eager"]["tokens_per_s"]
+            log(f"  {name:>18}: eager {modes['eager']['tokens_per_s']:8.1f} tok/s, compiled "
+                f"{modes['compiled']['tokens_per_s']:8.1f} tok/s ({modes['speedup']:.2f}x)")
+        out[str(batch_size)] = measured
+    return out
+
+
 def _settings_dict(settings: BenchSettings, preset) -> dict:
     out = asdict(settings)
     out.update(budgets=list(preset.budgets), batch_sizes=list(preset.batch_sizes), prompt_tokens=preset.prompt_tokens,
                query_tokens=preset.query_tokens, decode_tokens=preset.decode_tokens, warmup=preset.warmup,
-               repeats=preset.repeats, memory_budget_gib=preset.memory_budget_gib, dtype=preset.dtype)
+               repeats=preset.repeats, memory_budget_gib=preset.memory_budget_gib, dtype=preset.dtype,
+               compile_batch_sizes=list(preset.compile_batch_sizes))
     return out
 
 
