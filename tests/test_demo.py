@@ -29,3 +29,15 @@ def test_demo_script_runs(tiny_checkpoint, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "answer:" in result.stdout and "visual tokens per image instead of 64 patches" in result.stdout
     assert result.stdout.count("answer:") == 1 and os.path.getsize(picture) > 1000
+
+
+def test_bundled_checkpoint_carries_the_current_remote_code_and_template():
+    """A Hub user of checkpoints/qmop-tiny runs the folder's own copies: they must be the repository's code."""
+    import processing_qmop
+
+    folder = os.path.join(REPO_ROOT, "checkpoints", "qmop-tiny")
+    for name in ("configuration_qmop.py", "modeling_qmop.py", "processing_qmop.py", "pipeline_qmop.py"):
+        with open(os.path.join(REPO_ROOT, name), "rb") as ours, open(os.path.join(folder, name), "rb") as bundled:
+            assert ours.read() == bundled.read(), f"checkpoints/qmop-tiny/{name} is stale: copy the repository's file"
+    with open(os.path.join(folder, "chat_template.jinja")) as f:
+        assert f.read().strip() == processing_qmop.LLAVA_15_CHAT_TEMPLATE.strip()

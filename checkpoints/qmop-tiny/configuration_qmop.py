@@ -136,6 +136,14 @@ class QMoPConfig(PretrainedConfig):
             Soft cap on router logits, `cap · tanh(logits / cap)` (training and inference). Bounds the gap between
             branches to `2 · cap` so no temperature schedule can drive the softmax into a hard choice. Unset: no cap.
         query_max_length (`int`, *optional*, defaults to 77): CLIP text encoder's context (longer questions are truncated).
+        projector_dense_max_images (`int`, *optional*, defaults to 8):
+            How the projector computes the router's choice at inference (eval mode) on an accelerator. Batches of at
+            most this many images run every branch on every image and weigh each by the router's weights (zero
+            outside the top-k): static shapes and no host synchronisation, as CUDA graphs and
+            `torch.compile(fullgraph=True)` need, for up to `len(branches) - router_top_k` extra branch passes per
+            image. Larger batches, training, and the CPU (which has no device to wait for) run each branch only on
+            the images routed to it (one host sync per branch). Under torch.compile the dense path is always used.
+            Both give the same outputs; 0 = the routed path except under torch.compile.
         pad_to_square (`bool`, *optional*, defaults to `False`):
             Default of the processor's LLaVA-1.5 `expand2square` (the original repo pads; llava-hf does not).
     """
@@ -171,6 +179,7 @@ class QMoPConfig(PretrainedConfig):
         router_z_loss_coef: float = 0.001,
         router_logit_cap: Optional[float] = None,
         query_max_length: int = 77,
+        projector_dense_max_images: int = 8,
         pad_to_square: bool = False,
         custom_pipelines=None,
         **kwargs,
@@ -205,6 +214,7 @@ class QMoPConfig(PretrainedConfig):
         self.router_z_loss_coef = router_z_loss_coef
         self.router_logit_cap = router_logit_cap
         self.query_max_length = query_max_length
+        self.projector_dense_max_images = projector_dense_max_images
         self.pad_to_square = pad_to_square
 
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
@@ -271,7 +281,8 @@ class QMoPConfig(PretrainedConfig):
     # Numeric and boolean fields, type-checked before any arithmetic on them (a JSON or CLI string such as "2" is an
     # error naming the field, not a TypeError from a comparison).
     _INT_FIELDS = ("image_token_id", "vision_feature_layer", "resampler_num_layers", "resampler_num_heads",
-                   "resampler_intermediate_size", "router_hidden_size", "router_top_k", "query_max_length")
+                   "resampler_intermediate_size", "router_hidden_size", "router_top_k", "query_max_length",
+                   "projector_dense_max_images")
     _FLOAT_FIELDS = ("router_temperature", "router_min_temperature", "router_aux_loss_coef", "router_z_loss_coef")
     _OPTIONAL_FLOAT_FIELDS = ("router_eval_temperature", "router_logit_cap")
     _BOOL_FIELDS = ("pruning_recycle", "router_gumbel_noise", "pad_to_square")
@@ -336,6 +347,8 @@ class QMoPConfig(PretrainedConfig):
         for field in ("resampler_num_layers", "router_hidden_size", "query_max_length"):
             if getattr(self, field) < 1:
                 raise ValueError(f"`{field}` must be >= 1, got {getattr(self, field)}.")
+        if self.projector_dense_max_images < 0:
+            raise ValueError(f"`projector_dense_max_images` must be >= 0, got {self.projector_dense_max_images}.")
         if vc.hidden_size % self.resampler_num_heads:
             raise ValueError(
                 f"`resampler_num_heads`={self.resampler_num_heads} does not divide the vision width {vc.hidden_size}."

@@ -539,7 +539,14 @@ class QueryGuidedRouter(nn.Module):
 class QMoPProjector(nn.Module):
     """The three branches, the router and MoE-style fusion: M tokens out per image (not 3·M).
 
-    Only branches that carry weight for at least one image are computed, and only on those images.
+    Two ways to compute the same fusion, picked per call by `uses_dense_path` (the rule is documented at
+    `config.projector_dense_max_images`) unless `forward(dense=...)` says:
+      - dense (inference on an accelerator at small batch, or under torch.compile): every branch runs on every image
+        and is weighed by the router's weights, zero outside an image's top-k. Shapes do not depend on the routing
+        and nothing waits for the device (no `nonzero`, no `.item()`), as CUDA graphs and full-graph compilation need.
+      - routed (training, CPU, larger batches): a branch runs only on the images that selected it (one host sync per
+        branch to learn which), which saves the unselected branches' compute.
+    Both give the same tokens, weights and kept indices (tests/test_modeling.py compares them).
     """
 
     def __init__(self, config: QMoPConfig):
@@ -555,6 +562,24 @@ class QMoPProjector(nn.Module):
             self.pruning_branch = QMoPPruningBranch(config)
         self.router = QueryGuidedRouter(config) if config.uses_router else None
         self.output_width = config.text_config.hidden_size
+        self.dense_max_images = config.projector_dense_max_images
+
+    def uses_dense_path(self, num_images: int, device: torch.device) -> bool:
+        """The rule of `config.projector_dense_max_images`: dense whenever torch.compile traces the projector
+        (data-dependent shapes would break its graph); otherwise in eval mode, on an accelerator, for at most that
+        many images. A CPU computes in the calling thread, so it has no device to wait for and no sync to save:
+        there the routed path, which skips the unselected branches, is always faster."""
+        if torch.compiler.is_compiling():
+            return True
+        return not self.training and device.type not in ("cpu", "meta") and num_images <= self.dense_max_images
+
+    def _run_branch(self, name, patches, num_tokens, pruning_scores, patch_attention):
+        """One branch on the given images: (n, M, D) tokens and, for pruning, the kept patch indices (n, M)."""
+        if name == "pooling":
+            return self.pooling_branch(patches, num_tokens), None
+        if name == "resampler":
+            return self.resampler_branch(patches, num_tokens), None
+        return self.pruning_branch(patches, pruning_scores, patch_attention, num_tokens)
 
     def forward(
         self,
@@ -564,9 +589,11 @@ class QMoPProjector(nn.Module):
         num_tokens: int,
         pruning_scores: Optional[torch.Tensor] = None,
         patch_attention: Optional[torch.Tensor] = None,
+        dense: Optional[bool] = None,
     ) -> QMoPProjectorOutput:
         """patches (N, P, Cv), cls_token (N, Cv), query_embeds (N, Ct) or None; for the pruning branch, its patch
-        scores (N, P) and, with recycling, the feature layer's patch-to-patch attention (N, P, P)."""
+        scores (N, P) and, with recycling, the feature layer's patch-to-patch attention (N, P, P). `dense` forces
+        the dense (True) or routed (False) computation; None applies `uses_dense_path`."""
         num_images = patches.shape[0]
         router_probs = router_logits = aux_loss = z_loss = None
         if self.router is not None:
@@ -580,25 +607,33 @@ class QMoPProjector(nn.Module):
         if "pruning" in self.branches:
             kept_patch_indices = torch.full((num_images, num_tokens), -1, dtype=torch.long, device=patches.device)
 
+        dense = self.uses_dense_path(num_images, patches.device) if dense is None else dense
         for column, name in enumerate(self.branches):
-            rows = (weights[:, column] > 0).nonzero().flatten()  # images that use this branch
+            selected = weights[:, column] > 0  # (N,) images that use this branch (False for NaN weights)
+            if dense:
+                out, kept = self._run_branch(name, patches, num_tokens, pruning_scores, patch_attention)  # (N, M, D)
+                gate = weights[:, column].to(out.dtype)[:, None, None]  # (N, 1, 1)
+                # Unselected images add an exact zero (even where a branch they did not pick gives NaN/Inf).
+                contribution = torch.where(selected[:, None, None], gate * out, 0.0)  # (N, M, D)
+                # Under autocast (e.g. TRL's default bf16=True) the experts compute in the autocast dtype.
+                fused = fused + contribution.to(fused.dtype)  # (N, M, D)
+                if kept is not None:
+                    kept_patch_indices = torch.where(selected[:, None], kept, -1)  # (N, M)
+                continue
+            rows = selected.nonzero().flatten()  # (n,)
             if rows.numel() == 0:
                 continue
-            branch_patches = patches[rows]  # (n, P, Cv)
-            if name == "pooling":
-                out = self.pooling_branch(branch_patches, num_tokens)
-            elif name == "resampler":
-                out = self.resampler_branch(branch_patches, num_tokens)
-            else:
-                out, kept = self.pruning_branch(
-                    branch_patches,
-                    pruning_scores[rows],
-                    None if patch_attention is None else patch_attention[rows],
-                    num_tokens,
-                )
+            out, kept = self._run_branch(
+                name,
+                patches[rows],  # (n, P, Cv)
+                num_tokens,
+                None if pruning_scores is None else pruning_scores[rows],
+                None if patch_attention is None else patch_attention[rows],
+            )
+            if kept is not None:
                 kept_patch_indices[rows] = kept
             gate = weights[rows, column].to(out.dtype)[:, None, None]  # (n, 1, 1)
-            fused = fused.index_add(0, rows, gate * out)  # (N, M, D)
+            fused = fused.index_add(0, rows, (gate * out).to(fused.dtype))  # (N, M, D)
         fused = _poison_unroutable_images(fused, weights)
         return QMoPProjectorOutput(
             image_features=fused,
@@ -616,8 +651,7 @@ def _poison_unroutable_images(fused: torch.Tensor, weights: torch.Tensor) -> tor
     branch and would become all-zero tokens that look like a normal input: give them NaN tokens instead, so the
     logits are NaN, as in LLaVA with non-finite weights."""
     unroutable = ~torch.isfinite(weights).all(dim=-1)  # (N,)
-    if not bool(unroutable.any()):
-        return fused
+    # Applied unconditionally: testing `unroutable.any()` first would wait for the device on every call.
     return fused.masked_fill(unroutable.to(fused.device)[:, None, None], float("nan"))  # (N, M, D)
 
 
@@ -643,6 +677,10 @@ class QMoPPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _supports_cache_class = True
     _supports_static_cache = True
+    # The decode step (text tokens on a cache: no image work) compiles as one graph with a static cache:
+    # `generate(..., cache_implementation="static")` with a `compile_config`, tested in tests/test_compile.py. The
+    # prefill, which encodes the images, runs eager there (as generate runs every prefill).
+    _can_compile_fullgraph = True
 
     @classmethod
     def is_custom_code(cls) -> bool:
@@ -950,6 +988,9 @@ class QMoPModel(QMoPPreTrainedModel):
         return (inputs_embeds == token.to(inputs_embeds.device, inputs_embeds.dtype)).all(-1)  # (B, T)
 
     def _visual_tokens_per_image(self, image_mask: torch.Tensor, num_images: int) -> int:
+        # M decides the shapes that follow, so the host must read it: one transfer of the (B, T) mask, then every
+        # check on the host (instead of a device sync per count, `nonzero` and test).
+        image_mask = image_mask.cpu()  # (B, T)
         num_placeholders = int(image_mask.sum())
         token_id = self.config.image_token_id
         if num_placeholders == 0:
@@ -1034,7 +1075,9 @@ class QMoPModel(QMoPPreTrainedModel):
                 features = projected.image_features.to(inputs_embeds.device, inputs_embeds.dtype)  # (N, M, D)
                 scatter_mask = image_mask.to(inputs_embeds.device).unsqueeze(-1).expand_as(inputs_embeds)
                 inputs_embeds = inputs_embeds.masked_scatter(scatter_mask, features)  # (B, T, D)
-        elif image_mask is not None and bool(image_mask.any()) and past_key_values is None:
+        # A decode step (a cache is given) never holds placeholders to check: testing the cache first keeps the step
+        # free of host syncs, as full-graph compilation of the decode step needs.
+        elif past_key_values is None and image_mask is not None and bool(image_mask.any()):
             raise ValueError(
                 f"`input_ids` hold {int(image_mask.sum())} `<image>` placeholders but no `pixel_values` were given."
             )

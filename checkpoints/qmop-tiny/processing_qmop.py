@@ -38,13 +38,17 @@ logger = logging.get_logger(__name__)
 # attributes; 5.x reads the __init__ signature and logs a deprecation for `image_processor_class`.
 TRANSFORMERS_V5 = int(transformers.__version__.split(".")[0]) >= 5
 
-# llava-hf's llava-1.5 chat template: "USER: <image>\n{question} ASSISTANT:" (no system prompt).
+# llava-hf's llava-1.5 chat template: "USER: <image>\n{question} ASSISTANT:" (no system prompt), except that an answer
+# ends with the EOS token, as in LLaVA-1.5's own conversations ("ASSISTANT: {answer}</s>USER: ..."), inside the
+# `{% generation %}` block: training on the assistant tokens (TRL's assistant_only_loss, prompt/completion) then
+# teaches the model to stop. Prompts for generation (add_generation_prompt) are llava-hf's.
 LLAVA_15_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
     "{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% else %}{% generation %}"
+    "{{ message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') }}{{ eos_token }}"
+    "{% endgeneration %}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 QUERY_TOKENIZER_SUBFOLDER = "query_tokenizer"
@@ -53,10 +57,13 @@ PROCESSOR_CONFIG_NAME = "processor_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 CHAT_TEMPLATE_DIR = "additional_chat_templates"
 LEGACY_CHAT_TEMPLATE_FILE = "chat_template.json"
+# ProcessorMixin's optional outputs for multimodal training tools (TRL's assistant masks, mm-token type ids).
+_EXTRA_OUTPUTS = ("return_mm_token_type_ids", "return_text_replacement_offsets")
 _SETTINGS = ("num_visual_tokens", "image_token", "patch_size", "pad_to_square", "query_max_length", "caption_prompt")
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "trust_remote_code", "proxies")
 # Role markers of the llava-1.5 / vicuna-v1 prompts: a turn runs from its marker to the next one.
-_ROLE_MARKER = re.compile(r"(?:^|\s)(USER|ASSISTANT|SYSTEM|HUMAN|GPT)\s*:", re.IGNORECASE)
+# A marker follows the start, white space or a special token ("...</s>USER:").
+_ROLE_MARKER = re.compile(r"(?:^|\s|(?<=>))(USER|ASSISTANT|SYSTEM|HUMAN|GPT)\s*:", re.IGNORECASE)
 
 ImageInput = Union["PIL.Image.Image", np.ndarray, torch.Tensor, str, bytes]  # noqa: F821
 
@@ -191,6 +198,14 @@ def extract_question(prompt: str, image_token: str, occurrence: int = 0) -> str:
     return " ".join(turn.replace(image_token, " ").split())
 
 
+def _holds_media(value) -> bool:
+    """Whether a `videos` / `audio` argument holds anything. None, empty lists and lists of empty lists (media
+    gathered per prompt, as evaluation harnesses pass them) hold nothing, as transformers' LlavaProcessor reads them."""
+    if isinstance(value, (list, tuple)):
+        return any(_holds_media(item) for item in value)
+    return value is not None
+
+
 def _check_queries(queries) -> None:
     """`queries` is None, a string, or a list of strings (None or "" = no question for that image)."""
     if queries is None or isinstance(queries, str):
@@ -279,13 +294,19 @@ class QMoPProcessor(ProcessorMixin):
         what ProcessorMixin routes: image-processor arguments to the image processor, tokenizer arguments to the LLM
         tokenizer (defaults: `padding=True`, the tokenizer's left padding side, `return_tensors="pt"`). The question
         rows are padded to the longest question, or to `query_max_length` with `padding="max_length"`, so that
-        mapped datasets collate. Empty `videos` / `audio` (as evaluation harnesses pass) are accepted."""
-        for modality in ("videos", "audio"):
-            value = kwargs.pop(modality, None)
-            if value is not None and len(value) > 0:
+        mapped datasets collate. Empty `videos` / `audio` (as evaluation harnesses pass; `audios` is the name
+        lmms-eval uses) are accepted.
+
+        As ProcessorMixin's outputs: `return_mm_token_type_ids=True` adds `mm_token_type_ids` (1 on placeholders, 0
+        elsewhere) and `return_text_replacement_offsets=True` adds `text_replacement_offsets` (per prompt, where each
+        `<image>` was expanded to M placeholders), which `apply_chat_template(..., return_assistant_tokens_mask=True)`
+        needs to put `assistant_masks` on the answer tokens of the expanded text (TRL's `assistant_only_loss`)."""
+        for modality in ("videos", "audio", "audios"):
+            if _holds_media(kwargs.pop(modality, None)):
                 raise ValueError(f"QMoPProcessor handles images and text only; got `{modality}`.")
         num_visual_tokens = kwargs.pop("num_visual_tokens", None)
         pad_to_square = kwargs.pop("pad_to_square", None)
+        extra_outputs = {name: kwargs.pop(name, None) for name in _EXTRA_OUTPUTS}  # not tokenizer arguments
         _check_queries(queries)
         budget = self._check_budget(self.num_visual_tokens if num_visual_tokens is None else num_visual_tokens)
         pad_to_square = self.pad_to_square if pad_to_square is None else pad_to_square
@@ -293,25 +314,32 @@ class QMoPProcessor(ProcessorMixin):
         text_kwargs, images_kwargs = output_kwargs["text_kwargs"], output_kwargs["images_kwargs"]
         return_tensors = text_kwargs.pop("return_tensors", None)
         text_kwargs.setdefault("return_token_type_ids", False)
+        for name in _EXTRA_OUTPUTS:  # given directly, in text_kwargs, or as a class default (transformers 5.x)
+            from_text_kwargs = text_kwargs.pop(name, None)
+            value = extra_outputs[name] if extra_outputs[name] is not None else from_text_kwargs
+            extra_outputs[name] = bool(getattr(self, name, False) if value is None else value)
 
         texts, per_sample_images = self._pair(images, text)
-        prompts, query_texts = [], []
+        prompts, query_texts, replacement_offsets = [], [], []
         for i, (prompt, sample_images) in enumerate(zip(texts, per_sample_images)):
             placeholders = prompt.count(self.image_token)
+            prefix = ""
             if sample_images and placeholders == 0:
                 logger.warning_once(
                     f"A prompt has images but no {self.image_token!r}: one {self.image_token!r} per image was "
                     "prepended. Use the chat template (processor.apply_chat_template) to place images."
                 )
-                prompt = f"{self.image_token}\n" * len(sample_images) + prompt
+                prefix = f"{self.image_token}\n" * len(sample_images)
                 placeholders = len(sample_images)
             if placeholders != len(sample_images):
                 raise ValueError(
                     f"Prompt {i} has {placeholders} {self.image_token!r} placeholder(s) but {len(sample_images)} "
                     "image(s) were given for it."
                 )
-            query_texts += [extract_question(prompt, self.image_token, k) for k in range(placeholders)]
-            prompts.append(prompt.replace(self.image_token, self.image_token * budget))
+            query_texts += [extract_question(prefix + prompt, self.image_token, k) for k in range(placeholders)]
+            expanded, offsets = self._expand_placeholders(prompt, prefix, budget)
+            prompts.append(expanded)
+            replacement_offsets.append(offsets)
 
         query_texts = self._queries(queries, query_texts, per_sample_images)
         encoding = self.tokenizer(prompts, return_tensors=return_tensors, **text_kwargs)
@@ -323,6 +351,8 @@ class QMoPProcessor(ProcessorMixin):
                     f"the tokenizer must keep {self.image_token!r} as one special token."
                 )
         data = dict(encoding)
+        if extra_outputs["return_mm_token_type_ids"]:
+            data["mm_token_type_ids"] = [[int(int(t) == self.image_token_id) for t in row] for row in encoding["input_ids"]]
 
         flat_images = [image for sample_images in per_sample_images for image in sample_images]
         if flat_images:
@@ -336,7 +366,34 @@ class QMoPProcessor(ProcessorMixin):
             images_kwargs.setdefault("input_data_format", "channels_last")
             data["pixel_values"] = self.image_processor(pil_images, **images_kwargs)["pixel_values"]
             data.update(self._tokenize_queries(query_texts, max_length_padding=text_kwargs.get("padding") == "max_length"))
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        output = BatchFeature(data=data, tensor_type=return_tensors)
+        if extra_outputs["return_text_replacement_offsets"]:
+            output["text_replacement_offsets"] = replacement_offsets  # plain lists: never converted to tensors
+        return output
+
+    def _expand_placeholders(self, prompt: str, prefix: str, budget: int) -> tuple[str, list]:
+        """`prefix + prompt` with every `<image>` repeated `budget` times, and where each replacement lies, in
+        ProcessorMixin's `text_replacement_offsets` format: `span` in `prompt` (a prepended `prefix` is a replacement
+        of the empty span (0, 0)), `new_span` in the expanded text."""
+        expanded_token = self.image_token * budget
+        pieces, offsets, cursor, new_length = [], [], 0, 0
+        if prefix:
+            expanded_prefix = prefix.replace(self.image_token, expanded_token)
+            pieces.append(expanded_prefix)
+            offsets.append({"type": "image", "span": (0, 0), "new_span": (0, len(expanded_prefix)), "text": "",
+                            "replacement": expanded_prefix})
+            new_length = len(expanded_prefix)
+        for match in re.finditer(re.escape(self.image_token), prompt):
+            start, end = match.span()
+            pieces.append(prompt[cursor:start])
+            new_start = new_length + start - cursor
+            pieces.append(expanded_token)
+            offsets.append({"type": "image", "span": (start, end), "new_span": (new_start, new_start + len(expanded_token)),
+                            "text": self.image_token, "replacement": expanded_token})
+            new_length = new_start + len(expanded_token)
+            cursor = end
+        pieces.append(prompt[cursor:])
+        return "".join(pieces), offsets
 
     def _pair(self, images, text):
         """Normalise to (list of prompts, list of per-prompt image lists)."""
