@@ -160,6 +160,7 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert set(summary["table"]) == {"qmop", "downsample", "qmop_budgets"}
     assert "| image downsampled to 36 patches | 36 |" in table
     assert "## Acceptance checks" in table and "Router diagnostic on test pictures" in table
+    assert "Reader probe" in table and "| pool36 (36 tokens) | 3 |" in table  # run after the foundation
     for budget in (16, 36, 64, 144):
         assert f"| one checkpoint, budgets 16/36/64/144 (seed 0) | {budget} |" in table
     small = Image.open(output / "data" / "images_downsampled" / "test" / "00000.png")
@@ -181,7 +182,8 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert "qmop-tiny" in open(checkpoint / "README.md").read()
     # a second run reuses everything already on disk: no run, foundation part or dataset is written again
     written = {path: os.path.getmtime(path) for path in
-               [*output.glob("runs/*/result.json"), *output.glob("foundation/report-*.json"), output / "data" / "dataset.json"]}
+               [*output.glob("runs/*/result.json"), *output.glob("foundation/report-*.json"), output / "data" / "dataset.json",
+                output / "probes" / "reader-pool36.json"]}
     main(["--smoke", "--output", str(output)])
     assert written and all(os.path.getmtime(path) == mtime for path, mtime in written.items())
 

@@ -29,7 +29,7 @@ from qmop_tools.bench.report import write_atomic
 logger = logging.getLogger(__name__)
 
 ALL_BRANCHES = ["pooling", "resampler", "pruning"]
-JOB_INDEPENDENT = ("variants", "seeds", "workers", "budgets_seeds")
+JOB_INDEPENDENT = ("variants", "seeds", "workers", "budgets_seeds", "reader_probe_steps")
 # Router training for the routed variants (each a config field; docs/vtcbench.md explains them): the softmax keeps a
 # gradient (logits capped at +-1, so at the 0.5 floor the top branch gets at most ~0.96; z-loss) and shows its real
 # preference at inference (1.0); no batch load balancing, which a router meets by splitting pictures whatever the
@@ -91,12 +91,15 @@ class Settings:
     stage2_lr: float = 2e-3
     workers: int = 2
     eval_batch_size: int = 50
+    # The reader probe on 36 pooled tokens after the foundation (`reader_probe.py`; 0 = skip): which dimensions the
+    # tower's tokens let an LLM of this size learn at all, in about 3 minutes.
+    reader_probe_steps: int = 1500
 
     @classmethod
     def smoke(cls) -> "Settings":
         return cls(train_images=40, val_images=10, test_images=10, clip_steps=3, clip_batch_size=16, text_steps=3,
                    llm_steps=5, variants=["qmop", "downsample", "qmop_budgets"], seeds=[0], batch_size=8,
-                   stage1_epochs=0.25, stage2_epochs=0.25, workers=1, eval_batch_size=25)
+                   stage1_epochs=0.25, stage2_epochs=0.25, workers=1, eval_batch_size=25, reader_probe_steps=3)
 
     def jobs(self) -> list:
         return [(v, s) for v in self.variants for s in (self.budgets_seeds if v == "qmop_budgets" else self.seeds)]

@@ -144,10 +144,18 @@ def run(output: str, settings: Settings, fresh: bool = False, export_checkpoint=
     timings["data"] = time.time() - start
     foundation = prepare_foundation(output, settings)
     timings["foundation"] = time.time() - start - timings["data"]
+    if settings.reader_probe_steps > 0 and foundation:
+        from .reader_probe import ProbeSettings, reader_probe_once
+
+        probe_start = time.time()
+        reader_probe_once(output, ProbeSettings(tokens="pool36", steps=settings.reader_probe_steps,
+                                                batch_size=min(32, settings.batch_size),
+                                                eval_every=max(1, settings.reader_probe_steps // 6)))
+        timings["reader_probe"] = time.time() - probe_start
     jobs = settings.jobs()
     threads = threads_per_worker or max(1, (os.cpu_count() or 1) // max(1, settings.workers))
     results = run_jobs(output, settings, jobs, threads_per_worker=threads)
-    timings["runs"] = time.time() - start - timings["data"] - timings["foundation"]
+    timings["runs"] = time.time() - start - sum(timings.values())
     summary = write_report(output, settings, foundation, results, timings, export_checkpoint_to=export_checkpoint,
                            export_demo_to=export_demo)
     logger.info("done in %.0f s; results in %s", time.time() - start, os.path.join(output, "results.md"))

@@ -192,12 +192,26 @@ def run_probe(output: str, settings: ProbeSettings) -> dict:
                           "seconds": round(time.time() - start, 1)})
             logger.info("reader probe (%s) step %d/%d: loss %.3f, val accuracy %s", settings.tokens, step + 1,
                         settings.steps, curve[-1]["loss"], curve[-1]["val_accuracy"])
-    result = {"settings": asdict(settings), "tokens_per_picture": features["train"].shape[1],
+    result = {"settings": asdict(settings), "tower_mtime": os.path.getmtime(os.path.join(clip_dir, "model.safetensors")),
+              "tokens_per_picture": features["train"].shape[1],
               "chance": {d: round(100 * c, 1) for d, c in CHANCE.items()}, "curve": curve,
               "tower": os.path.join(foundation, "report-vision.json")}
     os.makedirs(os.path.join(output, "probes"), exist_ok=True)
     write_atomic(os.path.join(output, "probes", f"reader-{settings.tokens}.json"), json.dumps(result, indent=1))
     return result
+
+
+def reader_probe_once(output: str, settings: ProbeSettings) -> dict:
+    """`run_probe`, unless `<output>/probes/reader-<tokens>.json` was written with the same settings on the same
+    tower weights (the benchmark runs the probe after the foundation; a second invocation reuses it)."""
+    path = os.path.join(output, "probes", f"reader-{settings.tokens}.json")
+    weights = os.path.join(output, "foundation", "clip", "model.safetensors")
+    if os.path.exists(path):
+        with open(path) as f:
+            previous = json.load(f)
+        if previous.get("settings") == asdict(settings) and previous.get("tower_mtime") == os.path.getmtime(weights):
+            return previous
+    return run_probe(output, settings)
 
 
 def main(argv=None):
