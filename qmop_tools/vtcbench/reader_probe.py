@@ -57,7 +57,7 @@ def tower_tokens(clip_dir: str, processor, data_dir: str, split: str, feature_la
     (`<clip_dir>/tokens-<split>.pt`, keyed by the tower's weights' modification time)."""
     from transformers import CLIPModel
 
-    from .towers import _run_to_feature_layer, load_pixels
+    from .towers import _feature_index, _run_to_feature_layer, load_pixels
 
     weights = os.path.join(clip_dir, "model.safetensors")
     cache = os.path.join(clip_dir, f"tokens-{split}.pt")
@@ -67,8 +67,7 @@ def tower_tokens(clip_dir: str, processor, data_dir: str, split: str, feature_la
         if stored["stamp"] == stamp:
             return stored["tokens"]
     clip = CLIPModel.from_pretrained(clip_dir).eval()
-    layers = clip.config.vision_config.num_hidden_layers
-    index = (feature_layer % (layers + 1)) or layers
+    index = _feature_index(clip.config.vision_config.num_hidden_layers, feature_layer)
     with open(os.path.join(data_dir, f"{split}.json")) as f:
         records = json.load(f)
     chunks = []

@@ -180,8 +180,9 @@ def feature_layer_cls_logits(vision_model, hidden_states: tuple, feature_index: 
     return (query @ keys.transpose(-1, -2))[:, :, 0] * attn.head_dim**-0.5  # (N, H, P)
 
 
-def _feature_index(shapes: TowerShapes, feature_layer: int) -> int:
-    return (feature_layer % (shapes.vision_layers + 1)) or shapes.vision_layers
+def _feature_index(num_layers: int, feature_layer: int) -> int:
+    """Index into [embeddings, layer 1, ..., layer num_layers] of `vision_feature_layer` (negative counts from the end)."""
+    return (feature_layer % (num_layers + 1)) or num_layers
 
 
 def _run_to_feature_layer(vision_model, pixel_values: torch.Tensor, feature_index: int) -> list:
@@ -212,7 +213,7 @@ def pretrain_clip(processor, image_folder: str, records: list, shapes: TowerShap
     width = shapes.vision_width
     patch_heads = torch.nn.ModuleDict({name: torch.nn.Linear(width, n) for name, n in dense_heads().items()})
     cls_heads = torch.nn.ModuleDict({name: torch.nn.Linear(width, n) for name, n in picture_heads().items()})
-    feature_index = _feature_index(shapes, feature_layer)
+    feature_index = _feature_index(shapes.vision_layers, feature_layer)
     used = torch.nn.ModuleList([vision.embeddings, vision.pre_layrnorm, *vision.encoder.layers[:feature_index]])
     trained = torch.nn.ModuleDict({"tower": used, "patch": patch_heads, "cls": cls_heads})
 
@@ -300,8 +301,7 @@ def tower_probe_report(model: CLIPModel, processor, image_folder: str, records: 
     patches its CLS attention ranks highest (what salience pruning keeps), and the share of all foreground."""
     from .data import GRID
 
-    layers = model.config.vision_config.num_hidden_layers
-    feature_index = (feature_layer % (layers + 1)) or layers
+    feature_index = _feature_index(model.config.vision_config.num_hidden_layers, feature_layer)
     pixels = load_pixels(processor, image_folder, records)
     states = _run_to_feature_layer(model.vision_model, pixels, feature_index)
     logits = feature_layer_cls_logits(model.vision_model, states, feature_index)
