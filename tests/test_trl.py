@@ -231,9 +231,11 @@ def test_router_temperature_annealed_during_trl_training(processor, tmp_path):
     assert [entry["router_temperature"] for entry in logs] == pytest.approx(expected)
     assert expected[0] == config.router_temperature and expected[-1] < expected[0]
     assert trainer.model.model.projector.router.temperature == pytest.approx(expected[-1])
-    for key in ("aux_loss", "router_z_loss", "mean_token_accuracy", "entropy", "num_tokens",
+    for key in ("aux_loss", "router_z_loss", "router_saturated", "mean_token_accuracy", "entropy", "num_tokens",
                 *(f"router_weight/{branch}" for branch in config.branches)):
         assert key in logs[0], key
+    assert 0.0 <= logs[0]["router_saturated"] <= 1.0
+    assert sum(logs[0][f"router_weight/{branch}"] for branch in config.branches) == pytest.approx(1.0, abs=1e-4)
 
 
 def test_lora_through_peft_config(processor, tmp_path):

@@ -21,7 +21,8 @@ from transformers import Trainer
 from trl import SFTTrainer
 
 from .data import IGNORE_INDEX
-from .trainer import RouterTemperatureCallback, accumulation_scaled_loss, check_distributed_engine, unwrap_qmop
+from .trainer import (RouterTemperatureCallback, accumulation_scaled_loss, check_distributed_engine, router_statistics,
+                      unwrap_qmop)
 
 
 class PlaceholderLabelMasking:
@@ -76,7 +77,7 @@ class QMoPSFTTrainer(SFTTrainer):
     @torch.no_grad()
     def _record_metrics(self, inputs, outputs) -> None:
         """TRL's metrics (entropy and accuracy of the next-token prediction on label positions, tokens seen) and the
-        router's (temperature, aux and z-loss, mean weight per branch); SFTTrainer.log averages them per logging step."""
+        router's (`router_statistics`: aux and z-loss, saturated share, mean weight per branch; and the temperature); SFTTrainer.log averages them per logging step."""
         mode = "train" if self.model.training else "eval"
         metrics = self._metrics[mode]
         labels = inputs["labels"][:, 1:].to(outputs.logits.device)  # (B, T-1)
@@ -98,14 +99,12 @@ class QMoPSFTTrainer(SFTTrainer):
             return
         if mode == "train":
             metrics["router_temperature"].append(self.router_callback.temperature)
-        for name in ("aux_loss", "router_z_loss"):
-            value = getattr(outputs, name, None)
-            if value is not None:
-                metrics[name].append(self.accelerator.gather_for_metrics(value.detach()).mean().item())
-        weights = getattr(outputs, "router_weights", None)  # (N, num_branches)
-        if weights is not None and weights.numel():
-            for column, branch in enumerate(self.core.config.branches):
-                metrics[f"router_weight/{branch}"].append(float(weights[:, column].float().mean()))
+        statistics = router_statistics(outputs, self.core.config.branches)
+        if statistics:  # means over the processes, one gather for all of them
+            values = torch.tensor(list(statistics.values()), dtype=torch.float64, device=self.accelerator.device)
+            values = self.accelerator.gather(values).view(-1, len(statistics)).mean(0)  # (processes * k,) -> (k,)
+            for name, value in zip(statistics, values.tolist()):
+                metrics[name].append(value)
 
 
 __all__ = ["QMoPSFTTrainer", "PlaceholderLabelMasking"]

@@ -43,6 +43,30 @@ def unwrap_qmop(model: torch.nn.Module) -> torch.nn.Module:
 
 
 # ===================================================================================== what each stage trains
+# Share of images whose router softmax puts more than this on one branch: a saturated router has no gradient left.
+SATURATION_THRESHOLD = 0.99
+
+
+@torch.no_grad()
+def router_statistics(outputs, branches) -> dict:
+    """The router's per-batch statistics from a QMoP forward's outputs: aux and z-loss, the saturated share of images
+    and the mean weight per branch (`router_weight/<branch>`); empty when the model has no router or no images.
+    Both trainers log these (`QMoPTrainer`, `QMoPSFTTrainer`)."""
+    aux_loss = getattr(outputs, "aux_loss", None)
+    weights = getattr(outputs, "router_weights", None)  # (N, num_branches)
+    if aux_loss is None or weights is None or not weights.numel():
+        return {}
+    z_loss = getattr(outputs, "router_z_loss", None)
+    statistics = {
+        "aux_loss": float(aux_loss),
+        "router_z_loss": 0.0 if z_loss is None else float(z_loss),
+        "router_saturated": float((outputs.router_probs.max(dim=-1).values > SATURATION_THRESHOLD).float().mean()),
+    }
+    for column, branch in enumerate(branches):
+        statistics[f"router_weight/{branch}"] = float(weights[:, column].float().mean())
+    return statistics
+
+
 def configure_trainable(model: torch.nn.Module, stage: int, train_language_model: bool,
                         stage1_router: str = "uniform") -> None:
     """Stage 1: only the projector. Stage 2 with `train_language_model`: also the LLM and lm_head.
@@ -228,17 +252,11 @@ class QMoPTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _record_router(self, outputs) -> None:
-        aux_loss = getattr(outputs, "aux_loss", None)
-        weights = getattr(outputs, "router_weights", None)  # (N, num_branches)
-        if aux_loss is None or weights is None:
+        statistics = router_statistics(outputs, self.core.config.branches)
+        if not statistics:
             return
-        self._router_sums["aux_loss"] += float(aux_loss.detach())
-        z_loss = getattr(outputs, "router_z_loss", None)
-        self._router_sums["router_z_loss"] += 0.0 if z_loss is None else float(z_loss.detach())
-        # Share of images whose router softmax puts > 0.99 on one branch: a saturated router has no gradient left.
-        self._router_sums["router_saturated"] += float((outputs.router_probs.detach().max(dim=-1).values > 0.99).float().mean())
-        for column, branch in enumerate(self.core.config.branches):
-            self._router_sums[f"router_weight/{branch}"] += float(weights[:, column].detach().float().mean())
+        for key, value in statistics.items():
+            self._router_sums[key] += value
         self._router_count += 1
 
     def _router_means(self) -> dict:
