@@ -158,6 +158,31 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, processor, caplog):
         parse_conversations({"conversations": _conversation("q", "")}, "<image>", has_image=True)
 
 
+def test_cached_samples_equal_fresh_ones(workspace, processor, tmp_path):
+    """`cache_samples`: every draw equals a fresh encoding, a picture's pixels are stored once for all its samples,
+    a caller changing an item does not change the cache, and bad samples are still skipped."""
+    plain = LazyLLaVADataset(workspace["data"], processor, workspace["images"], template="vicuna_v1")
+    cached = LazyLLaVADataset(workspace["data"], processor, workspace["images"], template="vicuna_v1",
+                              cache_samples=True)
+    for epoch in range(2):
+        for index in range(len(plain)):
+            fresh, kept = plain[index], cached[index]
+            assert fresh.keys() == kept.keys()
+            for key in fresh:
+                assert torch.equal(fresh[key], kept[key]), (epoch, index, key)
+    cached[0].pop("labels")
+    assert "labels" in cached[0]
+
+    extra = [{"id": "missing", "image": "sub/none.png", "conversations": _conversation("q", "a")},
+             {"id": "same-picture", "image": "sub/1.png", "conversations": _conversation("what colour?", "red")}]
+    data_path, images = write_dataset(str(tmp_path), num_image_samples=2, num_text_samples=0, extra=extra)
+    with_bad = LazyLLaVADataset(data_path, processor, images, template="vicuna_v1", cache_samples=True)
+    items = [with_bad[i] for i in range(len(with_bad))] * 2
+    assert items[1]["pixel_values"] is items[3]["pixel_values"]  # sub/1.png, stored once
+    assert not torch.equal(items[1]["input_ids"], items[3]["input_ids"])
+    assert with_bad.report()["skipped"] == {"missing_image": 1} and all("pixel_values" in item for item in items)
+
+
 def test_overflow_is_cut_after_the_image_or_skipped(workspace, processor):
     long_answer = " ".join(["one two three four five"] * 20)
     sample = {"id": "long", "image": "sub/0.png", "conversations": _conversation("q", long_answer)}

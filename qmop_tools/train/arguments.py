@@ -172,6 +172,14 @@ class DataArguments:
         },
     )
 
+    cache_samples: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep every encoded sample (ids, labels, pixels once per picture) in memory after its first draw: "
+            "for small data trained for several epochs, where preprocessing costs as much as the step."
+        },
+    )
+
     def budgets(self) -> Optional[tuple]:
         if self.train_budgets is None:
             return None

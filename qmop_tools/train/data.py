@@ -186,6 +186,9 @@ class LazyLLaVADataset(Dataset):
             the cut would fall inside the image or leave no answer.
         num_visual_tokens: placeholders per image (defaults to the processor's budget).
         require_image: skip text-only samples (stage 1 has nothing to learn from them).
+        cache_samples: keep every encoded sample in memory after its first draw (the encoding is deterministic): for
+            small data trained for several epochs, where opening, preprocessing and tokenising cost as much as the
+            step itself (the mini VTCBench). A picture's pixels are kept once, however many samples share it.
     """
 
     def __init__(
@@ -198,6 +201,7 @@ class LazyLLaVADataset(Dataset):
         num_visual_tokens: Optional[int] = None,
         require_image: bool = False,
         pad_to_square: Optional[bool] = None,
+        cache_samples: bool = False,
     ):
         self.samples = load_llava_json(data_path)
         self.processor = processor
@@ -225,6 +229,8 @@ class LazyLLaVADataset(Dataset):
         self.skipped = Counter()  # reason -> number of distinct samples skipped (in this process)
         self._bad_positions = set()  # skipped once, warned once: later draws pass over them silently
         self.truncated = 0
+        self._encoded = {} if cache_samples else None  # position -> item
+        self._pixels = {}  # image path -> pixel_values (1, 3, H, W), shared by the cached items of one picture
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -236,7 +242,7 @@ class LazyLLaVADataset(Dataset):
             if position in self._bad_positions:
                 continue
             try:
-                return self.encode(self.samples[position])
+                return self._encode_at(position)
             except BadSample as bad:
                 self._bad_positions.add(position)
                 self.skipped[bad.reason] += 1
@@ -246,6 +252,17 @@ class LazyLLaVADataset(Dataset):
                     dict(self.skipped),
                 )
         raise RuntimeError(f"Every one of the {len(self.samples)} samples is unusable: {dict(self.skipped)}.")
+
+    def _encode_at(self, position: int) -> dict:
+        if self._encoded is None:
+            return self.encode(self.samples[position])
+        if position not in self._encoded:
+            item = self.encode(self.samples[position])
+            if "pixel_values" in item:
+                image = self.samples[position]["image"]
+                item["pixel_values"] = self._pixels.setdefault(image, item["pixel_values"])
+            self._encoded[position] = item
+        return dict(self._encoded[position])
 
     # ---------------------------------------------------------------------------------------- one sample
     def load_image(self, sample: dict):

@@ -113,6 +113,7 @@ def build_dataset(data_args: DataArguments, model_args: ModelArguments, processo
         num_visual_tokens=max(budgets) if budgets else config.num_visual_tokens,
         require_image=model_args.stage == 1,
         pad_to_square=data_args.pad_to_square,
+        cache_samples=data_args.cache_samples,
     )
 
 
