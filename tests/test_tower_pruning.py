@@ -9,6 +9,8 @@ import pytest
 import torch
 from conftest import make_image
 from safetensors.torch import load_file
+from test_conversion import _settings as conversion_settings
+from test_conversion import sources  # noqa: F401  (the tiny LLaVA + CLIP sources fixture)
 
 from configuration_qmop import QMoPConfig
 from conversion.tiny import build_processor, build_tiny, save_tiny_checkpoint
@@ -133,6 +135,22 @@ def test_tower_prunes_at_each_step_and_branches_read_the_kept_grid(two_steps):
             assert set(kept.tolist()) <= set(row.tolist())
 
 
+def test_recycling_and_score_change_what_the_tower_gives(two_steps):
+    model, processor = two_steps
+    inputs = processor(images=make_image(seed=5), text=PROMPTS[1])
+    query = model.model.get_query_embeds(inputs["query_input_ids"], inputs["query_attention_mask"])
+    outputs = {}
+    for name, kwargs in [("recycled", {}), ("plain", dict(tower_pruning_recycle=False)),
+                         ("cls", dict(tower_pruning_score="cls_attention"))]:
+        other = model if not kwargs else build_tiny(num_visual_tokens=9, pruning_score="question_relevance",
+                                                    pruning_recycle=True, **TWO_STEPS, **kwargs)[0]
+        with torch.no_grad():
+            outputs[name] = other.model.encode_vision(inputs["pixel_values"], query)
+    recycled, plain, cls = outputs["recycled"], outputs["plain"], outputs["cls"]
+    assert not torch.allclose(recycled.hidden, plain.hidden)  # Eq. 5 added the dropped patches
+    assert not torch.equal(recycled.patch_positions, cls.patch_positions)
+
+
 def test_dense_and_routed_projector_agree_on_a_partial_grid(two_steps):
     model, processor = two_steps
     base = model.model
@@ -140,10 +158,12 @@ def test_dense_and_routed_projector_agree_on_a_partial_grid(two_steps):
     query = base.get_query_embeds(inputs["query_input_ids"], inputs["query_attention_mask"])
     with torch.no_grad():
         features = base.encode_vision(inputs["pixel_values"], query)
-        scores, attention = base.pruning_scores(features.layer_input, features.feature_layer, query)
-        rows = features.feature_layer_kept.unsqueeze(-1).expand(-1, -1, 40)
-        columns = features.feature_layer_kept.unsqueeze(1).expand(-1, 20, -1)
-        scores, attention = scores.gather(1, features.feature_layer_kept), attention.gather(1, rows).gather(2, columns)
+        scores, attention = base.pruning_scores(features.layer_input, features.feature_layer, query,
+                                                features.feature_layer_kept)
+        full_scores, full_attention = base.pruning_scores(features.layer_input, features.feature_layer, query)
+        kept = features.feature_layer_kept[0]
+        assert scores.shape == (3, 20) and attention.shape == (3, 20, 20)
+        assert torch.equal(scores[0], full_scores[0, kept]) and torch.equal(attention[0], full_attention[0][kept][:, kept])
         args = (features.hidden[:, 1:], features.hidden[:, 0], query, 9)
         kwargs = dict(pruning_scores=scores, patch_attention=attention, patch_positions=features.patch_positions)
         dense = base.projector(*args, dense=True, **kwargs)
@@ -312,3 +332,52 @@ def test_training_step_updates_the_question_mlp(tmp_path):
     assert all(not torch.equal(before[key], after[key]) for key in pruner), "the question MLP did not train"
     assert torch.equal(before["model.vision_tower.encoder.layers.0.self_attn.q_proj.weight"],
                        after["model.vision_tower.encoder.layers.0.self_attn.q_proj.weight"])
+
+
+# ===================================================================================== FLOPs
+def test_7b_flops_on_meta_with_tower_pruning_alone_and_composed():
+    from qmop_tools.bench.runner import BenchSettings, run_benchmark
+
+    results = run_benchmark(BenchSettings(preset="7b", device="meta", budgets=[64], tower_pruning="qg_vtc"),
+                            log=lambda *_: None)
+    records = {r["name"]: r for r in results["variants"]}
+    plain, composed, alone = records["QMoP M=64"], records["QMoP+qg_vtc M=64"], records["qg_vtc (pooling) M=64"]
+    for record in records.values():  # the analytic count (flops.py) explains every counted FLOP, pruning steps too
+        assert record["flops"]["counted_over_analytic"] == pytest.approx(1.0, rel=1e-5)
+    tower = {name: r["flops"]["counted"]["vision_tower"] for name, r in records.items()}
+    assert tower["QMoP+qg_vtc M=64"] == tower["qg_vtc (pooling) M=64"] < 0.85 * tower["QMoP M=64"]
+    assert composed["flops_vs_llava"] < plain["flops_vs_llava"] and alone["flops_vs_llava"] < composed["flops_vs_llava"]
+    assert [t["value"] for t in results["targets"][:2]] == [None, plain["flops_vs_llava"]]  # targets read plain QMoP
+
+
+def test_smoke_benchmark_times_the_tower_pruning_variants_on_cpu():
+    from qmop_tools.bench.runner import BenchSettings, run_benchmark
+
+    results = run_benchmark(BenchSettings(preset="smoke", budgets=[4], tower_pruning="qg_vtc", components=False),
+                            log=lambda *_: None)
+    names = [r["name"] for r in results["variants"]]
+    assert names == ["LLaVA-1.5 (64)", "QMoP M=4", "QMoP+qg_vtc M=4", "qg_vtc (pooling) M=4"]
+    for record in results["variants"]:
+        flops = record["flops"]
+        assert flops["whole_forward"] == flops["counted"]["total"]  # the real forward runs what the parts count
+        assert set(record["by_batch"]) == {"1", "2"} and record["by_batch"]["1"]["ttft_s"] > 0
+
+
+# ===================================================================================== conversion
+
+
+def test_conversion_initialises_the_question_mlp(sources):  # noqa: F811
+    from transformers import AutoModelForImageTextToText
+
+    from conversion import llava_to_qmop as conv
+
+    settings = conversion_settings(sources, "tower-qg-vtc", num_visual_tokens=4,
+                                   config_overrides=dict(tower_pruning_schedule="qg_vtc"))
+    report = conv.convert(settings)
+    pruner_keys = [k for k in report.fresh_keys if ".tower_pruner.question_proj." in k]
+    assert len(pruner_keys) == 4  # freshly initialised, seeded, and reported as such
+    config = json.loads(open(os.path.join(report.output, "config.json")).read())
+    assert config["tower_pruning_schedule"] == "qg_vtc"
+    model = AutoModelForImageTextToText.from_pretrained(report.output, trust_remote_code=True)
+    assert model.config.tower_pruning_plan == [(1, 8)]
+    assert float(model.model.projector.tower_pruner.question_proj.linear_1.weight.detach().std()) > 0

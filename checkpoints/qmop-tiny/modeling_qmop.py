@@ -1061,14 +1061,7 @@ class QMoPModel(QMoPPreTrainedModel):
             )
         scores, patch_attention = None, None
         if "pruning" in self.config.branches:
-            scores, patch_attention = self.pruning_scores(layer_input, feature_layer, query_embeds)
-            if feature_layer_kept is not None:  # the feature layer pruned its output: keep the scores of what is left
-                scores = scores.gather(1, feature_layer_kept)  # (N, K)
-                if patch_attention is not None:
-                    num_kept = feature_layer_kept.shape[1]
-                    rows = feature_layer_kept.unsqueeze(-1).expand(-1, -1, patch_attention.shape[-1])  # (N, K, K')
-                    columns = feature_layer_kept.unsqueeze(1).expand(-1, num_kept, -1)  # (N, K, K)
-                    patch_attention = patch_attention.gather(1, rows).gather(2, columns)  # (N, K, K)
+            scores, patch_attention = self.pruning_scores(layer_input, feature_layer, query_embeds, feature_layer_kept)
         device = _execution_device(self.projector)
         projected = self.projector(
             _to(patches, device),
@@ -1132,17 +1125,36 @@ class QMoPModel(QMoPPreTrainedModel):
         feature_layer = tower.encoder.layers[index - 1] if index > 0 else None
         return states[index], layer_input, feature_layer, states, out.attentions
 
-    def pruning_scores(self, layer_input: torch.Tensor, feature_layer: nn.Module, query_embeds: Optional[torch.Tensor]):
+    def pruning_scores(
+        self,
+        layer_input: torch.Tensor,
+        feature_layer: nn.Module,
+        query_embeds: Optional[torch.Tensor],
+        feature_layer_kept: Optional[torch.Tensor] = None,
+    ):
         """Patch scores (N, P) of the pruning branch and, with recycling, patch-to-patch attention (N, P, P), from the
-        feature layer's q/k projections applied to its input (N, S, Cv). See [`QMoPPruningBranch`]."""
+        feature layer's q/k projections applied to its input (N, S, Cv). See [`QMoPPruningBranch`]. When tower pruning
+        pruned the feature layer's own output, `feature_layer_kept` (N, K) restricts both to the K patches left."""
         branch = self.projector.pruning_branch
         if branch.score == "random" and not branch.recycle:  # random-k: no attention needed
             num_patches = layer_input.shape[1] - 1
-            return torch.rand(layer_input.shape[0], num_patches, device=layer_input.device), None
-        question = None
-        if branch.score == "question_relevance":
-            question = branch.question_proj(_to(query_embeds, layer_input.device).to(layer_input.dtype))  # (N, Cv)
-        return score_patches(feature_layer, layer_input, branch.score, question, with_attention=branch.recycle)
+            scores, patch_attention = torch.rand(layer_input.shape[0], num_patches, device=layer_input.device), None
+        else:
+            question = None
+            if branch.score == "question_relevance":
+                question = branch.question_proj(_to(query_embeds, layer_input.device).to(layer_input.dtype))  # (N, Cv)
+            scores, patch_attention = score_patches(
+                feature_layer, layer_input, branch.score, question, with_attention=branch.recycle
+            )  # (N, K'), (N, K', K')
+        if feature_layer_kept is None:
+            return scores, patch_attention
+        scores = scores.gather(1, feature_layer_kept)  # (N, K)
+        if patch_attention is not None:
+            num_kept = feature_layer_kept.shape[1]
+            rows = feature_layer_kept.unsqueeze(-1).expand(-1, -1, patch_attention.shape[-1])  # (N, K, K')
+            columns = feature_layer_kept.unsqueeze(1).expand(-1, num_kept, -1)  # (N, K, K)
+            patch_attention = patch_attention.gather(1, rows).gather(2, columns)  # (N, K, K)
+        return scores, patch_attention
 
     # ---------------------------------------------------------------------------------------- merge
     def image_placeholder_mask(
