@@ -466,7 +466,8 @@ class QMoPConfig(PretrainedConfig):
             raise ValueError("`tower_pruning_schedule=\"qg_vtc\"` needs a transformer layer before the feature layer.")
         if self.num_tower_patches < self.num_visual_tokens:
             raise ValueError(
-                f"Tower pruning keeps {self.num_tower_patches} patches but `num_visual_tokens`={self.num_visual_tokens}: "
+                f"Tower pruning keeps {self.num_tower_patches} patches but "
+                f"`num_visual_tokens`={self.num_visual_tokens}: "
                 f"the projector cannot make more tokens than it reads (plan {self.tower_pruning_plan})."
             )
 

@@ -14,7 +14,8 @@
     language model   : text embeddings with Z scattered into the M `<image>` placeholders of each image
 
 Shapes use one alphabet: N images, B prompts, T text positions, P patches, S = 1 + P vision tokens, M visual
-tokens kept per image, K patches left by tower pruning (K = P without it), Cv / Ct vision / text-encoder width, D language-model width, H heads, h head width.
+tokens kept per image, K patches left by tower pruning (K = P without it), Cv / Ct vision / text-encoder width,
+D language-model width, H heads, h head width.
 Sources: QMoP (arXiv, March 2026) and QG-VTC (arXiv 2504.00654) for Eq. 4-5; choices in shared/DESIGN.md.
 """
 
@@ -218,8 +219,9 @@ class QMoPProjectorOutput(ModelOutput):
     router_probs (`torch.FloatTensor` of shape `(num_images, num_branches)`): router softmax before top-k.
     router_logits (`torch.FloatTensor` of shape `(num_images, num_branches)`): router logits before noise and
         temperature (what `qmop_tools.router_diagnostics` analyses).
-    kept_patch_indices (`torch.LongTensor` of shape `(num_images, M)`): patches the pruning branch kept, in raster
-        order; -1 for images whose router did not select pruning. `None` without a pruning branch.
+    kept_patch_indices (`torch.LongTensor` of shape `(num_images, M)`): patches the pruning branch kept (indices on
+        the full patch grid, also after tower pruning), in raster order; -1 for images whose router did not select
+        pruning. `None` without a pruning branch.
     aux_loss (`torch.FloatTensor`): load-balancing loss of the router (`None` without a router).
     router_z_loss (`torch.FloatTensor`): z-loss of the router logits (`None` without a router).
     """
@@ -237,8 +239,8 @@ class QMoPProjectorOutput(ModelOutput):
 class QMoPImageFeaturesOutput(BaseModelOutputWithPooling):
     """Output of `get_image_features`, LLaVA's layout plus what the projector decided:
 
-    last_hidden_state (`torch.FloatTensor` of shape `(num_images, 1 + P, Cv)`): the vision tower's hidden state at
-        `vision_feature_layer` (CLS first), which the branches read.
+    last_hidden_state (`torch.FloatTensor` of shape `(num_images, 1 + K, Cv)`): the vision tower's hidden state at
+        `vision_feature_layer` (CLS first), which the branches read (K = P patches, fewer with tower pruning).
     pooler_output (`tuple(torch.FloatTensor)`): one `(M, D)` tensor per image, the visual tokens given to the LLM
         (as LLaVA's `pooler_output`).
     hidden_states / attentions: the vision tower's, when asked for (`output_hidden_states` / `output_attentions`).
@@ -541,8 +543,8 @@ def select_patches(
     straight_through: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the `keep` highest-scoring patches in raster order; with `patch_attention` recycle the dropped ones into
-    them (QG-VTC Eq. 5: kept_i += Σ_{j dropped} A(i, j) · X_j). `straight_through`: top-k is not differentiable, so the
-    kept tokens are scaled by 1 + s - stop_grad(s) (value 1), which trains what produced the scores.
+    them (QG-VTC Eq. 5: kept_i += Σ_{j dropped} A(i, j) · X_j). `straight_through`: top-k is not differentiable, so
+    the kept tokens are scaled by 1 + s - stop_grad(s) (value 1), which trains what produced the scores.
     patches (N, K, C), scores (N, K), patch_attention (N, K, K) -> tokens (N, keep, C), kept indices (N, keep)."""
     kept = scores.topk(keep, dim=-1).indices.sort(dim=-1).values  # (N, k), raster order
     gather_index = kept.unsqueeze(-1).expand(-1, -1, patches.shape[-1])  # (N, k, C)
@@ -975,7 +977,9 @@ class QMoPModel(QMoPPreTrainedModel):
             )
         return self.encode_vision(pixel_values)[:3]
 
-    def encode_vision(self, pixel_values: torch.Tensor, query_embeds: Optional[torch.Tensor] = None) -> QMoPVisionFeatures:
+    def encode_vision(
+        self, pixel_values: torch.Tensor, query_embeds: Optional[torch.Tensor] = None
+    ) -> QMoPVisionFeatures:
         """Run the tower layer by layer up to `vision_feature_layer`, pruning after the layers of
         `config.tower_pruning_plan` ([`QMoPTowerPruner`]; `query_embeds` (N, Ct) guide it with the question)."""
         tower = self.vision_tower
@@ -1499,6 +1503,8 @@ __all__ = [
     "QMoPPoolingBranch",
     "QMoPResamplerBranch",
     "QMoPPruningBranch",
+    "QMoPTowerPruner",
+    "QMoPVisionFeatures",
     "QueryGuidedRouter",
     "QMoPProjector",
     "QMoPPreTrainedModel",

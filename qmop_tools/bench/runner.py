@@ -195,7 +195,8 @@ def _tower_pruning_variants(schedule: str, shapes, budgets, common: dict, weight
         raise ValueError(f"tower pruning {schedule!r} keeps {kept} patches: no budget of {budgets} fits.")
     log(f"building QMoP with tower pruning {schedule!r} ({kept} patches leave the tower), composed and alone")
     out = []
-    for label, branches in ((f"QMoP+{schedule}", ["pooling", "resampler", "pruning"]), (f"{schedule} (pooling)", ["pooling"])):
+    composed, alone = (f"QMoP+{schedule}", ["pooling", "resampler", "pruning"]), (f"{schedule} (pooling)", ["pooling"])
+    for label, branches in (composed, alone):
         model = build_qmop(shapes, num_visual_tokens=max(fitting), tower_pruning_schedule=schedule,
                            branches=branches, **common)
         for m in fitting:
