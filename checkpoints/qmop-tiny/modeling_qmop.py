@@ -1049,10 +1049,13 @@ class QMoPModel(QMoPPreTrainedModel):
         default_layer = vision_feature_layer is None or vision_feature_layer == self.config.vision_feature_layer
         tower_hidden_states = tower_attentions = None
         positions = feature_layer_kept = None
-        if default_layer and not (output_hidden_states or output_attentions):
+        if default_layer and not (output_hidden_states or output_attentions) and self.config.uses_tower_pruning:
             hidden, layer_input, feature_layer, positions, feature_layer_kept = self.encode_vision(
                 pixel_values, query_embeds
             )
+        elif default_layer and not (output_hidden_states or output_attentions):
+            # Through `get_vision_features`, the full-grid entry point that tools wrap (the mini VTCBench's cache).
+            hidden, layer_input, feature_layer = self.get_vision_features(pixel_values)
         else:
             hidden, layer_input, feature_layer, tower_hidden_states, tower_attentions = self._run_vision_tower(
                 pixel_values, vision_feature_layer, output_hidden_states, output_attentions
