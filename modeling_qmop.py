@@ -7,11 +7,15 @@
     resampler branch : M queries cross-attend to X ─────────────► (N, M, Cv) ─expert MLP─► (N, M, D)
     pruning branch   : score patches, keep top-M in raster order ► (N, M, Cv) ─expert MLP─► (N, M, D)
     router           : g = top-k(softmax((MLP([LN v; LN t]) + Gumbel) / τ))                  (N, 3)
+    tower pruning    : optional (QG-VTC, `tower_pruning_schedule`): at scheduled tower layers the same score and
+                       selection as the pruning branch keep K < P patches; the branches then read K patches and
+                       their grid positions (docs/compression.md)
     fusion           : Z = Σ_b g_b · branch_b(X)                                            (N, M, D)
     language model   : text embeddings with Z scattered into the M `<image>` placeholders of each image
 
 Shapes use one alphabet: N images, B prompts, T text positions, P patches, S = 1 + P vision tokens, M visual
-tokens kept per image, Cv / Ct vision / text-encoder width, D language-model width, H heads, h head width.
+tokens kept per image, K patches left by tower pruning (K = P without it), Cv / Ct vision / text-encoder width,
+D language-model width, H heads, h head width.
 Sources: QMoP (arXiv, March 2026) and QG-VTC (arXiv 2504.00654) for Eq. 4-5; choices in shared/DESIGN.md.
 """
 
@@ -215,8 +219,9 @@ class QMoPProjectorOutput(ModelOutput):
     router_probs (`torch.FloatTensor` of shape `(num_images, num_branches)`): router softmax before top-k.
     router_logits (`torch.FloatTensor` of shape `(num_images, num_branches)`): router logits before noise and
         temperature (what `qmop_tools.router_diagnostics` analyses).
-    kept_patch_indices (`torch.LongTensor` of shape `(num_images, M)`): patches the pruning branch kept, in raster
-        order; -1 for images whose router did not select pruning. `None` without a pruning branch.
+    kept_patch_indices (`torch.LongTensor` of shape `(num_images, M)`): patches the pruning branch kept (indices on
+        the full patch grid, also after tower pruning), in raster order; -1 for images whose router did not select
+        pruning. `None` without a pruning branch.
     aux_loss (`torch.FloatTensor`): load-balancing loss of the router (`None` without a router).
     router_z_loss (`torch.FloatTensor`): z-loss of the router logits (`None` without a router).
     """
@@ -234,8 +239,8 @@ class QMoPProjectorOutput(ModelOutput):
 class QMoPImageFeaturesOutput(BaseModelOutputWithPooling):
     """Output of `get_image_features`, LLaVA's layout plus what the projector decided:
 
-    last_hidden_state (`torch.FloatTensor` of shape `(num_images, 1 + P, Cv)`): the vision tower's hidden state at
-        `vision_feature_layer` (CLS first), which the branches read.
+    last_hidden_state (`torch.FloatTensor` of shape `(num_images, 1 + K, Cv)`): the vision tower's hidden state at
+        `vision_feature_layer` (CLS first), which the branches read (K = P patches, fewer with tower pruning).
     pooler_output (`tuple(torch.FloatTensor)`): one `(M, D)` tensor per image, the visual tokens given to the LLM
         (as LLaVA's `pooler_output`).
     hidden_states / attentions: the vision tower's, when asked for (`output_hidden_states` / `output_attentions`).
@@ -290,6 +295,16 @@ class QMoPCausalLMOutputWithPast(ModelOutput):
     router_z_loss: Optional[torch.FloatTensor] = None
 
 
+class QMoPVisionFeatures(NamedTuple):
+    """What [`QMoPModel.encode_vision`] gives the projector."""
+
+    hidden: torch.Tensor  # (N, 1 + K, Cv) the feature layer's output, CLS first
+    layer_input: Optional[torch.Tensor]  # (N, 1 + K', Cv) its input (K' > K when the feature layer itself prunes)
+    feature_layer: Optional[nn.Module]  # the feature layer (None when it is the embeddings)
+    patch_positions: Optional[torch.Tensor]  # (N, K) grid indices of the patches left by tower pruning, or None
+    feature_layer_kept: Optional[torch.Tensor]  # (N, K) which of the K' input patches the feature layer kept, or None
+
+
 # ===================================================================================== branches
 class QMoPExpertMLP(nn.Module):
     """LLaVA-1.5's `mlp2x_gelu` projector, one per branch: Cv → D → D."""
@@ -304,8 +319,17 @@ class QMoPExpertMLP(nn.Module):
         return self.linear_2(self.act(self.linear_1(tokens)))
 
 
-def pool_patch_grid(patches: torch.Tensor, side: int) -> torch.Tensor:
-    """Adaptive 2-D average pooling of a square patch grid: (N, P, C) -> (N, side², C)."""
+def pool_patch_grid(
+    patches: torch.Tensor, side: int, positions: Optional[torch.Tensor] = None, grid: Optional[int] = None
+) -> torch.Tensor:
+    """Adaptive 2-D average pooling of a square patch grid: (N, P, C) -> (N, side², C).
+
+    With `positions` (N, K), the raster indices of the patches left by tower pruning on a `grid`×`grid` grid,
+    `patches` is (N, K, C) and each cell averages the kept patches inside it; a cell with none takes the average of
+    all kept patches (the image's global mean, the coarsest pooling).
+    """
+    if positions is not None:
+        return _pool_kept_patches(patches, side, positions, grid)
     num_images, num_patches, channels = patches.shape
     grid = math.isqrt(num_patches)
     x = patches.transpose(1, 2).reshape(num_images, channels, grid, grid)  # (N, C, √P, √P)
@@ -313,15 +337,31 @@ def pool_patch_grid(patches: torch.Tensor, side: int) -> torch.Tensor:
     return x.flatten(2).transpose(1, 2)  # (N, side², C)
 
 
+def _pool_kept_patches(patches: torch.Tensor, side: int, positions: torch.Tensor, grid: int) -> torch.Tensor:
+    num_images, _, channels = patches.shape
+    values = patches.float()
+    full = values.new_zeros(num_images, grid * grid, channels)  # (N, P, C)
+    full = full.scatter(1, positions.unsqueeze(-1).expand(-1, -1, channels), values)  # (N, P, C), zero where pruned
+    present = values.new_zeros(num_images, grid * grid, 1).scatter(1, positions.unsqueeze(-1), 1.0)  # (N, P, 1)
+    # Average pooling of the values and of the presence mask: their ratio is the mean over the kept patches of a cell.
+    sums, counts = pool_patch_grid(full, side), pool_patch_grid(present, side)  # (N, side², C), (N, side², 1)
+    kept_mean = values.mean(dim=1, keepdim=True)  # (N, 1, C)
+    pooled = torch.where(counts > 0, sums / counts.clamp_min(1e-6), kept_mean)  # (N, side², C)
+    return pooled.to(patches.dtype)
+
+
 class QMoPPoolingBranch(nn.Module):
-    """Coarse global semantics: average-pool the 2-D patch grid to √M×√M (M = P is the identity: LLaVA-1.5)."""
+    """Coarse global semantics: average-pool the 2-D patch grid to √M×√M (M = P is the identity: LLaVA-1.5).
+    After tower pruning, each cell averages its kept patches (`pool_patch_grid`)."""
 
     def __init__(self, config: QMoPConfig):
         super().__init__()
+        self.grid = config.patch_grid
         self.expert = QMoPExpertMLP(config)
 
-    def forward(self, patches: torch.Tensor, num_tokens: int) -> torch.Tensor:
-        pooled = pool_patch_grid(patches, math.isqrt(num_tokens))  # (N, M, Cv)
+    def forward(self, patches: torch.Tensor, num_tokens: int, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # patches (N, K, Cv); positions (N, K) grid indices after tower pruning, None for the full grid (K = P)
+        pooled = pool_patch_grid(patches, math.isqrt(num_tokens), positions, self.grid)  # (N, M, Cv)
         return self.expert(pooled)  # (N, M, D)
 
 
@@ -361,12 +401,14 @@ class QMoPCrossAttentionLayer(nn.Module):
 class QMoPResamplerBranch(nn.Module):
     """High-level semantics: M queries (pooled grid + learned position embedding) cross-attend to all patches.
 
-    The learned embedding is stored for the training budget's grid and bilinearly resized for other budgets.
+    The learned embedding is stored for the training budget's grid and bilinearly resized for other budgets. After
+    tower pruning, the queries start from the pooled kept patches and cross-attend to the kept patches only.
     """
 
     def __init__(self, config: QMoPConfig):
         super().__init__()
         self.query_init = config.resampler_query_init
+        self.grid = config.patch_grid
         side = math.isqrt(config.num_visual_tokens)
         self.query_embed = nn.Parameter(torch.zeros(side * side, config.vision_config.hidden_size))
         self.layers = nn.ModuleList(QMoPCrossAttentionLayer(config) for _ in range(config.resampler_num_layers))
@@ -381,11 +423,12 @@ class QMoPResamplerBranch(nn.Module):
         grid = F.interpolate(grid.float(), size=(side, side), mode="bilinear", align_corners=False)
         return grid.reshape(-1, side * side).T.to(self.query_embed.dtype)  # (side², Cv)
 
-    def forward(self, patches: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    def forward(self, patches: torch.Tensor, num_tokens: int, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # patches (N, K, Cv); positions (N, K) grid indices after tower pruning, None for the full grid (K = P)
         side = math.isqrt(num_tokens)
         queries = self.query_embedding(side).unsqueeze(0).to(patches.dtype)  # (1, M, Cv)
         if self.query_init == "pooled":
-            queries = pool_patch_grid(patches, side) + queries  # (N, M, Cv)
+            queries = pool_patch_grid(patches, side, positions, self.grid) + queries  # (N, M, Cv)
         else:
             queries = queries.expand(patches.shape[0], -1, -1)  # (N, M, Cv)
         for layer in self.layers:
@@ -409,13 +452,14 @@ class QMoPQuestionProjection(nn.Module):
 class QMoPPruningBranch(nn.Module):
     """Fine local detail: keep the M highest-scoring patches in raster order, optionally recycle the rest.
 
-    Scores come from the feature layer's own query/key projections, recomputed by [`QMoPModel.pruning_scores`]
-    next to the vision tower, so the tower can run under SDPA or flash attention (it is never asked for
-    attention weights):
+    Scores come from the feature layer's own query/key projections, recomputed by [`score_patches`] next to the
+    vision tower, so the tower can run under SDPA or flash attention (it is never asked for attention weights):
       - "cls_attention": softmax(q_CLS · Kᵀ / √h) of the feature layer, averaged over heads, patch columns.
       - "question_relevance" (QG-VTC Eq. 4): q = W_Q · `question_proj`(t); C = softmax(q · K_patchesᵀ / √h). Top-M
         is not differentiable, so kept tokens are scaled by a straight-through factor (value 1) that trains the MLP.
     With `pruning_recycle` (QG-VTC Eq. 5): kept_i += Σ_{j dropped} A(i, j) · X_j, A the feature layer's attention.
+    Selection and recycling are [`select_patches`], shared with tower pruning; after tower pruning the branch selects
+    within the K patches the tower kept.
     """
 
     def __init__(self, config: QMoPConfig):
@@ -433,23 +477,130 @@ class QMoPPruningBranch(nn.Module):
         scores: torch.Tensor,
         patch_attention: Optional[torch.Tensor],
         num_tokens: int,
+        positions: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # patches (N, P, Cv); scores (N, P); patch_attention (N, P, P) head-averaged, or None
-        kept = scores.topk(num_tokens, dim=-1).indices.sort(dim=-1).values  # (N, M), raster order
-        gather_index = kept.unsqueeze(-1).expand(-1, -1, patches.shape[-1])  # (N, M, Cv)
-        tokens = patches.gather(1, gather_index)  # (N, M, Cv)
-
-        if self.recycle and patch_attention is not None and num_tokens < patches.shape[1]:
-            rows = kept.unsqueeze(-1).expand(-1, -1, patch_attention.shape[-1])  # (N, M, P)
-            attention = patch_attention.gather(1, rows)  # (N, M, P): kept patch -> every patch
-            dropped = torch.ones_like(scores, dtype=torch.bool).scatter(1, kept, False)  # (N, P)
-            attention = attention * dropped.unsqueeze(1)  # only what is dropped is recycled
-            tokens = tokens + attention.to(patches.dtype) @ patches  # (N, M, Cv)
-
-        if self.score == "question_relevance":
-            kept_scores = scores.gather(1, kept).unsqueeze(-1)  # (N, M, 1)
-            tokens = tokens * (1.0 + kept_scores - kept_scores.detach()).to(tokens.dtype)
+        # patches (N, K, Cv); scores (N, K); patch_attention (N, K, K) head-averaged, or None; positions (N, K) grid
+        # indices after tower pruning, None for the full grid (K = P)
+        tokens, kept = select_patches(
+            patches,
+            scores,
+            patch_attention if self.recycle else None,
+            num_tokens,
+            straight_through=self.score == "question_relevance",
+        )  # (N, M, Cv), (N, M)
+        if positions is not None:
+            kept = positions.gather(1, kept)  # (N, M) grid indices, still in raster order
         return self.expert(tokens), kept  # (N, M, D), (N, M)
+
+
+# ===================================================================================== tower pruning (QG-VTC)
+def score_patches(
+    layer: nn.Module,
+    layer_input: torch.Tensor,
+    score: str,
+    question: Optional[torch.Tensor] = None,
+    with_attention: bool = False,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Patch scores (N, K) of one CLIP encoder layer and, `with_attention`, its head-averaged patch-to-patch attention
+    (N, K, K), recomputed from the layer's q/k projections of its input (N, 1 + K, Cv), CLS first:
+      - "cls_attention": softmax(q_CLS · Kᵀ / √h), patch columns.
+      - "question_relevance" (QG-VTC Eq. 4): C = softmax(W_Q · question · K_patchesᵀ / √h), `question` (N, Cv) the
+        question already mapped into the vision space.
+      - "random": uniform noise (random-k).
+    Every weight is used through a module call (layer_norm1, q_proj, k_proj), never read directly: under CPU/disk
+    offload accelerate hooks each of these modules and loads its weights only for that call."""
+    attn = layer.self_attn
+    num_heads, scale = attn.num_heads, attn.head_dim**-0.5
+
+    def heads(x):  # (N, L, Cv) -> (N, H, L, h)
+        return x.view(x.shape[0], x.shape[1], num_heads, -1).transpose(1, 2)
+
+    normed = layer.layer_norm1(layer_input)  # (N, 1 + K, Cv)
+    keys = heads(attn.k_proj(normed))  # (N, H, 1 + K, h)
+    if score == "random":
+        scores = torch.rand(keys.shape[0], keys.shape[2] - 1, device=keys.device)  # (N, K)
+    elif score == "cls_attention":
+        cls_query = heads(attn.q_proj(normed[:, :1]))  # (N, H, 1, h)
+        probs = torch.softmax((cls_query @ keys.transpose(-1, -2)).float() * scale, dim=-1)  # (N, H, 1, 1 + K)
+        scores = probs.mean(dim=1)[:, 0, 1:]  # (N, K)
+    else:
+        query = heads(attn.q_proj(_to(question, normed.device).to(normed.dtype).unsqueeze(1)))  # (N, H, 1, h)
+        logits = (query @ keys[:, :, 1:].transpose(-1, -2)).float() * scale  # (N, H, 1, K)
+        scores = torch.softmax(logits, dim=-1).mean(dim=1)[:, 0]  # (N, K)
+    patch_attention = None
+    if with_attention:
+        patch_queries = heads(attn.q_proj(normed[:, 1:]))  # (N, H, K, h)
+        attention = torch.softmax((patch_queries @ keys.transpose(-1, -2)).float() * scale, dim=-1)  # (N, H, K, 1 + K)
+        patch_attention = attention.mean(dim=1)[:, :, 1:]  # (N, K, K)
+    return scores, patch_attention
+
+
+def select_patches(
+    patches: torch.Tensor,
+    scores: torch.Tensor,
+    patch_attention: Optional[torch.Tensor],
+    keep: int,
+    straight_through: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the `keep` highest-scoring patches in raster order; with `patch_attention` recycle the dropped ones into
+    them (QG-VTC Eq. 5: kept_i += Σ_{j dropped} A(i, j) · X_j). `straight_through`: top-k is not differentiable, so
+    the kept tokens are scaled by 1 + s - stop_grad(s) (value 1), which trains what produced the scores.
+    patches (N, K, C), scores (N, K), patch_attention (N, K, K) -> tokens (N, keep, C), kept indices (N, keep)."""
+    kept = scores.topk(keep, dim=-1).indices.sort(dim=-1).values  # (N, k), raster order
+    gather_index = kept.unsqueeze(-1).expand(-1, -1, patches.shape[-1])  # (N, k, C)
+    tokens = patches.gather(1, gather_index)  # (N, k, C)
+
+    if patch_attention is not None and keep < patches.shape[1]:
+        rows = kept.unsqueeze(-1).expand(-1, -1, patch_attention.shape[-1])  # (N, k, K)
+        attention = patch_attention.gather(1, rows)  # (N, k, K): kept patch -> every patch
+        dropped = torch.ones_like(scores, dtype=torch.bool).scatter(1, kept, False)  # (N, K)
+        attention = attention * dropped.unsqueeze(1)  # only what is dropped is recycled
+        tokens = tokens + attention.to(patches.dtype) @ patches  # (N, k, C)
+
+    if straight_through:
+        kept_scores = scores.gather(1, kept).unsqueeze(-1)  # (N, k, 1)
+        tokens = tokens * (1.0 + kept_scores - kept_scores.detach()).to(tokens.dtype)
+    return tokens, kept
+
+
+class QMoPTowerPruner(nn.Module):
+    """QG-VTC's hierarchical compression inside the vision tower (`config.tower_pruning_schedule`).
+
+    After each scheduled layer: score its output patches with the layer's own q/k (`score_patches`, Eq. 4 with the
+    question when `tower_pruning_score="question_relevance"`), keep the top ones in raster order and recycle the
+    dropped ones into them by the layer's attention (`select_patches`, Eq. 5). The CLS token is always kept, and not
+    recycled into (as in the pruning branch), so the router reads the tower's own CLS of the pruned image. Held by
+    the projector: its question MLP trains with the projector, is freshly initialised at conversion and is never
+    quantized.
+    """
+
+    def __init__(self, config: QMoPConfig):
+        super().__init__()
+        self.keep_after_layer = dict(config.tower_pruning_plan)  # {encoder layer: patches kept}
+        self.score = config.tower_pruning_score
+        self.recycle = config.tower_pruning_recycle
+        if self.score == "question_relevance":
+            text_width, vision_width = config.text_encoder_config.hidden_size, config.vision_config.hidden_size
+            self.question_proj = QMoPQuestionProjection(text_width, vision_width, config.projector_hidden_act)
+
+    def question_vector(self, query_embeds: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The question's EOS embedding (N, Ct) mapped into the vision space (N, Cv); None for CLS scoring."""
+        if self.score != "question_relevance":
+            return None
+        return self.question_proj(_to(query_embeds, _execution_device(self)).to(self.question_proj.linear_1.bias.dtype))
+
+    def forward(
+        self, layer: nn.Module, layer_input: torch.Tensor, layer_output: torch.Tensor, keep: int,
+        question: Optional[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """layer_input, layer_output (N, 1 + K, Cv) -> output with `keep` patches (N, 1 + keep, Cv), and which of the
+        K patches were kept (N, keep), in raster order."""
+        scores, attention = score_patches(layer, layer_input, self.score, question, with_attention=self.recycle)
+        patches, kept = select_patches(
+            layer_output[:, 1:], scores.to(layer_output.device), _to(attention, layer_output.device), keep,
+            straight_through=self.score == "question_relevance",
+        )  # (N, keep, Cv), (N, keep)
+        return torch.cat([layer_output[:, :1], patches], dim=1), kept
 
 
 # ===================================================================================== router
@@ -547,6 +698,11 @@ class QMoPProjector(nn.Module):
       - routed (training, CPU, larger batches): a branch runs only on the images that selected it (one host sync per
         branch to learn which), which saves the unselected branches' compute.
     Both give the same tokens, weights and kept indices (tests/test_modeling.py compares them).
+
+    With tower pruning the branches read the K patches the tower kept and their grid positions (N, K): pooling
+    averages the kept patches of each cell, the resampler cross-attends to them, pruning selects among them. The router
+    reads what it reads without tower pruning: the feature layer's CLS (computed over the kept patches) and the
+    question. `tower_pruner` (the tower's question MLP) lives here, though it runs inside the vision tower.
     """
 
     def __init__(self, config: QMoPConfig):
@@ -561,6 +717,8 @@ class QMoPProjector(nn.Module):
         if "pruning" in self.branches:
             self.pruning_branch = QMoPPruningBranch(config)
         self.router = QueryGuidedRouter(config) if config.uses_router else None
+        if config.uses_tower_pruning:
+            self.tower_pruner = QMoPTowerPruner(config)
         self.output_width = config.text_config.hidden_size
         self.dense_max_images = config.projector_dense_max_images
 
@@ -573,13 +731,13 @@ class QMoPProjector(nn.Module):
             return True
         return not self.training and device.type not in ("cpu", "meta") and num_images <= self.dense_max_images
 
-    def _run_branch(self, name, patches, num_tokens, pruning_scores, patch_attention):
+    def _run_branch(self, name, patches, num_tokens, pruning_scores, patch_attention, positions):
         """One branch on the given images: (n, M, D) tokens and, for pruning, the kept patch indices (n, M)."""
         if name == "pooling":
-            return self.pooling_branch(patches, num_tokens), None
+            return self.pooling_branch(patches, num_tokens, positions), None
         if name == "resampler":
-            return self.resampler_branch(patches, num_tokens), None
-        return self.pruning_branch(patches, pruning_scores, patch_attention, num_tokens)
+            return self.resampler_branch(patches, num_tokens, positions), None
+        return self.pruning_branch(patches, pruning_scores, patch_attention, num_tokens, positions)
 
     def forward(
         self,
@@ -590,10 +748,12 @@ class QMoPProjector(nn.Module):
         pruning_scores: Optional[torch.Tensor] = None,
         patch_attention: Optional[torch.Tensor] = None,
         dense: Optional[bool] = None,
+        patch_positions: Optional[torch.Tensor] = None,
     ) -> QMoPProjectorOutput:
-        """patches (N, P, Cv), cls_token (N, Cv), query_embeds (N, Ct) or None; for the pruning branch, its patch
-        scores (N, P) and, with recycling, the feature layer's patch-to-patch attention (N, P, P). `dense` forces
-        the dense (True) or routed (False) computation; None applies `uses_dense_path`."""
+        """patches (N, K, Cv), cls_token (N, Cv), query_embeds (N, Ct) or None; for the pruning branch, its patch
+        scores (N, K) and, with recycling, the feature layer's patch-to-patch attention (N, K, K). `dense` forces
+        the dense (True) or routed (False) computation; None applies `uses_dense_path`. `patch_positions` (N, K): grid
+        indices of the patches left by tower pruning (None: the full grid, K = P)."""
         num_images = patches.shape[0]
         router_probs = router_logits = aux_loss = z_loss = None
         if self.router is not None:
@@ -611,7 +771,9 @@ class QMoPProjector(nn.Module):
         for column, name in enumerate(self.branches):
             selected = weights[:, column] > 0  # (N,) images that use this branch (False for NaN weights)
             if dense:
-                out, kept = self._run_branch(name, patches, num_tokens, pruning_scores, patch_attention)  # (N, M, D)
+                out, kept = self._run_branch(
+                    name, patches, num_tokens, pruning_scores, patch_attention, patch_positions
+                )  # (N, M, D)
                 gate = weights[:, column].to(out.dtype)[:, None, None]  # (N, 1, 1)
                 # Unselected images add an exact zero (even where a branch they did not pick gives NaN/Inf).
                 contribution = torch.where(selected[:, None, None], gate * out, 0.0)  # (N, M, D)
@@ -629,6 +791,7 @@ class QMoPProjector(nn.Module):
                 num_tokens,
                 None if pruning_scores is None else pruning_scores[rows],
                 None if patch_attention is None else patch_attention[rows],
+                None if patch_positions is None else patch_positions[rows],
             )
             if kept is not None:
                 kept_patch_indices[rows] = kept
@@ -801,22 +964,41 @@ class QMoPModel(QMoPPreTrainedModel):
 
     # ---------------------------------------------------------------------------------------- vision
     def get_vision_features(self, pixel_values: torch.Tensor):
-        """Run the tower up to `vision_feature_layer` only (later layers are never run).
+        """Run the tower up to `vision_feature_layer` only (later layers are never run), on the full patch grid.
 
         Returns the feature layer's output (N, S, Cv), its input (N, S, Cv) (for the pruning scores; `None` when
-        the feature layer is the embeddings) and the feature layer module.
+        the feature layer is the embeddings) and the feature layer module. With tower pruning use `encode_vision`.
         """
+        if self.config.uses_tower_pruning:
+            raise ValueError(
+                "`get_vision_features` returns the full patch grid; this model prunes inside the tower "
+                f"(`tower_pruning_schedule={self.config.tower_pruning_schedule!r}`): use `encode_vision(pixel_values, "
+                "query_embeds)`, which also returns the kept patches' grid positions."
+            )
+        return self.encode_vision(pixel_values)[:3]
+
+    def encode_vision(
+        self, pixel_values: torch.Tensor, query_embeds: Optional[torch.Tensor] = None
+    ) -> QMoPVisionFeatures:
+        """Run the tower layer by layer up to `vision_feature_layer`, pruning after the layers of
+        `config.tower_pruning_plan` ([`QMoPTowerPruner`]; `query_embeds` (N, Ct) guide it with the question)."""
         tower = self.vision_tower
         _check_pixel_values(pixel_values)
         patch_weight = tower.embeddings.patch_embedding.weight  # a Conv2d: never quantized
         pixel_values = pixel_values.to(device=_execution_device(tower.embeddings), dtype=patch_weight.dtype)
         hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))  # (N, S, Cv)
         index = self.config.vision_feature_hidden_state_index
-        layer_input, feature_layer = None, None
-        for layer in tower.encoder.layers[:index]:
+        pruner = getattr(self.projector, "tower_pruner", None)
+        question = None if pruner is None else pruner.question_vector(query_embeds)  # (N, Cv) or None
+        layer_input, feature_layer, positions, kept = None, None, None, None
+        for number, layer in enumerate(tower.encoder.layers[:index]):
             layer_input, feature_layer = hidden, layer
-            hidden = _run_clip_encoder_layer(layer, hidden)
-        return hidden, layer_input, feature_layer
+            hidden = _run_clip_encoder_layer(layer, hidden)  # (N, 1 + K, Cv)
+            kept = None
+            if pruner is not None and number in pruner.keep_after_layer:
+                hidden, kept = pruner(layer, layer_input, hidden, pruner.keep_after_layer[number], question)
+                positions = kept if positions is None else positions.gather(1, kept)  # (N, K) grid indices
+        return QMoPVisionFeatures(hidden, layer_input, feature_layer, positions, kept)
 
     def get_query_embeds(self, query_input_ids: torch.Tensor, query_attention_mask: Optional[torch.Tensor]):
         """EOS embedding of the question from the CLIP text encoder: (N, Ct)."""
@@ -866,16 +1048,27 @@ class QMoPModel(QMoPPreTrainedModel):
 
         default_layer = vision_feature_layer is None or vision_feature_layer == self.config.vision_feature_layer
         tower_hidden_states = tower_attentions = None
-        if default_layer and not (output_hidden_states or output_attentions):
+        positions = feature_layer_kept = None
+        if default_layer and not (output_hidden_states or output_attentions) and self.config.uses_tower_pruning:
+            hidden, layer_input, feature_layer, positions, feature_layer_kept = self.encode_vision(
+                pixel_values, query_embeds
+            )
+        elif default_layer and not (output_hidden_states or output_attentions):
+            # Through `get_vision_features`, the full-grid entry point that tools wrap (the mini VTCBench's cache).
             hidden, layer_input, feature_layer = self.get_vision_features(pixel_values)
         else:
             hidden, layer_input, feature_layer, tower_hidden_states, tower_attentions = self._run_vision_tower(
                 pixel_values, vision_feature_layer, output_hidden_states, output_attentions
             )
-        patches, cls_token = hidden[:, 1:], hidden[:, 0]  # (N, P, Cv), (N, Cv)
+        patches, cls_token = hidden[:, 1:], hidden[:, 0]  # (N, K, Cv), (N, Cv)
+        if num_visual_tokens > patches.shape[1]:
+            raise ValueError(
+                f"`num_visual_tokens`={num_visual_tokens} is more than the {patches.shape[1]} patches left by tower "
+                f"pruning (`tower_pruning_schedule={self.config.tower_pruning_schedule!r}`)."
+            )
         scores, patch_attention = None, None
         if "pruning" in self.config.branches:
-            scores, patch_attention = self.pruning_scores(layer_input, feature_layer, query_embeds)
+            scores, patch_attention = self.pruning_scores(layer_input, feature_layer, query_embeds, feature_layer_kept)
         device = _execution_device(self.projector)
         projected = self.projector(
             _to(patches, device),
@@ -884,6 +1077,7 @@ class QMoPModel(QMoPPreTrainedModel):
             num_visual_tokens,
             pruning_scores=_to(scores, device),
             patch_attention=_to(patch_attention, device),
+            patch_positions=_to(positions, device),
         )
         output = QMoPImageFeaturesOutput(
             last_hidden_state=hidden,
@@ -921,6 +1115,11 @@ class QMoPModel(QMoPPreTrainedModel):
                 f"`vision_feature_layer` must be one integer index into the tower's {num_states} hidden states "
                 f"(QMoP's branches read one layer), got {layer!r}."
             )
+        if self.config.uses_tower_pruning:
+            raise ValueError(
+                "`output_hidden_states`, `output_attentions` and another `vision_feature_layer` run the whole vision "
+                "tower on the full grid, which a model with tower pruning never does; call without them."
+            )
         index = layer % num_states
         if index == 0 and "pruning" in self.config.branches:
             raise ValueError("`vision_feature_layer` must select a transformer layer (not the embeddings) for pruning.")
@@ -933,39 +1132,35 @@ class QMoPModel(QMoPPreTrainedModel):
         feature_layer = tower.encoder.layers[index - 1] if index > 0 else None
         return states[index], layer_input, feature_layer, states, out.attentions
 
-    def pruning_scores(self, layer_input: torch.Tensor, feature_layer: nn.Module, query_embeds: Optional[torch.Tensor]):
+    def pruning_scores(
+        self,
+        layer_input: torch.Tensor,
+        feature_layer: nn.Module,
+        query_embeds: Optional[torch.Tensor],
+        feature_layer_kept: Optional[torch.Tensor] = None,
+    ):
         """Patch scores (N, P) of the pruning branch and, with recycling, patch-to-patch attention (N, P, P), from the
-        feature layer's q/k projections applied to its input (N, S, Cv). See [`QMoPPruningBranch`]."""
-        # Every weight is used through a module call (layer_norm1, q_proj, k_proj), never read directly: under
-        # CPU/disk offload accelerate hooks each of these modules and loads its weights only for that call.
-        attn = feature_layer.self_attn
+        feature layer's q/k projections applied to its input (N, S, Cv). See [`QMoPPruningBranch`]. When tower pruning
+        pruned the feature layer's own output, `feature_layer_kept` (N, K) restricts both to the K patches left."""
         branch = self.projector.pruning_branch
         if branch.score == "random" and not branch.recycle:  # random-k: no attention needed
             num_patches = layer_input.shape[1] - 1
-            return torch.rand(layer_input.shape[0], num_patches, device=layer_input.device), None
-        num_heads, scale = attn.num_heads, attn.head_dim**-0.5
-
-        def heads(x):  # (N, L, Cv) -> (N, H, L, h)
-            return x.view(x.shape[0], x.shape[1], num_heads, -1).transpose(1, 2)
-
-        normed = feature_layer.layer_norm1(layer_input)  # (N, S, Cv)
-        keys = heads(attn.k_proj(normed))  # (N, H, S, h)
-        if branch.score == "random":
-            scores = torch.rand(keys.shape[0], keys.shape[2] - 1, device=keys.device)  # (N, P)
-        elif branch.score == "cls_attention":
-            cls_query = heads(attn.q_proj(normed[:, :1]))  # (N, H, 1, h)
-            probs = torch.softmax((cls_query @ keys.transpose(-1, -2)).float() * scale, dim=-1)  # (N, H, 1, S)
-            scores = probs.mean(dim=1)[:, 0, 1:]  # (N, P)
+            scores, patch_attention = torch.rand(layer_input.shape[0], num_patches, device=layer_input.device), None
         else:
-            question = branch.question_proj(_to(query_embeds, normed.device).to(normed.dtype))  # (N, Cv)
-            query = heads(attn.q_proj(question.unsqueeze(1)))  # (N, H, 1, h)
-            logits = (query @ keys[:, :, 1:].transpose(-1, -2)).float() * scale  # (N, H, 1, P)
-            scores = torch.softmax(logits, dim=-1).mean(dim=1)[:, 0]  # (N, P)
-        patch_attention = None
-        if branch.recycle:
-            patch_queries = heads(attn.q_proj(normed[:, 1:]))  # (N, H, P, h)
-            attention = torch.softmax((patch_queries @ keys.transpose(-1, -2)).float() * scale, dim=-1)  # (N, H, P, S)
-            patch_attention = attention.mean(dim=1)[:, :, 1:]  # (N, P, P)
+            question = None
+            if branch.score == "question_relevance":
+                question = branch.question_proj(_to(query_embeds, layer_input.device).to(layer_input.dtype))  # (N, Cv)
+            scores, patch_attention = score_patches(
+                feature_layer, layer_input, branch.score, question, with_attention=branch.recycle
+            )  # (N, K'), (N, K', K')
+        if feature_layer_kept is None:
+            return scores, patch_attention
+        scores = scores.gather(1, feature_layer_kept)  # (N, K)
+        if patch_attention is not None:
+            num_kept = feature_layer_kept.shape[1]
+            rows = feature_layer_kept.unsqueeze(-1).expand(-1, -1, patch_attention.shape[-1])  # (N, K, K')
+            columns = feature_layer_kept.unsqueeze(1).expand(-1, num_kept, -1)  # (N, K, K)
+            patch_attention = patch_attention.gather(1, rows).gather(2, columns)  # (N, K, K)
         return scores, patch_attention
 
     # ---------------------------------------------------------------------------------------- merge
@@ -1311,6 +1506,8 @@ __all__ = [
     "QMoPPoolingBranch",
     "QMoPResamplerBranch",
     "QMoPPruningBranch",
+    "QMoPTowerPruner",
+    "QMoPVisionFeatures",
     "QueryGuidedRouter",
     "QMoPProjector",
     "QMoPPreTrainedModel",

@@ -8,7 +8,8 @@ What comes from where:
     LLaVA language model + lm_head  -> model.language_model.*, lm_head.*
     CLIP text tower                 -> model.text_encoder.*        (its tokenizer becomes the query tokenizer)
     freshly initialised (seeded)    -> resampler cross-attention layers and query embedding, router,
-                                       question projection of the "question_relevance" pruning score
+                                       question projections of the "question_relevance" pruning score and of
+                                       QG-VTC tower pruning (`projector.tower_pruner`)
 
 Every source key is renamed by exactly one anchored regular expression (`KeyRule`); a key that matches no rule or
 more than one is an error, so the result never depends on rule order. The QMoP model is then loaded strictly: any

@@ -14,10 +14,15 @@ BranchName = Literal["pooling", "resampler", "pruning"]
 PruningScore = Literal["cls_attention", "question_relevance", "random"]
 RouterMode = Literal["query", "vision", "uniform"]
 TemperatureSchedule = Literal["cosine", "linear", "exponential", "constant"]
+TowerPruningSchedule = Literal["off", "qg_vtc", "custom"]
+TowerPruningScore = Literal["question_relevance", "cls_attention"]
 
 # Canonical branch order: router logits and `router_weights` columns follow it (restricted to `branches`).
 BRANCH_ORDER = get_args(BranchName)
 DEFAULT_ROUTER_TOP_K = 2  # the paper mixes the two best branches per image
+# QG-VTC Table 1: 6 pruning steps, every other layer, ending at LLaVA's feature layer, from 576 to 72 = 576 / 8 patches.
+QG_VTC_STEPS = 6
+QG_VTC_FINAL_FRACTION = 8  # the last step keeps num_patches // 8
 
 # Shipped with every save so that `pipeline("image-to-text", model=..., trust_remote_code=True)` works on both
 # transformers 4.57 and 5.x (the built-in task cannot caption from an image alone).
@@ -146,6 +151,29 @@ class QMoPConfig(PretrainedConfig):
             Both give the same outputs; 0 = the routed path except under torch.compile.
         pad_to_square (`bool`, *optional*, defaults to `False`):
             Default of the processor's LLaVA-1.5 `expand2square` (the original repo pads; llava-hf does not).
+        tower_pruning_schedule (`str`, *optional*, defaults to `"off"`):
+            QG-VTC's hierarchical compression inside the vision tower (docs/compression.md). At each scheduled layer,
+            the layer's output patches are scored (`tower_pruning_score`, QG-VTC Eq. 4), the top ones kept in raster
+            order and, with `tower_pruning_recycle`, the dropped ones added into the kept ones by attention weight
+            (Eq. 5); later layers and the projector see only the kept patches and their grid positions.
+            `"off"`: the full grid (outputs identical to checkpoints without these fields). `"qg_vtc"`: Table 1
+            scaled to any tower: one step every other layer, counted back from the feature layer (which is the last
+            step), at most 6 steps and none in the first half of the layers run; the step j of n keeps
+            `P - round(j * (P - P // 8) / n)` patches (CLIP-L/336, feature layer -2: layers 12, 14, ..., 22 keep
+            492, 408, 324, 240, 156, 72). `"custom"`: `tower_pruning_layers` and `tower_pruning_keep`.
+        tower_pruning_layers (`list[int]`, *optional*):
+            `"custom"` only: the encoder layers (0-based, as in QG-VTC Table 1) whose output is pruned, strictly
+            increasing, each run (up to the feature layer).
+        tower_pruning_keep (`list[int]`, *optional*):
+            `"custom"` only: patches kept after each of `tower_pruning_layers`, strictly decreasing, below the number of
+            patches; the last one must be at least `num_visual_tokens`.
+        tower_pruning_score (`str`, *optional*, defaults to `"question_relevance"`):
+            How a step ranks patches, with the pruned layer's own query/key projections. `"question_relevance"`:
+            QG-VTC Eq. 4, the question's EOS embedding mapped into the vision space by a learned MLP
+            (`projector.tower_pruner.question_proj`, trained with the projector). `"cls_attention"`: the CLS token's
+            attention (no question, no learned weights).
+        tower_pruning_recycle (`bool`, *optional*, defaults to `True`):
+            QG-VTC Eq. 5 at every step: kept_i += Σ_{j dropped} A(i, j) · X_j, A the pruned layer's attention.
     """
 
     model_type = "qmop_llava"
@@ -181,6 +209,11 @@ class QMoPConfig(PretrainedConfig):
         query_max_length: int = 77,
         projector_dense_max_images: int = 8,
         pad_to_square: bool = False,
+        tower_pruning_schedule: TowerPruningSchedule = "off",
+        tower_pruning_layers: Optional[list] = None,
+        tower_pruning_keep: Optional[list] = None,
+        tower_pruning_score: TowerPruningScore = "question_relevance",
+        tower_pruning_recycle: bool = True,
         custom_pipelines=None,
         **kwargs,
     ):
@@ -216,6 +249,11 @@ class QMoPConfig(PretrainedConfig):
         self.query_max_length = query_max_length
         self.projector_dense_max_images = projector_dense_max_images
         self.pad_to_square = pad_to_square
+        self.tower_pruning_schedule = tower_pruning_schedule
+        self.tower_pruning_layers = None if tower_pruning_layers is None else list(tower_pruning_layers)
+        self.tower_pruning_keep = None if tower_pruning_keep is None else list(tower_pruning_keep)
+        self.tower_pruning_score = tower_pruning_score
+        self.tower_pruning_recycle = tower_pruning_recycle
 
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)
@@ -251,10 +289,36 @@ class QMoPConfig(PretrainedConfig):
         return len(self.branches) > 1 and self.router_mode != "uniform"
 
     @property
+    def uses_tower_pruning(self) -> bool:
+        return self.tower_pruning_schedule != "off"
+
+    @property
+    def tower_pruning_plan(self) -> list:
+        """[(encoder layer, patches kept after it), ...] in layer order; empty when `tower_pruning_schedule` is off."""
+        if self.tower_pruning_schedule == "custom":
+            return list(zip(self.tower_pruning_layers, self.tower_pruning_keep))
+        if self.tower_pruning_schedule == "off":
+            return []
+        layers_run = self.vision_feature_hidden_state_index
+        feature_layer = layers_run - 1  # 0-based index of the last layer run
+        layers = [layer for layer in range(feature_layer, layers_run // 2 - 1, -2)][:QG_VTC_STEPS][::-1]
+        patches, steps = self.num_patches, len(layers)
+        removed = patches - patches // QG_VTC_FINAL_FRACTION
+        return [(layer, patches - round(step * removed / steps)) for step, layer in enumerate(layers, start=1)]
+
+    @property
+    def num_tower_patches(self) -> int:
+        """Patches that leave the vision tower: all of them, or the last step's keep count."""
+        plan = self.tower_pruning_plan
+        return plan[-1][1] if plan else self.num_patches
+
+    @property
     def uses_query(self) -> bool:
         """Whether the CLIP text encoder must run (and `query_input_ids` are required)."""
-        return (self.uses_router and self.router_mode == "query") or (
-            "pruning" in self.branches and self.pruning_score == "question_relevance"
+        return (
+            (self.uses_router and self.router_mode == "query")
+            or ("pruning" in self.branches and self.pruning_score == "question_relevance")
+            or (self.uses_tower_pruning and self.tower_pruning_score == "question_relevance")
         )
 
     def get_text_config(self, *args, **kwargs):
@@ -285,7 +349,7 @@ class QMoPConfig(PretrainedConfig):
                    "projector_dense_max_images")
     _FLOAT_FIELDS = ("router_temperature", "router_min_temperature", "router_aux_loss_coef", "router_z_loss_coef")
     _OPTIONAL_FLOAT_FIELDS = ("router_eval_temperature", "router_logit_cap")
-    _BOOL_FIELDS = ("pruning_recycle", "router_gumbel_noise", "pad_to_square")
+    _BOOL_FIELDS = ("pruning_recycle", "router_gumbel_noise", "pad_to_square", "tower_pruning_recycle")
 
     def _check_field_types(self) -> None:
         for field in self._INT_FIELDS:
@@ -330,6 +394,8 @@ class QMoPConfig(PretrainedConfig):
             "pruning_score": get_args(PruningScore),
             "router_mode": get_args(RouterMode),
             "router_temperature_schedule": get_args(TemperatureSchedule),
+            "tower_pruning_schedule": get_args(TowerPruningSchedule),
+            "tower_pruning_score": get_args(TowerPruningScore),
         }
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
@@ -359,10 +425,50 @@ class QMoPConfig(PretrainedConfig):
         for field in ("router_eval_temperature", "router_logit_cap"):
             if getattr(self, field) is not None and not getattr(self, field) > 0:
                 raise ValueError(f"`{field}` must be > 0 or None, got {getattr(self, field)}.")
+        self._validate_tower_pruning()
         max_pos = getattr(self.text_encoder_config, "max_position_embeddings", None)
         if max_pos is not None and self.query_max_length > max_pos:
             raise ValueError(
                 f"`query_max_length`={self.query_max_length} exceeds the text encoder's {max_pos} positions."
+            )
+
+
+    def _validate_tower_pruning(self) -> None:
+        layers, keep = self.tower_pruning_layers, self.tower_pruning_keep
+        if self.tower_pruning_schedule != "custom":
+            if layers is not None or keep is not None:
+                raise ValueError(
+                    f"`tower_pruning_layers` / `tower_pruning_keep` are read only with `tower_pruning_schedule="
+                    f"\"custom\"`, got schedule {self.tower_pruning_schedule!r}."
+                )
+        else:
+            for field, values in (("tower_pruning_layers", layers), ("tower_pruning_keep", keep)):
+                if not values or any(not isinstance(v, int) or isinstance(v, bool) for v in values):
+                    raise ValueError(f"`{field}` must be a non-empty list of integers, got {values!r}.")
+            if len(layers) != len(keep):
+                raise ValueError(
+                    f"`tower_pruning_layers` ({len(layers)}) and `tower_pruning_keep` ({len(keep)}) differ in length."
+                )
+            layers_run = self.vision_feature_hidden_state_index
+            if any(b <= a for a, b in zip(layers, layers[1:])) or not 0 <= layers[0] or layers[-1] >= layers_run:
+                raise ValueError(
+                    f"`tower_pruning_layers`={layers} must be strictly increasing encoder layers among the "
+                    f"{layers_run} run up to `vision_feature_layer` (0 to {layers_run - 1})."
+                )
+            if any(b >= a for a, b in zip(keep, keep[1:])) or keep[0] >= self.num_patches or keep[-1] < 1:
+                raise ValueError(
+                    f"`tower_pruning_keep`={keep} must be strictly decreasing, below the {self.num_patches} patches "
+                    "and at least 1."
+                )
+        if not self.uses_tower_pruning:
+            return
+        if not self.tower_pruning_plan:
+            raise ValueError("`tower_pruning_schedule=\"qg_vtc\"` needs a transformer layer before the feature layer.")
+        if self.num_tower_patches < self.num_visual_tokens:
+            raise ValueError(
+                f"Tower pruning keeps {self.num_tower_patches} patches but "
+                f"`num_visual_tokens`={self.num_visual_tokens}: "
+                f"the projector cannot make more tokens than it reads (plan {self.tower_pruning_plan})."
             )
 
 

@@ -6,6 +6,8 @@ Convention: FLOPs = 2 x multiply-accumulates (what `torch.utils.flop_counter` re
 Per transformer layer with n tokens, width d, key/value width d_kv, FFN width m (QG-VTC Eq. 6, GQA-aware):
     projections 2·n·d² + 2·n·d·d_kv,  attention 2·n²·d,  FFN 2·n·d·m (GELU) or 3·n·d·m (SwiGLU)      [MACs]
 Only matrix products are counted (as the FLOP counter does): norms, softmax and pooling are not.
+With QG-VTC tower pruning (`config.tower_pruning_schedule`) each vision layer runs on the patches left before it, the
+steps' scoring and recycling are charged to the vision tower, and the branches read the K patches left at the end.
 """
 
 import math
@@ -45,12 +47,55 @@ def paper_visual_llm_macs(llm_config, visual_tokens: int) -> int:
     )
 
 
-def vision_tower_macs(vision_config, layers_run: int) -> int:
-    """Patch embedding (a convolution) plus `layers_run` CLIP layers over CLS + patches."""
+def vision_tower_macs(vision_config, layers_run: int, plan=()) -> int:
+    """Patch embedding (a convolution) plus `layers_run` CLIP layers over CLS + patches; with a tower pruning `plan`
+    [(layer, patches kept after it), ...] each layer runs on the patches left before it (QG-VTC Eq. 6's n̂_i)."""
     patches = (vision_config.image_size // vision_config.patch_size) ** 2
     width = vision_config.hidden_size
     conv = patches * vision_config.num_channels * vision_config.patch_size**2 * width
-    return conv + layers_run * transformer_layer_macs(patches + 1, width, vision_config.intermediate_size)
+    counts = tower_patch_counts(patches, layers_run, plan)
+    return conv + sum(transformer_layer_macs(n + 1, width, vision_config.intermediate_size) for n in counts)
+
+
+def tower_patch_counts(patches: int, layers_run: int, plan=()) -> list:
+    """Patches entering each of the `layers_run` vision layers under a tower pruning `plan`."""
+    keep_after = dict(plan)
+    counts = []
+    for layer in range(layers_run):
+        counts.append(patches)
+        patches = keep_after.get(layer, patches)
+    return counts
+
+
+def _score_macs(score: str, patches: int, width: int, recycle: bool) -> int:
+    """`score_patches` on one layer's input of 1 + `patches` tokens (the question MLP is charged by the caller)."""
+    tokens = patches + 1
+    macs = tokens * width * width  # keys of CLS and patches
+    if score == "cls_attention":
+        macs += width * width + tokens * width  # q of CLS, CLS -> all scores
+    else:
+        macs += width * width + patches * width  # q of the question, question -> patch scores
+    if recycle:
+        macs += patches * width * width + patches * tokens * width  # q of patches, patch -> all attention
+    return macs
+
+
+def tower_pruning_macs(config) -> int:
+    """Per image: the steps of QG-VTC tower pruning (scores, recycling, the question MLP once), beside the layers."""
+    plan = config.tower_pruning_plan
+    if not plan:
+        return 0
+    width = config.vision_config.hidden_size
+    counts = tower_patch_counts(config.num_patches, config.vision_feature_hidden_state_index, plan)
+    macs = 0
+    if config.tower_pruning_score == "question_relevance":
+        macs += config.text_encoder_config.hidden_size * width + width * width  # question MLP: Ct -> Cv -> Cv
+    for layer, keep in plan:
+        before = counts[layer]
+        macs += _score_macs(config.tower_pruning_score, before, width, config.tower_pruning_recycle)
+        if config.tower_pruning_recycle:
+            macs += keep * before * width  # kept rows of the attention @ patches (Eq. 5)
+    return macs
 
 
 def text_encoder_macs(text_config, query_tokens: int) -> int:
@@ -67,7 +112,7 @@ def expert_macs(vision_width: int, llm_width: int, tokens: int) -> int:
 def branch_macs(config, branch: str, num_tokens: int) -> int:
     """One image through one QMoP branch at budget M = `num_tokens` (expert MLP included)."""
     vision = config.vision_config
-    width, patches = vision.hidden_size, config.num_patches
+    width, patches = vision.hidden_size, config.num_tower_patches  # what the branches read
     expert = expert_macs(width, config.text_config.hidden_size, num_tokens)
     if branch == "pooling":
         return expert
@@ -85,16 +130,19 @@ def branch_macs(config, branch: str, num_tokens: int) -> int:
 
 def pruning_score_macs(config) -> int:
     """Per image, whenever the pruning branch exists: QMoPModel.pruning_scores runs beside the vision tower,
-    before the router decides (feature layer's keys of all tokens, the scoring query, the scores)."""
-    width, patches = config.vision_config.hidden_size, config.num_patches
-    tokens = patches + 1
-    if config.pruning_score == "cls_attention":
-        scores = tokens * width * width + width * width + tokens * width  # k of all, q of CLS, CLS->all scores
-    else:  # question relevance: question MLP (Ct -> Cv -> Cv), its q, keys of all, question->patch scores
-        text_width = config.text_encoder_config.hidden_size
-        scores = text_width * width + 2 * width * width + tokens * width * width + patches * width
-    if config.pruning_recycle:
-        scores += patches * width * width + patches * tokens * width  # q of patches, patch->all attention
+    before the router decides (feature layer's keys of all tokens, the scoring query, the scores), on the patches
+    that enter the feature layer."""
+    width = config.vision_config.hidden_size
+    layers_run = config.vision_feature_hidden_state_index
+    patches = tower_patch_counts(config.num_patches, layers_run, config.tower_pruning_plan)[layers_run - 1]
+    if config.pruning_score == "random" and not config.pruning_recycle:
+        return 0
+    score = "question_relevance" if config.pruning_score == "random" else config.pruning_score
+    scores = _score_macs(score, patches, width, config.pruning_recycle)
+    if config.pruning_score == "random":  # keys and the patch attention only
+        scores -= width * width + patches * width
+    if config.pruning_score == "question_relevance":  # the branch's own question MLP (Ct -> Cv -> Cv)
+        scores += config.text_encoder_config.hidden_size * width + width * width
     return scores
 
 
@@ -133,7 +181,10 @@ def qmop_analytic_flops(config, batch_size: int, prompt_tokens: int, num_visual_
         branch_images = {b: batch_size for b in chosen}
     uses_router = config.uses_router
     return AnalyticFlops(
-        vision_tower=2 * batch_size * vision_tower_macs(config.vision_config, config.vision_feature_hidden_state_index),
+        vision_tower=2 * batch_size * (
+            vision_tower_macs(config.vision_config, config.vision_feature_hidden_state_index, config.tower_pruning_plan)
+            + tower_pruning_macs(config)
+        ),
         text_encoder=2 * batch_size * text_encoder_macs(config.text_encoder_config, query_tokens) if config.uses_query else 0,
         router=2 * batch_size * router_macs(config) if uses_router else 0,
         branches=2 * sum(n * branch_macs(config, b, num_visual_tokens) for b, n in branch_images.items())

@@ -82,31 +82,39 @@ class QMoPAdapter(ModelAdapter):
         """Callables for the prefill's parts, each fed by the previous one's output (run in order)."""
         base, state = self.model.model, {}
 
-        def vision():
-            state["vision"] = base.get_vision_features(inputs.pixel_values)
-
-        def text_encoder():
+        def text_encoder():  # first: tower pruning reads the question inside the vision tower
             state["query"] = base.get_query_embeds(inputs.query_input_ids, None) if self.config.uses_query else None
 
+        def vision():
+            state["vision"] = base.encode_vision(inputs.pixel_values, state["query"])
+
         def projector():
-            hidden, layer_input, feature_layer = state["vision"]
-            scores, attention = None, None
-            if "pruning" in self.config.branches:  # the pruning scores are part of QMoP's own cost
-                scores, attention = base.pruning_scores(layer_input, feature_layer, state["query"])
+            state["scores"] = self._pruning_scores(state)
+            scores, attention = state["scores"]
+            hidden, positions = state["vision"].hidden, state["vision"].patch_positions
             state["projected"] = base.projector(hidden[:, 1:], hidden[:, 0], state["query"], inputs.num_visual_tokens,
-                                                pruning_scores=scores, patch_attention=attention)
+                                                pruning_scores=scores, patch_attention=attention,
+                                                patch_positions=positions)
 
         def llm():
             state["logits"] = self._llm_prefill(inputs.input_ids, state["projected"].image_features)
 
-        parts = {"vision_tower": vision, "text_encoder": text_encoder, "router+branches": projector, "llm": llm}
+        parts = {"text_encoder": text_encoder, "vision_tower": vision, "router+branches": projector, "llm": llm}
         return parts, state
+
+    def _pruning_scores(self, state: dict) -> tuple:
+        """The pruning branch's scores (part of QMoP's own cost), on the patches the tower left."""
+        if "pruning" not in self.config.branches:
+            return None, None
+        features = state["vision"]
+        return self.model.model.pruning_scores(features.layer_input, features.feature_layer, state["query"],
+                                               features.feature_layer_kept)
 
     def router_flops(self, inputs: BenchInputs, state: dict) -> int:
         router = self.model.model.projector.router
         if router is None:
             return 0
-        hidden = state["vision"][0]
+        hidden = state["vision"].hidden
         return count_flops(router, hidden[:, 0], state["query"])[1]
 
     def meta_projector_flops(self, inputs: BenchInputs, state: dict) -> tuple:
@@ -115,22 +123,20 @@ class QMoPAdapter(ModelAdapter):
         from .flops import branch_macs
 
         projector, config, budget = self.model.model.projector, self.config, inputs.num_visual_tokens
-        hidden, layer_input, feature_layer = state["vision"]
-        patches = hidden[:, 1:]
+        patches, positions = state["vision"].hidden[:, 1:], state["vision"].patch_positions
         router = self.router_flops(inputs, state)
         ranked = sorted(config.branches, key=lambda b: branch_macs(config, b, budget))
         chosen = ranked[-config.router_top_k:] if config.uses_router else list(config.branches)
         flops = 0
         for name in chosen:
             if name == "pooling":
-                flops += count_flops(projector.pooling_branch, patches, budget)[1]
+                flops += count_flops(projector.pooling_branch, patches, budget, positions)[1]
             elif name == "resampler":
-                flops += count_flops(projector.resampler_branch, patches, budget)[1]
+                flops += count_flops(projector.resampler_branch, patches, budget, positions)[1]
             else:
-                (scores, attention), score_flops = count_flops(
-                    self.model.model.pruning_scores, layer_input, feature_layer, state["query"]
-                )
-                flops += score_flops + count_flops(projector.pruning_branch, patches, scores, attention, budget)[1]
+                (scores, attention), score_flops = count_flops(self._pruning_scores, state)
+                flops += score_flops + count_flops(projector.pruning_branch, patches, scores, attention, budget,
+                                                   positions)[1]
         return router, flops, chosen
 
 

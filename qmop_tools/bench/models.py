@@ -119,7 +119,9 @@ def _image_token_id(shapes: BenchShapes) -> int:
     return shapes.image_token_id if shapes.image_token_id is not None else shapes.llm["vocab_size"] - 1
 
 
-def qmop_config(shapes: BenchShapes, num_visual_tokens: int, attn_implementation: str = "sdpa") -> QMoPConfig:
+def qmop_config(shapes: BenchShapes, num_visual_tokens: int, attn_implementation: str = "sdpa",
+                **overrides) -> QMoPConfig:
+    """`overrides`: further QMoPConfig fields (the tower pruning variants' schedule and branches)."""
     config = QMoPConfig(
         vision_config=CLIPVisionConfig(**shapes.vision),
         text_encoder_config=CLIPTextConfig(**shapes.text_encoder),
@@ -128,6 +130,7 @@ def qmop_config(shapes: BenchShapes, num_visual_tokens: int, attn_implementation
         image_token_id=_image_token_id(shapes),
         resampler_num_layers=shapes.resampler_num_layers,
         router_hidden_size=shapes.router_hidden_size,
+        **overrides,
     )
     _set_attention(config, attn_implementation)
     return config
@@ -175,11 +178,13 @@ def _materialise(model_cls, config, device: str, dtype: torch.dtype, seed: int):
 
 
 def build_qmop(shapes: BenchShapes, device: str, dtype: torch.dtype, seed: int = 0, attn_implementation: str = "sdpa",
-               path: Optional[str] = None, quantization: Optional[str] = None):
-    """QMoP-LLaVA built at the largest budget (the resampler's query grid); other budgets are chosen per call."""
+               path: Optional[str] = None, quantization: Optional[str] = None, num_visual_tokens: Optional[int] = None,
+               **overrides):
+    """QMoP-LLaVA built at the largest budget (the resampler's query grid, default all patches); other budgets are
+    chosen per call. `overrides`: further QMoPConfig fields."""
     if path:
         return _load(QMoPForConditionalGeneration, path, device, dtype, attn_implementation, quantization)
-    config = qmop_config(shapes, shapes.num_patches, attn_implementation)
+    config = qmop_config(shapes, num_visual_tokens or shapes.num_patches, attn_implementation, **overrides)
     # Passed straight through so that nf4 can free the bf16 copy once it is saved.
     return _maybe_quantize(_materialise(QMoPForConditionalGeneration, config, device, dtype, seed), device, dtype,
                            attn_implementation, quantization)

@@ -20,7 +20,7 @@ import transformers
 
 from .flops import check_match, llava_analytic_flops, paper_visual_llm_macs, qmop_analytic_flops
 from .measure import adapter_for, count_prefill_flops, kv_bytes_formula, median, run_once, weights_bytes
-from .models import DTYPES, build_llava, build_qmop, get_preset, make_inputs, compute_dtype, square_budgets
+from .models import DTYPES, build_llava, build_qmop, get_preset, make_inputs, compute_dtype, qmop_config, square_budgets
 
 GIB = 1024**3
 
@@ -49,6 +49,9 @@ class BenchSettings:
     compile_batch_sizes: Optional[list] = None  # generate() decode, eager vs torch.compile (static cache)
     compile_backend: str = "inductor"  # torch.compile backend of that comparison
     threads: Optional[int] = None
+    # QG-VTC tower pruning schedule (a `tower_pruning_schedule`, e.g. "qg_vtc"): adds QMoP with it ("composed") and the
+    # tower pruning alone with the pooling branch only (no router), at the budgets that fit in the patches it keeps.
+    tower_pruning: Optional[str] = None
 
 
 @dataclass
@@ -57,6 +60,7 @@ class Variant:
     kind: str  # "llava" or "qmop"
     visual_tokens: int
     adapter: object = field(repr=False)
+    tower_pruning: str = "off"
 
 
 def _resolve(settings: BenchSettings):
@@ -139,6 +143,9 @@ def run_benchmark(settings: BenchSettings, log=print) -> dict:
     budgets = square_budgets(preset.budgets, num_patches)
     variants = [Variant(f"LLaVA-1.5 ({llava_tokens})", "llava", llava_tokens, adapter_for(llava))]
     variants += [Variant(f"QMoP M={m}", "qmop", m, adapter_for(qmop)) for m in budgets]
+    weights = {"llava": weights_bytes(llava), "qmop": weights_bytes(qmop)}
+    if settings.tower_pruning:
+        variants += _tower_pruning_variants(settings.tower_pruning, shapes, budgets, common, weights, log)
 
     kv_value_bytes = torch.finfo(compute_dtype(llava)).bits // 8  # the cache holds activations in the compute dtype
     records = {v.name: _static_record(v, preset, kv_value_bytes, device) for v in variants}
@@ -170,13 +177,32 @@ def run_benchmark(settings: BenchSettings, log=print) -> dict:
         generate_decode=generate_decode,
         preset=preset.name, notes=list(preset.notes), settings=_settings_dict(settings, preset),
         environment=environment(device),
-        weights_bytes={"llava": weights_bytes(llava), "qmop": weights_bytes(qmop)},
+        weights_bytes=weights,
         variants=[records[v.name] for v in variants],
     )
     _add_ratios(results)
     _add_memory_fit(results, preset.memory_budget_gib * GIB)
     results["targets"] = evaluate_targets(results)
     return results
+
+
+def _tower_pruning_variants(schedule: str, shapes, budgets, common: dict, weights: dict, log) -> list:
+    """QMoP composed with tower pruning, and tower pruning alone (pooling branch only), at the budgets <= the patches
+    the tower keeps. Their weights are recorded under the variant's name."""
+    kept = qmop_config(shapes, 1, tower_pruning_schedule=schedule).num_tower_patches
+    fitting = [m for m in budgets if m <= kept]
+    if not fitting:
+        raise ValueError(f"tower pruning {schedule!r} keeps {kept} patches: no budget of {budgets} fits.")
+    log(f"building QMoP with tower pruning {schedule!r} ({kept} patches leave the tower), composed and alone")
+    out = []
+    composed, alone = (f"QMoP+{schedule}", ["pooling", "resampler", "pruning"]), (f"{schedule} (pooling)", ["pooling"])
+    for label, branches in (composed, alone):
+        model = build_qmop(shapes, num_visual_tokens=max(fitting), tower_pruning_schedule=schedule,
+                           branches=branches, **common)
+        for m in fitting:
+            out.append(Variant(f"{label} M={m}", "qmop", m, adapter_for(model), tower_pruning=schedule))
+            weights[f"{label} M={m}"] = weights_bytes(model)
+    return out
 
 
 def _inputs(variant: Variant, preset, batch_size: int, device, dtype, seed: int):
@@ -189,6 +215,7 @@ def _static_record(variant: Variant, preset, kv_value_bytes: int, device) -> dic
     tokens = preset.prompt_tokens + variant.visual_tokens
     return dict(
         name=variant.name, kind=variant.kind, visual_tokens=variant.visual_tokens, sequence_length=tokens,
+        tower_pruning=variant.tower_pruning,
         kv_bytes_per_sample_formula=kv_bytes_formula(config.text_config, tokens, kv_value_bytes),
         paper_visual_llm_tmacs=paper_visual_llm_macs(config.text_config, variant.visual_tokens) / 1e12,
         by_batch={},
@@ -287,7 +314,7 @@ def _add_memory_fit(results: dict, budget_bytes: float) -> None:
     or weights + KV cache at the end of decoding (elsewhere; activations not included, so an upper bound)."""
     settings = results["settings"]
     for record in results["variants"]:
-        weights = results["weights_bytes"][record["kind"]]
+        weights = results["weights_bytes"].get(record["name"], results["weights_bytes"][record["kind"]])
         batches = sorted((int(b), e) for b, e in record["by_batch"].items())
         peaks = [(b, e["peak_bytes"]) for b, e in batches if e.get("peak_bytes") is not None]
         if len(peaks) >= 2:
@@ -328,7 +355,8 @@ TARGETS = [
 
 def evaluate_targets(results: dict) -> list:
     num_patches = results["variants"][0]["visual_tokens"]
-    by_tokens = {r["visual_tokens"]: r for r in results["variants"] if r["kind"] == "qmop"}
+    by_tokens = {r["visual_tokens"]: r for r in results["variants"]
+                 if r["kind"] == "qmop" and r.get("tower_pruning", "off") == "off"}
     out = []
     for label, metric, tokens, batch, limit in TARGETS:
         scaled = Fraction(tokens * num_patches, REFERENCE_PATCHES)
