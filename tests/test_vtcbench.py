@@ -160,7 +160,7 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert set(summary["table"]) == {"qmop", "downsample", "qmop_budgets"}
     assert "| image downsampled to 36 patches | 36 |" in table
     assert "## Acceptance checks" in table and "Router diagnostic on test pictures" in table
-    assert "Reader probe" in table and "| pool36 (36 tokens) | 3 |" in table  # run after the foundation
+    assert "Reader probe" in table and "| pool36 (36 tokens) | all | 0.002 | 3 |" in table  # after the foundation
     for budget in (16, 36, 64, 144):
         assert f"| one checkpoint, budgets 16/36/64/144 (seed 0) | {budget} |" in table
     small = Image.open(output / "data" / "images_downsampled" / "test" / "00000.png")
@@ -189,6 +189,7 @@ def test_smoke_pipeline_end_to_end(tmp_path):
 
     # the reader probe trains on the same data and foundation, with 36 pooled or all 576 tokens per picture
     from qmop_tools.vtcbench.reader_probe import ProbeSettings, run_probe
+    from qmop_tools.vtcbench.report import reader_probe_table
 
     for tokens, count in (("pool36", 36), ("full", 576)):
         probe = run_probe(str(output), ProbeSettings(tokens=tokens, steps=3, batch_size=8, eval_every=2))
@@ -199,8 +200,16 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     mtime = os.path.getmtime(cached)
     run_probe(str(output), ProbeSettings(steps=1))
     assert os.path.getmtime(cached) == mtime  # the tower's tokens are computed once
+    # one dimension alone: its own report file, scored on that dimension only, shown next to the others
+    alone = run_probe(str(output), ProbeSettings(steps=2, batch_size=8, eval_every=2, dimensions="spatial"))
+    assert set(alone["curve"][-1]["val_accuracy"]) == {"spatial"}
+    assert (output / "probes" / "reader-pool36-spatial.json").exists()
+    table = reader_probe_table(str(output))
+    assert "| pool36 (36 tokens) | spatial |" in table and "| pool36 (36 tokens) | all |" in table
     with pytest.raises(ValueError, match="tokens"):
         ProbeSettings(tokens="pool16")
+    with pytest.raises(ValueError, match="dimensions"):
+        ProbeSettings(dimensions="spatial,colour")
 
 
 def test_bundled_checkpoint_accuracy_on_a_fixed_test_slice(tmp_path):

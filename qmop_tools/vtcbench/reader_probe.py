@@ -40,16 +40,30 @@ class ProbeSettings:
     lr: float = 2e-3
     eval_every: int = 250
     seed: int = 0
+    # Train and score only these dimensions (comma-separated, e.g. "spatial"); empty = all five. One dimension alone
+    # tells whether the LLM can learn it at all, apart from how many of its questions a mixed schedule gives it.
+    dimensions: str = ""
 
     def __post_init__(self):
+        from .data import DIMENSIONS
+
         if self.tokens not in REDUCTIONS:
             raise ValueError(f"`tokens` must be one of {REDUCTIONS}, got {self.tokens!r}.")
+        unknown = sorted(set(self.dimension_list()) - set(DIMENSIONS))
+        if unknown:
+            raise ValueError(f"`dimensions` has unknown {unknown}; choose from {DIMENSIONS}.")
         for name in ("steps", "batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
         if not self.lr > 0:
             raise ValueError(f"`lr` must be > 0, got {self.lr}.")
 
+    def dimension_list(self) -> list:
+        return [d.strip() for d in self.dimensions.split(",") if d.strip()]
+
+    def result_name(self) -> str:
+        """`reader-<tokens>[-<dimensions>].json` under `<output>/probes`."""
+        return "-".join(["reader", self.tokens, *self.dimension_list()]) + ".json"
 
 @torch.no_grad()
 def tower_tokens(clip_dir: str, processor, data_dir: str, split: str, feature_layer: int = -2) -> torch.Tensor:
@@ -136,7 +150,7 @@ class Reader(torch.nn.Module):
 
 def run_probe(output: str, settings: ProbeSettings) -> dict:
     """Train the reader on the train split of `<output>/data` with the foundation in `<output>/foundation`; returns
-    (and writes to `<output>/probes/reader-<tokens>.json`) the accuracy curve per dimension on the validation split."""
+    (and writes to `<output>/probes/<settings.result_name()>`) the accuracy curve per dimension on the validation split."""
     from transformers import AutoProcessor, LlamaForCausalLM
 
     from qmop_tools.bench.report import write_atomic
@@ -151,6 +165,8 @@ def run_probe(output: str, settings: ProbeSettings) -> dict:
     features = {split: reduce_tokens(tower_tokens(clip_dir, processor, data_dir, split), settings.tokens)
                 for split in ("train", "val")}
     train, val = _questions(tokenizer, data_dir, "train"), _questions(tokenizer, data_dir, "val")
+    if settings.dimension_list():
+        train, val = ([item for item in items if item[3] in settings.dimension_list()] for items in (train, val))
     torch.manual_seed(settings.seed)
     reader = Reader(LlamaForCausalLM.from_pretrained(os.path.join(foundation, "llm")), features["train"].shape[-1],
                     tokenizer.bos_token_id, tokenizer.pad_token_id)
@@ -196,14 +212,14 @@ def run_probe(output: str, settings: ProbeSettings) -> dict:
               "chance": {d: round(100 * c, 1) for d, c in CHANCE.items()}, "curve": curve,
               "tower": os.path.join(foundation, "report-vision.json")}
     os.makedirs(os.path.join(output, "probes"), exist_ok=True)
-    write_atomic(os.path.join(output, "probes", f"reader-{settings.tokens}.json"), json.dumps(result, indent=1))
+    write_atomic(os.path.join(output, "probes", settings.result_name()), json.dumps(result, indent=1))
     return result
 
 
 def reader_probe_once(output: str, settings: ProbeSettings) -> dict:
-    """`run_probe`, unless `<output>/probes/reader-<tokens>.json` was written with the same settings on the same
+    """`run_probe`, unless `<output>/probes/<settings.result_name()>` was written with the same settings on the same
     tower weights (the benchmark runs the probe after the foundation; a second invocation reuses it)."""
-    path = os.path.join(output, "probes", f"reader-{settings.tokens}.json")
+    path = os.path.join(output, "probes", settings.result_name())
     weights = os.path.join(output, "foundation", "clip", "model.safetensors")
     if os.path.exists(path):
         with open(path) as f:

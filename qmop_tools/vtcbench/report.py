@@ -128,15 +128,17 @@ def reader_probe_table(output: str) -> str:
     for name in sorted(os.listdir(os.path.join(output, "probes"))) if os.path.isdir(os.path.join(output, "probes")) else []:
         with open(os.path.join(output, "probes", name)) as f:
             probe = json.load(f)
-        last = probe["curve"][-1]
-        rows.append(f"| {probe['settings']['tokens']} ({probe['tokens_per_picture']} tokens) | {last['step']} | "
-                    + " | ".join(f"{last['val_accuracy'].get(d, float('nan')):.1f}" for d in DIMENSIONS) + " |")
+        last, settings = probe["curve"][-1], probe["settings"]
+        cells = [f"{last['val_accuracy'][d]:.1f}" if d in last["val_accuracy"] else "-" for d in DIMENSIONS]
+        rows.append(f"| {settings['tokens']} ({probe['tokens_per_picture']} tokens) | {settings.get('dimensions') or 'all'} "
+                    f"| {settings['lr']:g} | {last['step']} | " + " | ".join(cells) + " |")
     if not rows:
         return ""
     header = ["Reader probe (projector + LLM trained on the frozen tower's tokens for the answer token alone; val "
               "accuracy in %; an upper bound on what a variant can read):", "",
-              "| tokens | steps | " + " | ".join(DIMENSIONS) + " |", "|" + " --- |" * (len(DIMENSIONS) + 2),
-              "| chance | - | " + " | ".join(f"{100 * CHANCE[d]:.1f}" for d in DIMENSIONS) + " |"]
+              "| tokens | trained on | lr | steps | " + " | ".join(DIMENSIONS) + " |",
+              "|" + " --- |" * (len(DIMENSIONS) + 4),
+              "| chance | | | | " + " | ".join(f"{100 * CHANCE[d]:.1f}" for d in DIMENSIONS) + " |"]
     return "\n".join(header + rows) + "\n"
 
 
