@@ -12,7 +12,7 @@ from PIL import Image
 from conftest import REPO_ROOT, make_image
 
 from qmop_tools.vtcbench.data import (ANSWERS, DIMENSIONS, GLYPHS, GRID, IMAGE_SIZE, KINDS, NUMBERS, PATCH_SIZE,
-                                      draw_labels, draw_scene, generate_split, write_dataset)
+                                      _tag_box, draw_labels, draw_scene, generate_split, write_dataset)
 from qmop_tools.vtcbench.experiment import FeatureCache, normalise_answer
 
 BUNDLED = os.path.join(REPO_ROOT, "checkpoints", "qmop-tiny")
@@ -38,9 +38,14 @@ def test_every_scene_asks_one_question_per_dimension_with_a_known_answer():
         assert answers["global"] == scene.background and answers["style"] == scene.texture
         assert answers["local"] == scene.tag_letter
         assert answers["counting"] == NUMBERS[len(scene.shapes) - 1]
-        x, y = scene.cross
-        side = {"left": x < 72, "right": x >= 72, "top": y < 72, "bottom": y >= 72}
-        assert side[answers["spatial"]] and abs(x - 72) >= 14 and abs(y - 72) >= 14  # clearly in one half
+        assert answers["spatial"] in scene.tag_corner.split()  # the tag's half, on the question's axis
+        x, y = scene.cross  # still drawn, clearly in one half
+        assert abs(x - 72) >= 14 and abs(y - 72) >= 14
+    spatial = [q for scene in generate_split("val", 40, seed=0) for q in scene.questions if q["dimension"] == "spatial"]
+    assert {q["answer"] for q in spatial} == {"left", "right", "top", "bottom"}
+    box_x, box_y, width, height = _tag_box(scene)
+    horizontal, vertical = scene.tag_sides
+    assert (box_x + width / 2 < 72) == (horizontal == "left") and (box_y + height / 2 < 72) == (vertical == "top")
     image = draw_scene(generate_split("val", 1)[0])
     assert image.size == (IMAGE_SIZE, IMAGE_SIZE) and IMAGE_SIZE // PATCH_SIZE == 24
 
