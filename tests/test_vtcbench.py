@@ -110,6 +110,12 @@ def test_feature_cache_is_exact():
         cache.install(other)
         assert torch.equal(other(**inputs).logits, expected)
     assert cache.misses == 4
+    # a tower that prunes by the question: its output is not a function of the picture, so no cache
+    pruned, pruned_processor = build_tiny(num_visual_tokens=4, tower_pruning_schedule="qg_vtc")
+    assert cache.install(pruned) is False
+    with torch.no_grad():
+        pruned(**pruned_processor(images=[make_image(seed=0)], text=["<image>\nwhat?"], return_tensors="pt"))
+    assert cache.misses == 4 and cache.hits == 2
 
 
 def test_analysis_picture_shows_kept_patches_and_router(tiny):
@@ -162,7 +168,8 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert "mean router weight per question dimension" in table
     for path in (output / "results.png", output / "pictures.png", output / "results.json"):
         assert os.path.getsize(path) > 1000
-    assert set(summary["table"]) == {"qmop", "downsample", "qmop_budgets"}
+    assert set(summary["table"]) == {"qmop", "downsample", "qmop_budgets", "qg_vtc"}
+    assert "| QG-VTC tower pruning (72 kept) + pooling | 36 |" in table
     assert "| image downsampled to 36 patches | 36 |" in table
     assert "## Acceptance checks" in table and "Router diagnostic on test pictures" in table
     assert "Reader probe" in table and "| pool36 (36 tokens) | all | 0.002 | 3 |" in table  # after the foundation

@@ -48,6 +48,9 @@ VARIANTS = {
     # The pooling branch on pictures reduced to sqrt(M) x sqrt(M) patches' worth of pixels (`DOWNSAMPLED_IMAGES`).
     "downsample": {"branches": ["pooling"], "router_top_k": 1},
     "full576": {"branches": ["pooling"], "router_top_k": 1, "num_visual_tokens": 576},
+    # QG-VTC inside the tower (docs/compression.md): the paper's schedule scaled to this 3-layer tower keeps the 72
+    # patches (of 576) most relevant to the question after its last layer; pooling then averages the kept ones per cell.
+    "qg_vtc": {"branches": ["pooling"], "router_top_k": 1, "tower_pruning_schedule": "qg_vtc"},
     # QMoP trained with a budget drawn per batch from `BUDGET_SET`, evaluated at each (the bundled checkpoint).
     "qmop_budgets": {"branches": ALL_BRANCHES, "router_mode": "query", "router_top_k": 2, **ROUTER_TRAINING},
 }
@@ -61,6 +64,7 @@ VARIANT_LABELS = {
     "random_k": "random-k patches",
     "downsample": "image downsampled to 36 patches",
     "full576": "uncompressed, 576 tokens",
+    "qg_vtc": "QG-VTC tower pruning (72 kept) + pooling",
     "qmop_budgets": "QMoP, one checkpoint for budgets 16/36/64/144",
 }
 BUDGET_SET = (16, 36, 64, 144)
@@ -98,7 +102,7 @@ class Settings:
     @classmethod
     def smoke(cls) -> "Settings":
         return cls(train_images=40, val_images=10, test_images=10, clip_steps=3, clip_batch_size=16, text_steps=3,
-                   llm_steps=5, variants=["qmop", "downsample", "qmop_budgets"], seeds=[0], batch_size=8,
+                   llm_steps=5, variants=["qmop", "downsample", "qmop_budgets", "qg_vtc"], seeds=[0], batch_size=8,
                    stage1_epochs=0.25, stage2_epochs=0.25, workers=1, eval_batch_size=25, reader_probe_steps=3)
 
     def jobs(self) -> list:
@@ -153,8 +157,13 @@ class FeatureCache:
             digest.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
         return digest.digest()
 
-    def install(self, model) -> None:
+    def install(self, model) -> bool:
+        """Wrap the model's `get_vision_features` with the cache; not for a model whose tower prunes by the question
+        (`tower_pruning_schedule`), whose tower output is no longer a function of the image alone. Returns whether
+        the cache was installed."""
         core = model.model if hasattr(model, "model") and hasattr(model.model, "get_vision_features") else model
+        if getattr(core.config, "tower_pruning_schedule", "off") != "off":
+            return False
         original = core.get_vision_features
         tower = self.fingerprint(core.vision_tower)
         index = core.config.vision_feature_hidden_state_index
@@ -176,6 +185,7 @@ class FeatureCache:
             return hidden, layer_input, feature_layer
 
         core.get_vision_features = get_vision_features
+        return True
 
 
 _WORKER_CACHE = FeatureCache()
