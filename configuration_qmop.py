@@ -11,7 +11,7 @@ from typing import Literal, Optional, get_args
 from transformers import AutoConfig, CLIPTextConfig, CLIPVisionConfig, PretrainedConfig
 
 BranchName = Literal["pooling", "resampler", "pruning"]
-PruningScore = Literal["cls_attention", "question_relevance", "random"]
+PruningScore = Literal["cls_attention", "question_relevance", "learned", "random"]
 RouterMode = Literal["query", "vision", "uniform"]
 TemperatureSchedule = Literal["cosine", "linear", "exponential", "constant"]
 TowerPruningSchedule = Literal["off", "qg_vtc", "custom"]
@@ -107,7 +107,10 @@ class QMoPConfig(PretrainedConfig):
             How the pruning branch ranks patches. `"cls_attention"`: CLS-to-patch attention of the feature
             layer, recomputed from its q/k (works under SDPA/flash). `"question_relevance"`: QG-VTC Eq. 4,
             the question's EOS embedding mapped into the vision space by a learned MLP, queried against
-            the feature layer's keys. `"random"`: M patches drawn uniformly at random on every call (random-k, the
+            the feature layer's keys. `"learned"`: LearnPruner's learnable pruner after the vision encoder, a small
+            MLP (`pruning_branch.scorer`, Cv → Cv → 1) scoring each output patch, softmax over the patches; trained
+            by the language-model loss through the same straight-through factor. `"random"`: M patches drawn
+            uniformly at random on every call (random-k, the
             baseline UniPruneBench finds strong); outputs then differ between calls.
         pruning_recycle (`bool`, *optional*, defaults to `False`):
             QG-VTC Eq. 5: add the dropped patches back into the kept ones, weighted by attention.

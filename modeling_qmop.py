@@ -449,6 +449,19 @@ class QMoPQuestionProjection(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
+class QMoPPatchScorer(nn.Module):
+    """LearnPruner's learnable pruner: an MLP scoring each patch the vision encoder outputs, Cv → Cv → 1."""
+
+    def __init__(self, vision_width: int, act: str):
+        super().__init__()
+        self.linear_1 = nn.Linear(vision_width, vision_width)
+        self.act = ACT2FN[act]
+        self.linear_2 = nn.Linear(vision_width, 1, bias=False)  # a bias would be a constant shift: softmax drops it
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:  # (N, K, Cv) -> (N, K) softmax over the patches
+        return self.linear_2(self.act(self.linear_1(patches))).squeeze(-1).softmax(dim=-1)
+
+
 class QMoPPruningBranch(nn.Module):
     """Fine local detail: keep the M highest-scoring patches in raster order, optionally recycle the rest.
 
@@ -457,6 +470,8 @@ class QMoPPruningBranch(nn.Module):
       - "cls_attention": softmax(q_CLS · Kᵀ / √h) of the feature layer, averaged over heads, patch columns.
       - "question_relevance" (QG-VTC Eq. 4): q = W_Q · `question_proj`(t); C = softmax(q · K_patchesᵀ / √h). Top-M
         is not differentiable, so kept tokens are scaled by a straight-through factor (value 1) that trains the MLP.
+      - "learned" (LearnPruner's pruner): `scorer`, an MLP on the feature layer's output patches, softmax over them;
+        trained through the same straight-through factor.
     With `pruning_recycle` (QG-VTC Eq. 5): kept_i += Σ_{j dropped} A(i, j) · X_j, A the feature layer's attention.
     Selection and recycling are [`select_patches`], shared with tower pruning; after tower pruning the branch selects
     within the K patches the tower kept.
@@ -469,6 +484,8 @@ class QMoPPruningBranch(nn.Module):
         if self.score == "question_relevance":
             text_width, vision_width = config.text_encoder_config.hidden_size, config.vision_config.hidden_size
             self.question_proj = QMoPQuestionProjection(text_width, vision_width, config.projector_hidden_act)
+        if self.score == "learned":
+            self.scorer = QMoPPatchScorer(config.vision_config.hidden_size, config.projector_hidden_act)
         self.expert = QMoPExpertMLP(config)
 
     def forward(
@@ -486,7 +503,7 @@ class QMoPPruningBranch(nn.Module):
             scores,
             patch_attention if self.recycle else None,
             num_tokens,
-            straight_through=self.score == "question_relevance",
+            straight_through=self.score in ("question_relevance", "learned"),
         )  # (N, M, Cv), (N, M)
         if positions is not None:
             kept = positions.gather(1, kept)  # (N, M) grid indices, still in raster order
@@ -1068,7 +1085,9 @@ class QMoPModel(QMoPPreTrainedModel):
             )
         scores, patch_attention = None, None
         if "pruning" in self.config.branches:
-            scores, patch_attention = self.pruning_scores(layer_input, feature_layer, query_embeds, feature_layer_kept)
+            scores, patch_attention = self.pruning_scores(
+                layer_input, feature_layer, query_embeds, feature_layer_kept, patches=patches
+            )
         device = _execution_device(self.projector)
         projected = self.projector(
             _to(patches, device),
@@ -1138,30 +1157,39 @@ class QMoPModel(QMoPPreTrainedModel):
         feature_layer: nn.Module,
         query_embeds: Optional[torch.Tensor],
         feature_layer_kept: Optional[torch.Tensor] = None,
+        patches: Optional[torch.Tensor] = None,
     ):
-        """Patch scores (N, P) of the pruning branch and, with recycling, patch-to-patch attention (N, P, P), from the
+        """Patch scores (N, K) of the pruning branch and, with recycling, patch-to-patch attention (N, K, K), from the
         feature layer's q/k projections applied to its input (N, S, Cv). See [`QMoPPruningBranch`]. When tower pruning
-        pruned the feature layer's own output, `feature_layer_kept` (N, K) restricts both to the K patches left."""
+        pruned the feature layer's own output, `feature_layer_kept` (N, K) restricts both to the K patches left.
+        `pruning_score="learned"` scores the feature layer's output `patches` (N, K, Cv) instead, which it needs."""
         branch = self.projector.pruning_branch
+        learned = None
+        if branch.score == "learned":
+            if patches is None:
+                raise ValueError("`pruning_score='learned'` scores the feature layer's output: pass `patches`.")
+            learned = branch.scorer(patches)  # (N, K), already the patches left after tower pruning
         if branch.score == "random" and not branch.recycle:  # random-k: no attention needed
             num_patches = layer_input.shape[1] - 1
             scores, patch_attention = torch.rand(layer_input.shape[0], num_patches, device=layer_input.device), None
+        elif learned is not None and not branch.recycle:
+            scores, patch_attention = None, None
         else:
             question = None
             if branch.score == "question_relevance":
                 question = branch.question_proj(_to(query_embeds, layer_input.device).to(layer_input.dtype))  # (N, Cv)
+            attention_score = "cls_attention" if learned is not None else branch.score  # learned: attention only
             scores, patch_attention = score_patches(
-                feature_layer, layer_input, branch.score, question, with_attention=branch.recycle
+                feature_layer, layer_input, attention_score, question, with_attention=branch.recycle
             )  # (N, K'), (N, K', K')
-        if feature_layer_kept is None:
-            return scores, patch_attention
-        scores = scores.gather(1, feature_layer_kept)  # (N, K)
-        if patch_attention is not None:
-            num_kept = feature_layer_kept.shape[1]
-            rows = feature_layer_kept.unsqueeze(-1).expand(-1, -1, patch_attention.shape[-1])  # (N, K, K')
-            columns = feature_layer_kept.unsqueeze(1).expand(-1, num_kept, -1)  # (N, K, K)
-            patch_attention = patch_attention.gather(1, rows).gather(2, columns)  # (N, K, K)
-        return scores, patch_attention
+        if feature_layer_kept is not None:
+            scores = None if scores is None else scores.gather(1, feature_layer_kept)  # (N, K)
+            if patch_attention is not None:
+                num_kept = feature_layer_kept.shape[1]
+                rows = feature_layer_kept.unsqueeze(-1).expand(-1, -1, patch_attention.shape[-1])  # (N, K, K')
+                columns = feature_layer_kept.unsqueeze(1).expand(-1, num_kept, -1)  # (N, K, K)
+                patch_attention = patch_attention.gather(1, rows).gather(2, columns)  # (N, K, K)
+        return (scores if learned is None else learned), patch_attention
 
     # ---------------------------------------------------------------------------------------- merge
     def image_placeholder_mask(

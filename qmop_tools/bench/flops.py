@@ -137,6 +137,11 @@ def pruning_score_macs(config) -> int:
     patches = tower_patch_counts(config.num_patches, layers_run, config.tower_pruning_plan)[layers_run - 1]
     if config.pruning_score == "random" and not config.pruning_recycle:
         return 0
+    if config.pruning_score == "learned":  # the scorer MLP (Cv -> Cv -> 1) on the patches leaving the feature layer
+        macs = config.num_tower_patches * (width * width + width)
+        if config.pruning_recycle:  # the feature layer's keys and patch -> all attention, as "cls_attention" has
+            macs += _score_macs("cls_attention", patches, width, True)
+        return macs
     score = "question_relevance" if config.pruning_score == "random" else config.pruning_score
     scores = _score_macs(score, patches, width, config.pruning_recycle)
     if config.pruning_score == "random":  # keys and the patch attention only

@@ -108,7 +108,7 @@ class QMoPAdapter(ModelAdapter):
             return None, None
         features = state["vision"]
         return self.model.model.pruning_scores(features.layer_input, features.feature_layer, state["query"],
-                                               features.feature_layer_kept)
+                                               features.feature_layer_kept, patches=features.hidden[:, 1:])
 
     def router_flops(self, inputs: BenchInputs, state: dict) -> int:
         router = self.model.model.projector.router

@@ -69,7 +69,7 @@ def pruning_kept_patches(model, inputs, budget: int) -> list:
     query_embeds = None
     if core.config.uses_query:
         query_embeds = core.get_query_embeds(inputs["query_input_ids"][:1], inputs.get("query_attention_mask")[:1])
-    scores, _ = core.pruning_scores(layer_input, feature_layer, query_embeds)
+    scores, _ = core.pruning_scores(layer_input, feature_layer, query_embeds, patches=hidden[:1, 1:])
     return sorted(scores[0].topk(budget).indices.tolist())
 
 
