@@ -5,6 +5,8 @@ recycling and with QG-VTC tower pruning; generation stays exact in a left-padded
 import pytest
 import torch
 from conftest import make_image
+from test_conversion import _settings as conversion_settings
+from test_conversion import sources  # noqa: F401  (the tiny LLaVA + CLIP sources fixture)
 
 from configuration_qmop import QMoPConfig
 from conversion.tiny import build_tiny
@@ -107,3 +109,18 @@ def test_counted_flops_equal_the_analytic_count(recycle):
     counted_parts.pop("total"), analytic_parts.pop("total")
     assert counted_parts == analytic_parts  # the scorer (and, recycling, the feature layer's attention) to the FLOP
     assert counted["whole_forward"] == counted["components"]["total"]
+
+
+def test_conversion_initialises_the_scorer(sources):  # noqa: F811
+    from transformers import AutoModelForImageTextToText
+
+    from conversion import llava_to_qmop as conv
+
+    settings = conversion_settings(sources, "learned-pruner", num_visual_tokens=4,
+                                   config_overrides=dict(pruning_score="learned"))
+    report = conv.convert(settings)
+    scorer_keys = sorted(k for k in report.fresh_keys if ".pruning_branch.scorer." in k)
+    assert len(scorer_keys) == 3, scorer_keys  # freshly initialised, seeded, and reported as such
+    model = AutoModelForImageTextToText.from_pretrained(report.output, trust_remote_code=True)
+    assert model.config.pruning_score == "learned"
+    assert float(model.model.projector.pruning_branch.scorer.linear_1.weight.detach().std()) > 0
