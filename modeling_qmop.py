@@ -1164,32 +1164,30 @@ class QMoPModel(QMoPPreTrainedModel):
         pruned the feature layer's own output, `feature_layer_kept` (N, K) restricts both to the K patches left.
         `pruning_score="learned"` scores the feature layer's output `patches` (N, K, Cv) instead, which it needs."""
         branch = self.projector.pruning_branch
-        learned = None
-        if branch.score == "learned":
-            if patches is None:
-                raise ValueError("`pruning_score='learned'` scores the feature layer's output: pass `patches`.")
-            learned = branch.scorer(patches)  # (N, K), already the patches left after tower pruning
+        learned = branch.score == "learned"
+        if learned and patches is None:
+            raise ValueError("`pruning_score='learned'` scores the feature layer's output: pass `patches`.")
+        scores = patch_attention = None
         if branch.score == "random" and not branch.recycle:  # random-k: no attention needed
-            num_patches = layer_input.shape[1] - 1
-            scores, patch_attention = torch.rand(layer_input.shape[0], num_patches, device=layer_input.device), None
-        elif learned is not None and not branch.recycle:
-            scores, patch_attention = None, None
-        else:
+            scores = torch.rand(layer_input.shape[0], layer_input.shape[1] - 1, device=layer_input.device)  # (N, K')
+        elif not learned or branch.recycle:
             question = None
             if branch.score == "question_relevance":
                 question = branch.question_proj(_to(query_embeds, layer_input.device).to(layer_input.dtype))  # (N, Cv)
-            attention_score = "cls_attention" if learned is not None else branch.score  # learned: attention only
+            score = "cls_attention" if learned else branch.score  # learned: only the recycling attention is used
             scores, patch_attention = score_patches(
-                feature_layer, layer_input, attention_score, question, with_attention=branch.recycle
+                feature_layer, layer_input, score, question, with_attention=branch.recycle
             )  # (N, K'), (N, K', K')
         if feature_layer_kept is not None:
-            scores = None if scores is None else scores.gather(1, feature_layer_kept)  # (N, K)
+            scores = scores.gather(1, feature_layer_kept) if scores is not None else None  # (N, K)
             if patch_attention is not None:
                 num_kept = feature_layer_kept.shape[1]
                 rows = feature_layer_kept.unsqueeze(-1).expand(-1, -1, patch_attention.shape[-1])  # (N, K, K')
                 columns = feature_layer_kept.unsqueeze(1).expand(-1, num_kept, -1)  # (N, K, K)
                 patch_attention = patch_attention.gather(1, rows).gather(2, columns)  # (N, K, K)
-        return (scores if learned is None else learned), patch_attention
+        if learned:
+            scores = branch.scorer(patches)  # (N, K): already the patches left after tower pruning
+        return scores, patch_attention
 
     # ---------------------------------------------------------------------------------------- merge
     def image_placeholder_mask(

@@ -162,7 +162,7 @@ class FeatureCache:
         (`tower_pruning_schedule`), whose tower output is no longer a function of the image alone. Returns whether
         the cache was installed."""
         core = model.model if hasattr(model, "model") and hasattr(model.model, "get_vision_features") else model
-        if getattr(core.config, "tower_pruning_schedule", "off") != "off":
+        if getattr(core.config, "uses_tower_pruning", False):
             return False
         original = core.get_vision_features
         tower = self.fingerprint(core.vision_tower)

@@ -165,8 +165,9 @@ def run_probe(output: str, settings: ProbeSettings) -> dict:
     features = {split: reduce_tokens(tower_tokens(clip_dir, processor, data_dir, split), settings.tokens)
                 for split in ("train", "val")}
     train, val = _questions(tokenizer, data_dir, "train"), _questions(tokenizer, data_dir, "val")
-    if settings.dimension_list():
-        train, val = ([item for item in items if item[3] in settings.dimension_list()] for items in (train, val))
+    chosen = settings.dimension_list()
+    if chosen:
+        train, val = ([item for item in items if item[3] in chosen] for items in (train, val))
     torch.manual_seed(settings.seed)
     reader = Reader(LlamaForCausalLM.from_pretrained(os.path.join(foundation, "llm")), features["train"].shape[-1],
                     tokenizer.bos_token_id, tokenizer.pad_token_id)
