@@ -177,6 +177,16 @@ class QMoPConfig(PretrainedConfig):
             attention (no question, no learned weights).
         tower_pruning_recycle (`bool`, *optional*, defaults to `True`):
             QG-VTC Eq. 5 at every step: kept_i += Σ_{j dropped} A(i, j) · X_j, A the pruned layer's attention.
+        llm_pruning_layer (`int`, *optional*):
+            LearnPruner's second step, inside the language model (docs/compression.md). Decoder layers before this one
+            (0-based) see every visual token; at its input the text after each image (the question at inference; the
+            prompt before the first supervised token in training) ranks the image's visual tokens by the attention it
+            pays them, recomputed from the layer's own query/key projections, and this layer and all later ones keep
+            only the top `llm_pruning_keep` per image, in their original order and positions. Their KV cache holds
+            only the kept tokens. Needs a growing cache (`DynamicCache`, the default); the pruned positions of
+            `last_hidden_state` (and of later `hidden_states`) are zeros. Unset: every layer sees every token.
+        llm_pruning_keep (`int`, *optional*, defaults to 16):
+            Visual tokens each image keeps from `llm_pruning_layer` on (all of them when an image has fewer).
     """
 
     model_type = "qmop_llava"
@@ -217,6 +227,8 @@ class QMoPConfig(PretrainedConfig):
         tower_pruning_keep: Optional[list] = None,
         tower_pruning_score: TowerPruningScore = "question_relevance",
         tower_pruning_recycle: bool = True,
+        llm_pruning_layer: Optional[int] = None,
+        llm_pruning_keep: int = 16,
         custom_pipelines=None,
         **kwargs,
     ):
@@ -257,6 +269,8 @@ class QMoPConfig(PretrainedConfig):
         self.tower_pruning_keep = None if tower_pruning_keep is None else list(tower_pruning_keep)
         self.tower_pruning_score = tower_pruning_score
         self.tower_pruning_recycle = tower_pruning_recycle
+        self.llm_pruning_layer = llm_pruning_layer
+        self.llm_pruning_keep = llm_pruning_keep
 
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)
@@ -290,6 +304,10 @@ class QMoPConfig(PretrainedConfig):
     @property
     def uses_router(self) -> bool:
         return len(self.branches) > 1 and self.router_mode != "uniform"
+
+    @property
+    def uses_llm_pruning(self) -> bool:
+        return self.llm_pruning_layer is not None
 
     @property
     def uses_tower_pruning(self) -> bool:
@@ -429,12 +447,26 @@ class QMoPConfig(PretrainedConfig):
             if getattr(self, field) is not None and not getattr(self, field) > 0:
                 raise ValueError(f"`{field}` must be > 0 or None, got {getattr(self, field)}.")
         self._validate_tower_pruning()
+        self._validate_llm_pruning()
         max_pos = getattr(self.text_encoder_config, "max_position_embeddings", None)
         if max_pos is not None and self.query_max_length > max_pos:
             raise ValueError(
                 f"`query_max_length`={self.query_max_length} exceeds the text encoder's {max_pos} positions."
             )
 
+
+    def _validate_llm_pruning(self) -> None:
+        layer, keep = self.llm_pruning_layer, self.llm_pruning_keep
+        if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
+            raise ValueError(f"`llm_pruning_keep` must be an integer >= 1, got {keep!r}.")
+        if layer is None:
+            return
+        num_layers = getattr(self.text_config, "num_hidden_layers", None)
+        if not isinstance(layer, int) or isinstance(layer, bool) or num_layers is None or not 1 <= layer < num_layers:
+            raise ValueError(
+                f"`llm_pruning_layer` must be a decoder layer index in [1, {num_layers}) of the language model (the "
+                f"layers before it see every visual token), or None; got {layer!r}."
+            )
 
     def _validate_tower_pruning(self) -> None:
         layers, keep = self.tower_pruning_layers, self.tower_pruning_keep

@@ -19,6 +19,7 @@ D language-model width, H heads, h head width.
 Sources: QMoP (arXiv, March 2026) and QG-VTC (arXiv 2504.00654) for Eq. 4-5; choices in shared/DESIGN.md.
 """
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass
@@ -835,6 +836,222 @@ def _poison_unroutable_images(fused: torch.Tensor, weights: torch.Tensor) -> tor
     return fused.masked_fill(unroutable.to(fused.device)[:, None, None], float("nan"))  # (N, M, D)
 
 
+# ===================================================================================== pruning inside the LLM
+# LearnPruner's second step (`llm_pruning_layer`, docs/compression.md). The language model runs its own forward; a
+# pre-hook on each decoder layer from `llm_pruning_layer` on rewrites that layer's inputs. The plan of one forward
+# reaches the hooks as a keyword argument of the language model, which passes its extra keyword arguments to every
+# decoder layer, so nothing is stored on the model between calls.
+LLM_PRUNING_KWARG = "qmop_llm_pruning"
+
+
+@dataclass
+class LLMPruningPlan:
+    """One forward of the language model with `llm_pruning_layer` set.
+
+    Prefill (`image_mask` given): the first pruned layer's hook ranks each image's visual tokens and fills
+    `kept_positions` / `masked` and the pruned layers' inputs; the later hooks reuse them. Continuing a cache
+    (`image_mask` None): the pruned layers' caches are shorter than the sequence by the dropped tokens, and each hook
+    drops those columns from the attention mask (left padding keeps them all at the right of the padding).
+    """
+
+    image_mask: Optional[torch.Tensor] = None  # (B, T) visual positions
+    query_mask: Optional[torch.Tensor] = None  # (B, T) text positions whose attention ranks the visual tokens
+    tokens_per_image: int = 0  # M
+    keep: int = 0  # visual tokens kept per image, <= M
+    continues: bool = False  # a cache was given: later calls continue it, so every sample must drop as many tokens
+    kept_positions: Optional[torch.Tensor] = None  # (B, L) positions the pruned layers run on, increasing
+    masked: Optional[torch.Tensor] = None  # (B, L) kept only to give every sample L positions; never attended
+    uneven: bool = False  # some sample has `masked` positions
+    pruned_inputs: Optional[dict] = None  # the pruned layers' attention mask and positions, made once
+
+    def restore(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) states of a pruned layer -> (B, T, D), zeros at the dropped (and masked) positions."""
+        if self.kept_positions is None or hidden.shape[1] != self.kept_positions.shape[1]:
+            return hidden
+        batch, length = self.image_mask.shape
+        positions = self.kept_positions.to(hidden.device)
+        hidden = hidden.masked_fill(self.masked.to(hidden.device)[..., None], 0)
+        full = hidden.new_zeros(batch, length, hidden.shape[-1])  # (B, T, D)
+        return full.scatter(1, positions[..., None].expand_as(hidden), hidden)
+
+
+def _gather_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x (B or 1, T, ...) -> (B, L, ...) at `positions` (B, L) along dim 1."""
+    x = x.expand(positions.shape[0], *x.shape[1:])
+    index = positions.to(x.device).view(*positions.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return x.gather(1, index)
+
+
+def text_to_vision_attention(
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    position_embeddings: tuple,
+    attention_mask: Optional[torch.Tensor],
+    query_mask: torch.Tensor,
+) -> torch.Tensor:
+    """(B, T) attention each position receives at `layer` from the query rows (`query_mask`), averaged over heads and
+    rows. The layer's own input norm, q/k projections and rotary embedding, recomputed here for the query rows only,
+    so the attention kernel (SDPA, flash) never has to return weights."""
+    attn = layer.self_attn
+    rope = getattr(inspect.getmodule(type(attn)), "apply_rotary_pos_emb", None)
+    states = layer.input_layernorm(hidden)  # (B, T, D)
+    batch, length, width = states.shape
+    num_rows = max(int(query_mask.sum(1).max()), 1)
+    rows = torch.argsort((~query_mask).to(torch.int8), dim=1, stable=True)[:, :num_rows]  # (B, Q) query rows first
+    row_valid = query_mask.gather(1, rows)  # (B, Q)
+    head_dim = attn.head_dim
+    q = attn.q_proj(_gather_positions(states, rows)).view(batch, num_rows, -1, head_dim)  # (B, Q, H, h)
+    k = attn.k_proj(states).view(batch, length, -1, head_dim)  # (B, T, Hkv, h)
+    if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, Q, h), (B, Hkv, T, h)
+    cos, sin = position_embeddings  # (B or 1, T, h)
+    q, _ = rope(q, q, _gather_positions(cos, rows), _gather_positions(sin, rows))
+    k, _ = rope(k, k, cos.expand(batch, -1, -1), sin.expand(batch, -1, -1))
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, H, T, h) grouped-query heads
+    scores = (q @ k.transpose(-1, -2)).float() * getattr(attn, "scaling", head_dim**-0.5)  # (B, H, Q, T)
+
+    if attention_mask is None:  # causal, no padding
+        allowed = torch.arange(length, device=rows.device) <= rows[..., None]  # (B, Q, T)
+    elif attention_mask.dim() == 2:  # flash attention: padding only
+        causal = torch.arange(length, device=rows.device) <= rows[..., None]
+        allowed = causal & attention_mask.to(rows.device).bool()[:, None, :]  # (B, Q, T)
+    else:
+        mask_rows = attention_mask.expand(batch, -1, -1, -1)[:, 0].to(rows.device)  # (B, T, T)
+        mask_rows = mask_rows.gather(1, rows[..., None].expand(-1, -1, mask_rows.shape[-1]))[..., :length]  # (B, Q, T)
+        allowed = mask_rows if mask_rows.dtype == torch.bool else mask_rows > torch.finfo(mask_rows.dtype).min / 2
+    scores = scores.masked_fill(~allowed.to(scores.device)[:, None], float("-inf"))
+    probs = scores.softmax(-1).masked_fill(~row_valid.to(scores.device)[:, None, :, None], 0)  # (B, H, Q, T)
+    return probs.mean(1).sum(1)  # (B, T)
+
+
+def _select_llm_tokens(plan: LLMPruningPlan, received: torch.Tensor) -> None:
+    """Fill `plan.kept_positions` / `plan.masked`: each image keeps its `plan.keep` most attended visual tokens."""
+    image_mask = plan.image_mask.to(received.device)  # (B, T)
+    batch, length = image_mask.shape
+    where = image_mask.nonzero()  # (N·M, 2) rows in sample order, then position order: images in order
+    positions = where[:, 1].view(-1, plan.tokens_per_image)  # (N, M)
+    samples = where[:, 0].view(-1, plan.tokens_per_image)  # (N, M)
+    scores = received[samples, positions]  # (N, M)
+    ranked = scores.argsort(dim=1, descending=True, stable=True)  # ties: the earlier token first
+    dropped = positions.gather(1, ranked[:, plan.keep :])  # (N, M - r)
+    drop = torch.zeros_like(image_mask)
+    drop[samples[:, : dropped.shape[1]], dropped] = True  # (B, T)
+    counts = drop.sum(1)  # (B,)
+    if not bool(counts.any()):  # every image keeps all its tokens: the layers run as without pruning
+        return
+    fewest = int(counts.min())
+    # A sample dropping more than the fewest keeps that many of its dropped tokens, masked out of every attention.
+    masked = drop & (drop.cumsum(1) <= (counts - fewest)[:, None])  # (B, T)
+    kept = ~drop | masked
+    plan.kept_positions = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)[:, : length - fewest]  # (B, L)
+    plan.masked = masked.gather(1, plan.kept_positions)  # (B, L)
+    plan.uneven = bool(plan.masked.any())
+    if plan.uneven and plan.continues:
+        raise ValueError(
+            "`llm_pruning_layer`: the samples of a batch that starts a KV cache must hold the same number of images "
+            f"(they would drop {counts.tolist()} visual tokens); generate them in separate batches."
+        )
+
+
+def _pruned_layer_inputs(plan: LLMPruningPlan, kwargs: dict, attn_implementation: Optional[str]) -> dict:
+    """The inputs every pruned layer gets in place of the language model's: attention mask rows and columns,
+    rotary embeddings and positions at `plan.kept_positions` (original positions: RoPE is unchanged)."""
+    positions, masked = plan.kept_positions, plan.masked  # (B, L)
+    batch, length = positions.shape
+    inputs = {"position_embeddings": tuple(_gather_positions(x, positions) for x in kwargs["position_embeddings"])}
+    if kwargs.get("position_ids") is not None:
+        inputs["position_ids"] = _gather_positions(kwargs["position_ids"], positions)  # (B, L)
+    if kwargs.get("cache_position") is not None:  # transformers 4.x: the pruned layers' cache holds L entries
+        inputs["cache_position"] = torch.arange(length, device=kwargs["cache_position"].device)
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        if plan.uneven and str(attn_implementation).startswith("flash"):
+            mask = (~masked).long()  # (B, L)
+        elif plan.uneven:
+            mask = (positions[:, None, :, None] >= positions[:, None, None, :]) & ~masked[:, None, None, :]  # (B,1,L,L)
+    elif not isinstance(mask, torch.Tensor):
+        raise ValueError(f"`llm_pruning_layer` needs a tensor attention mask, got {type(mask).__name__} "
+                         f"(attention implementation {attn_implementation!r}); use 'sdpa', 'eager' or flash attention.")
+    elif mask.dim() == 2:  # flash attention: (B, T) padding
+        mask = mask.gather(1, positions.to(mask.device)) * (~masked).to(mask.device, mask.dtype)  # (B, L)
+    else:  # (B or 1, 1, T, T)
+        mask = mask.expand(batch, -1, -1, -1)
+        index = positions.to(mask.device)[:, None, :, None]
+        mask = mask.gather(2, index.expand(-1, mask.shape[1], -1, mask.shape[3]))  # (B, 1, L, T)
+        mask = mask.gather(3, index.transpose(2, 3).expand(-1, mask.shape[1], length, -1))  # (B, 1, L, L)
+        hidden = masked.to(mask.device)[:, None, None, :]
+        mask = mask & ~hidden if mask.dtype == torch.bool else mask.masked_fill(hidden, torch.finfo(mask.dtype).min)
+    inputs["attention_mask"] = mask
+    return inputs
+
+
+def _continued_mask(mask: Optional[torch.Tensor], cached: int, num_new: int) -> Optional[torch.Tensor]:
+    """A pruned layer continuing its cache: the mask's key columns are [past sequence, new tokens]; the cache holds
+    the first `cached` kept positions, which with left padding are the padding and the kept tokens, in order."""
+    if mask is None or not isinstance(mask, torch.Tensor):
+        return mask
+    past = mask.shape[-1] - num_new
+    if cached >= past:
+        return mask
+    return torch.cat([mask[..., :cached], mask[..., past:]], dim=-1)
+
+
+def _llm_pruning_pre_hook(module: nn.Module, args: tuple, kwargs: dict, layer_idx: int, first: bool):
+    """Forward pre-hook of a decoder layer at or after `llm_pruning_layer` (registered by `QMoPModel`)."""
+    plan = kwargs.pop(LLM_PRUNING_KWARG, None)
+    if plan is None:
+        return args, kwargs
+    hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, D)
+    if plan.image_mask is None:
+        cache = kwargs.get("past_key_values", kwargs.get("past_key_value"))
+        if cache is not None:
+            kwargs["attention_mask"] = _continued_mask(
+                kwargs.get("attention_mask"), cache.get_seq_length(layer_idx), hidden.shape[1]
+            )
+        return args, kwargs
+    if not first:  # a later pruned layer of the same forward: the first one made its inputs
+        kwargs.update(plan.pruned_inputs)
+        return args, kwargs
+    if first:  # (again when gradient checkpointing recomputes the layer: the same selection)
+        received = text_to_vision_attention(
+            module, hidden, kwargs["position_embeddings"], kwargs.get("attention_mask"), plan.query_mask
+        )
+        _select_llm_tokens(plan, received)
+        if plan.kept_positions is None:
+            plan.pruned_inputs = {}
+            return args, kwargs
+        implementation = getattr(getattr(module.self_attn, "config", None), "_attn_implementation", None)
+        plan.pruned_inputs = _pruned_layer_inputs(plan, kwargs, implementation)
+        hidden = _gather_positions(hidden, plan.kept_positions)  # (B, L, D)
+        if args:
+            args = (hidden, *args[1:])
+        else:
+            kwargs["hidden_states"] = hidden
+        kwargs.update(plan.pruned_inputs)
+    return args, kwargs
+
+
+def check_llm_pruning_layers(language_model: nn.Module, first_layer: int) -> nn.ModuleList:
+    """The language model's decoder layers, checked for what mid-LLM pruning reads (clear error otherwise)."""
+    layers = getattr(language_model, "layers", None)
+    if layers is None:
+        raise ValueError(f"`llm_pruning_layer`: {type(language_model).__name__} has no `layers` of decoder layers.")
+    layer = layers[first_layer]
+    attn = getattr(layer, "self_attn", None)
+    missing = [name for name, owner in (("input_layernorm", layer), ("self_attn", layer)) if not hasattr(owner, name)]
+    if attn is not None:
+        missing += [f"self_attn.{n}" for n in ("q_proj", "k_proj", "head_dim") if not hasattr(attn, n)]
+        if getattr(inspect.getmodule(type(attn)), "apply_rotary_pos_emb", None) is None:
+            missing.append(f"apply_rotary_pos_emb in {type(attn).__module__}")
+    if missing:
+        raise ValueError(
+            f"`llm_pruning_layer` ranks visual tokens with the decoder layer's own projections, and "
+            f"{type(layer).__name__} lacks {missing}."
+        )
+    return layers
+
+
 # ===================================================================================== pre-trained base
 class QMoPPreTrainedModel(PreTrainedModel):
     config_class = QMoPConfig
@@ -968,6 +1185,12 @@ class QMoPModel(QMoPPreTrainedModel):
         self.language_model = AutoModel.from_config(config.text_config)
         lm_no_split = getattr(self.language_model, "_no_split_modules", None) or []
         self._no_split_modules = list(dict.fromkeys(list(self._no_split_modules) + list(lm_no_split)))
+        if config.uses_llm_pruning:
+            first = config.llm_pruning_layer
+            layers = check_llm_pruning_layers(self.language_model, first)
+            for index in range(first, len(layers)):
+                hook = functools.partial(_llm_pruning_pre_hook, layer_idx=index, first=index == first)
+                layers[index].register_forward_pre_hook(hook, with_kwargs=True)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -1190,6 +1413,35 @@ class QMoPModel(QMoPPreTrainedModel):
         return scores, patch_attention
 
     # ---------------------------------------------------------------------------------------- merge
+    def llm_pruning_plan(self, image_mask, per_image, attention_mask=None, past_key_values=None, query_mask=None) -> LLMPruningPlan:
+        """The plan handed to the pruned decoder layers: a prefill plan when images are encoded in this call."""
+        if past_key_values is not None and getattr(past_key_values, "is_compileable", False):
+            raise ValueError(
+                f"`llm_pruning_layer` needs a cache that grows per layer (DynamicCache); {type(past_key_values).__name__} "
+                "indexes every layer by the same positions. Generate without `cache_implementation=\"static\"`."
+            )
+        if image_mask is None:
+            return LLMPruningPlan()
+        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            raise ValueError(
+                "`llm_pruning_layer`: images must be in the first forward of a sequence (this KV cache already holds "
+                f"{past_key_values.get_seq_length()} positions)."
+            )
+        valid = torch.ones_like(image_mask) if attention_mask is None or attention_mask.dim() != 2 else attention_mask.bool()
+        text = ~image_mask & valid.to(image_mask.device)  # (B, T)
+        after_last_image = image_mask.flip(1).cumsum(1).flip(1) == 0  # (B, T) no image at or after
+        queries = text & after_last_image
+        if query_mask is not None:
+            queries = queries & query_mask.to(queries.device)
+        queries = torch.where(queries.any(1, keepdim=True), queries, text)  # no question after the image: all text
+        return LLMPruningPlan(
+            image_mask=image_mask,
+            query_mask=queries,
+            tokens_per_image=per_image,
+            keep=min(self.config.llm_pruning_keep, per_image),
+            continues=past_key_values is not None,
+        )
+
     def image_placeholder_mask(
         self, input_ids: Optional[torch.Tensor], inputs_embeds: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
@@ -1259,8 +1511,15 @@ class QMoPModel(QMoPPreTrainedModel):
         output_attentions: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        llm_pruning_query_mask: Optional[torch.BoolTensor] = None,
         **kwargs,
     ) -> QMoPModelOutputWithPast:
+        r"""
+        llm_pruning_query_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            With `config.llm_pruning_layer`: the positions allowed to rank the visual tokens, among the text after each
+            sample's last image (default: all of it). The generation head passes the prompt before the first
+            supervised label, so training ranks with what inference will see.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
         if input_ids is not None:
@@ -1279,7 +1538,7 @@ class QMoPModel(QMoPPreTrainedModel):
         elif pixel_values is not None:
             image_mask = self.image_placeholder_mask(None, inputs_embeds)  # (B, T)
 
-        projected = None
+        projected, per_image = None, 0
         if pixel_values is not None:
             _check_pixel_values(pixel_values)
             if pixel_values.shape[0] > 0:
@@ -1303,6 +1562,16 @@ class QMoPModel(QMoPPreTrainedModel):
                 f"`input_ids` hold {int(image_mask.sum())} `<image>` placeholders but no `pixel_values` were given."
             )
 
+        plan = None
+        if self.config.uses_llm_pruning:
+            plan = self.llm_pruning_plan(
+                image_mask if projected is not None else None,
+                per_image,
+                attention_mask,
+                past_key_values,
+                llm_pruning_query_mask,
+            )
+            kwargs[LLM_PRUNING_KWARG] = plan
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -1314,10 +1583,18 @@ class QMoPModel(QMoPPreTrainedModel):
             return_dict=True,
             **kwargs,
         )
+        last_hidden_state, hidden_states, cache = outputs.last_hidden_state, outputs.hidden_states, outputs.past_key_values
+        if plan is not None and plan.kept_positions is not None:
+            # Back to the prompt's length (zeros where the pruned layers dropped a token), so logits, labels and
+            # callers' masks line up with `input_ids` as without pruning.
+            last_hidden_state = plan.restore(last_hidden_state)
+            hidden_states = None if hidden_states is None else tuple(plan.restore(h) for h in hidden_states)
+            if plan.uneven:  # rows padded with masked tokens: a later call could not tell them apart
+                cache = None
         output = QMoPModelOutputWithPast(
-            last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
+            last_hidden_state=last_hidden_state,
+            past_key_values=cache,
+            hidden_states=hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=None if projected is None else projected.image_features,
             router_weights=None if projected is None else projected.router_weights,
@@ -1431,6 +1708,10 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if labels is not None:
             _check_labels(labels, input_ids, inputs_embeds)
+        if self.config.uses_llm_pruning and (labels is not None or shift_labels is not None):
+            # Rank the visual tokens with the prompt only, as inference will: not with the answer being learned.
+            supervised = labels != -100 if labels is not None else F.pad(shift_labels[:, :-1] != -100, (1, 0))  # (B, T)
+            kwargs["llm_pruning_query_mask"] = supervised.cumsum(1) == 0
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
