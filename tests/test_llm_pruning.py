@@ -255,3 +255,34 @@ def test_gradient_checkpointing_recomputes_the_same_selection(pair):
         model(**inputs, labels=labels, use_cache=False).loss.backward()
         grads.append(model.model.language_model.layers[LAYER].self_attn.q_proj.weight.grad)
     torch.testing.assert_close(grads[0], grads[1])
+
+
+# ===================================================================================== FLOPs and KV
+def test_7b_flops_and_kv_on_meta_alone_and_composed_with_tower_pruning():
+    from qmop_tools.bench.runner import BenchSettings, run_benchmark
+
+    results = run_benchmark(BenchSettings(preset="7b", device="meta", budgets=[64], tower_pruning="qg_vtc",
+                                          llm_pruning="2:32"), log=lambda *_: None)
+    records = {r["name"]: r for r in results["variants"]}
+    plain, alone, both = records["QMoP M=64"], records["QMoP+llm@2:32 M=64"], records["QMoP+qg_vtc+llm@2:32 M=64"]
+    for record in records.values():  # the analytic count explains every counted FLOP, the ranking included
+        assert record["flops"]["counted_over_analytic"] == pytest.approx(1.0, rel=1e-5)
+    assert both["flops_vs_llava"] < alone["flops_vs_llava"] < plain["flops_vs_llava"]
+    # 2 of 32 layers hold all 104 positions, 30 hold 40 text + 32 visual: KV (2·104 + 30·72) / (32·616) of LLaVA's.
+    assert alone["kv_ratio_formula"] == "37/308"
+    assert [t["value"] for t in results["targets"][:2]] == [None, plain["flops_vs_llava"]]  # targets read plain QMoP
+
+
+def test_smoke_benchmark_runs_the_pruned_forward_it_counts():
+    from qmop_tools.bench.runner import BenchSettings, run_benchmark
+
+    results = run_benchmark(BenchSettings(preset="smoke", budgets=[4], llm_pruning="1:2", components=False),
+                            log=lambda *_: None)
+    record = next(r for r in results["variants"] if r["name"] == "QMoP+llm@1:2 M=4")
+    flops = record["flops"]
+    assert flops["whole_forward"] == flops["counted"]["total"]  # the real forward runs what the parts count
+    # 4.57's rotary embedding is a small matrix product the analytic count leaves out (LLaVA's row too): 4e-5.
+    assert flops["counted_over_analytic"] == pytest.approx(1.0, rel=1e-4)
+    assert record["kv_ratio_exact"], (record["kv_ratio_measured"], record["kv_ratio_formula"])
+    with pytest.raises(ValueError, match="LAYER:KEEP"):
+        run_benchmark(BenchSettings(preset="smoke", llm_pruning="two"), log=lambda *_: None)

@@ -33,6 +33,9 @@ def parse_args(argv=None) -> BenchSettings:
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--tower-pruning", choices=["qg_vtc"],
                         help="also QMoP with QG-VTC tower pruning (composed) and the tower pruning alone (pooling)")
+    parser.add_argument("--llm-pruning", metavar="LAYER:KEEP",
+                        help="also QMoP with mid-LLM pruning (LearnPruner): from decoder LAYER on, KEEP visual tokens "
+                             "per image (with --tower-pruning also both composed), e.g. 2:32")
     parser.add_argument("--compile-batch-sizes", type=int, nargs="*",
                         help="batch sizes of the generate() decode comparison, eager vs torch.compile with a static "
                              "cache (none: skip it; default: the preset's)")

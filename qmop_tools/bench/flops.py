@@ -8,6 +8,8 @@ Per transformer layer with n tokens, width d, key/value width d_kv, FFN width m 
 Only matrix products are counted (as the FLOP counter does): norms, softmax and pooling are not.
 With QG-VTC tower pruning (`config.tower_pruning_schedule`) each vision layer runs on the patches left before it, the
 steps' scoring and recycling are charged to the vision tower, and the branches read the K patches left at the end.
+With mid-LLM pruning (`config.llm_pruning_layer`) the LLM layers from that one on run on the kept positions, and the
+ranking's projections and scores are charged to the LLM.
 """
 
 import math
@@ -33,11 +35,40 @@ def _kv_width(llm_config) -> int:
     return (getattr(llm_config, "num_key_value_heads", None) or llm_config.num_attention_heads) * head_dim
 
 
-def llm_prefill_macs(llm_config, tokens: int, logits_kept: int = 1) -> int:
-    """Llama-style decoder over `tokens` positions plus the LM head on the last `logits_kept` positions."""
-    width = llm_config.hidden_size
-    layer = transformer_layer_macs(tokens, width, llm_config.intermediate_size, _kv_width(llm_config), gated_ffn=True)
-    return llm_config.num_hidden_layers * layer + logits_kept * width * llm_config.vocab_size
+def llm_prefill_macs(llm_config, tokens: int, logits_kept: int = 1, pruning: Optional["LLMPruning"] = None) -> int:
+    """Llama-style decoder over `tokens` positions plus the LM head on the last `logits_kept` positions. With
+    `pruning` (`llm_pruning_layer`), the layers from `pruning.layer` on run on `pruning.kept_tokens` positions, and
+    that layer's ranking adds its q projection of the query rows, its k projection of every position and the
+    query rows' scores against them."""
+    width, ffn, kv_width = llm_config.hidden_size, llm_config.intermediate_size, _kv_width(llm_config)
+
+    def layer(n: int) -> int:
+        return transformer_layer_macs(n, width, ffn, kv_width, gated_ffn=True)
+
+    head = logits_kept * width * llm_config.vocab_size
+    if pruning is None:
+        return llm_config.num_hidden_layers * layer(tokens) + head
+    full, pruned = pruning.layer, llm_config.num_hidden_layers - pruning.layer
+    ranking = pruning.query_rows * width * width + tokens * width * kv_width + pruning.query_rows * tokens * width
+    return full * layer(tokens) + pruned * layer(pruning.kept_tokens) + ranking + head
+
+
+@dataclass
+class LLMPruning:
+    """Mid-LLM pruning of one prompt, for the count: from decoder `layer` on, `kept_tokens` positions remain;
+    `query_rows` text positions ranked the visual tokens."""
+
+    layer: int
+    kept_tokens: int
+    query_rows: int
+
+    @classmethod
+    def of(cls, config, prompt_tokens: int, num_visual_tokens: int, query_rows: int) -> Optional["LLMPruning"]:
+        """From a QMoPConfig (None without `llm_pruning_layer`); one image of `num_visual_tokens`."""
+        if not getattr(config, "uses_llm_pruning", False):
+            return None
+        kept = prompt_tokens + min(config.llm_pruning_keep, num_visual_tokens)
+        return cls(config.llm_pruning_layer, kept, query_rows)
 
 
 def paper_visual_llm_macs(llm_config, visual_tokens: int) -> int:
@@ -177,9 +208,13 @@ class AnalyticFlops:
 
 
 def qmop_analytic_flops(config, batch_size: int, prompt_tokens: int, num_visual_tokens: int, query_tokens: int,
-                        branch_images: Optional[dict] = None) -> AnalyticFlops:
+                        branch_images: Optional[dict] = None, query_rows: Optional[int] = None) -> AnalyticFlops:
     """`branch_images`: images that ran each branch (from the router's weights); default: every image runs the
-    `router_top_k` most expensive branches (an upper bound)."""
+    `router_top_k` most expensive branches (an upper bound). `query_rows`: text positions after the image, which
+    rank the visual tokens with `llm_pruning_layer` (needed only then)."""
+    if config.uses_llm_pruning and query_rows is None:
+        raise ValueError("`query_rows` is needed to count a model with `llm_pruning_layer`.")
+    pruning = LLMPruning.of(config, prompt_tokens, num_visual_tokens, query_rows)
     if branch_images is None:
         costs = sorted((branch_macs(config, b, num_visual_tokens), b) for b in config.branches)
         chosen = [b for _, b in costs[-config.router_top_k:]] if config.uses_router else list(config.branches)
@@ -194,7 +229,7 @@ def qmop_analytic_flops(config, batch_size: int, prompt_tokens: int, num_visual_
         router=2 * batch_size * router_macs(config) if uses_router else 0,
         branches=2 * sum(n * branch_macs(config, b, num_visual_tokens) for b, n in branch_images.items())
         + (2 * batch_size * pruning_score_macs(config) if "pruning" in config.branches else 0),
-        llm=2 * batch_size * llm_prefill_macs(config.text_config, prompt_tokens + num_visual_tokens),
+        llm=2 * batch_size * llm_prefill_macs(config.text_config, prompt_tokens + num_visual_tokens, pruning=pruning),
     )
 
 

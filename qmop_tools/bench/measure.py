@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+from transformers import DynamicCache
 
 from .flops import count_flops
 from .models import BenchInputs
@@ -67,8 +68,12 @@ class ModelAdapter:
         embeds = embeddings(input_ids.masked_fill(image_mask, 0))  # (B, T + M, D)
         mask = image_mask.unsqueeze(-1).expand_as(embeds)
         embeds = embeds.masked_scatter(mask, image_features.to(embeds.dtype))
-        hidden = self.model.model.language_model(inputs_embeds=embeds, use_cache=True).last_hidden_state
+        extra = self._llm_kwargs(image_mask, image_features.shape[1])
+        hidden = self.model.model.language_model(inputs_embeds=embeds, use_cache=True, **extra).last_hidden_state
         return self.model.lm_head(hidden[:, -1:])  # (B, 1, V)
+
+    def _llm_kwargs(self, image_mask: torch.Tensor, per_image: int) -> dict:
+        return {}
 
 
 class QMoPAdapter(ModelAdapter):
@@ -101,6 +106,16 @@ class QMoPAdapter(ModelAdapter):
 
         parts = {"text_encoder": text_encoder, "vision_tower": vision, "router+branches": projector, "llm": llm}
         return parts, state
+
+    def _llm_kwargs(self, image_mask: torch.Tensor, per_image: int) -> dict:
+        """Mid-LLM pruning's plan, as QMoPModel.forward hands it to the language model (`llm_pruning_layer`)."""
+        if not self.config.uses_llm_pruning:
+            return {}
+        from modeling_qmop import LLM_PRUNING_KWARG
+
+        past = DynamicCache()  # a cache to continue, as in generate
+        return {LLM_PRUNING_KWARG: self.model.model.llm_pruning_plan(image_mask, per_image, past_key_values=past),
+                "past_key_values": past}
 
     def _pruning_scores(self, state: dict) -> tuple:
         """The pruning branch's scores (part of QMoP's own cost), on the patches the tower left."""
@@ -184,11 +199,16 @@ def kv_cache_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-def kv_bytes_formula(llm_config, tokens: int, bytes_per_value: int) -> int:
-    """2 (K and V) · layers · key/value width · tokens · bytes (shared/DESIGN.md section 6, GQA-aware)."""
+def kv_bytes_formula(llm_config, tokens: int, bytes_per_value: int, pruning=None) -> int:
+    """2 (K and V) · layers · key/value width · tokens · bytes (shared/DESIGN.md section 6, GQA-aware); with mid-LLM
+    `pruning` (flops.LLMPruning) the layers from `pruning.layer` on hold `pruning.kept_tokens`."""
     head_dim = getattr(llm_config, "head_dim", None) or llm_config.hidden_size // llm_config.num_attention_heads
     kv_heads = getattr(llm_config, "num_key_value_heads", None) or llm_config.num_attention_heads
-    return 2 * llm_config.num_hidden_layers * kv_heads * head_dim * tokens * bytes_per_value
+    layers = llm_config.num_hidden_layers
+    token_layers = layers * tokens if pruning is None else (
+        pruning.layer * tokens + (layers - pruning.layer) * pruning.kept_tokens
+    )
+    return 2 * kv_heads * head_dim * token_layers * bytes_per_value
 
 
 def weights_bytes(model) -> int:
@@ -290,7 +310,26 @@ def _meta_llm(adapter: ModelAdapter, inputs: BenchInputs, state: dict):
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
     hidden = torch.empty(batch, tokens, text_config.hidden_size, device="meta", dtype=dtype)  # (B, T + M, D)
     angles = torch.empty(batch, tokens, head_dim, device="meta", dtype=dtype)  # cos and sin: (B, T + M, h)
-    for layer in llm.layers:
+    pruning = _meta_llm_pruning(adapter.config, inputs)
+    for index, layer in enumerate(llm.layers):
+        if pruning is not None and index == pruning.layer:
+            # The ranking's matrix products (modeling_qmop.text_to_vision_attention) on tensors of its shapes; then
+            # this layer and the later ones run on the kept positions.
+            attn = layer.self_attn
+            q = attn.q_proj(hidden[:, : pruning.query_rows]).view(batch, pruning.query_rows, -1, head_dim)
+            k = attn.k_proj(hidden).view(batch, tokens, -1, head_dim)
+            k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+            _ = q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2)  # (B, H, Q, T)
+            hidden, angles = hidden[:, : pruning.kept_tokens], angles[:, : pruning.kept_tokens]
         out = layer(hidden, attention_mask=None, position_embeddings=(angles, angles))
         hidden = out[0] if isinstance(out, tuple) else out
     return adapter.model.lm_head(llm.norm(hidden[:, -1:]))  # (B, 1, V)
+
+
+def _meta_llm_pruning(config, inputs: BenchInputs):
+    from .flops import LLMPruning
+
+    if not getattr(config, "uses_llm_pruning", False):
+        return None
+    return LLMPruning.of(config, inputs.sequence_length - inputs.num_visual_tokens, inputs.num_visual_tokens,
+                         inputs.text_after_image)

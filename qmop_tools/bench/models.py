@@ -260,6 +260,9 @@ def _transformers_major() -> int:
 
 
 # ===================================================================================== inputs
+TEXT_BEFORE_IMAGE = 2  # "<s> USER" before the placeholders
+
+
 @dataclass
 class BenchInputs:
     """Synthetic prefill inputs: T text tokens with M `<image>` placeholders after BOS and the first text token."""
@@ -272,6 +275,11 @@ class BenchInputs:
     @property
     def sequence_length(self) -> int:
         return self.input_ids.shape[1]
+
+    @property
+    def text_after_image(self) -> int:
+        """Text positions after the placeholders (the question: they rank visual tokens with `llm_pruning_layer`)."""
+        return self.sequence_length - self.num_visual_tokens - TEXT_BEFORE_IMAGE
 
 
 def make_inputs(config, batch_size: int, prompt_tokens: int, num_visual_tokens: int, query_tokens: int,
@@ -287,7 +295,8 @@ def make_inputs(config, batch_size: int, prompt_tokens: int, num_visual_tokens: 
     text = torch.randint(low, high, (batch_size, prompt_tokens), generator=generator)  # (B, T)
     text[:, 0] = text_config.bos_token_id if text_config.bos_token_id is not None else 1
     image = torch.full((batch_size, num_visual_tokens), image_token_id)  # (B, M)
-    input_ids = torch.cat([text[:, :2], image, text[:, 2:]], dim=1)  # (B, T + M): "<s> USER <image>... question"
+    before = TEXT_BEFORE_IMAGE
+    input_ids = torch.cat([text[:, :before], image, text[:, before:]], dim=1)  # (B, T + M): "<s> USER <image>... question"
     size = vision_config.image_size
     pixel_values = torch.randn((batch_size, vision_config.num_channels, size, size), generator=generator)
     query_input_ids = None

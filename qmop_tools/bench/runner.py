@@ -18,9 +18,10 @@ from typing import Optional
 import torch
 import transformers
 
-from .flops import check_match, llava_analytic_flops, paper_visual_llm_macs, qmop_analytic_flops
+from .flops import LLMPruning, check_match, llava_analytic_flops, paper_visual_llm_macs, qmop_analytic_flops
 from .measure import adapter_for, count_prefill_flops, kv_bytes_formula, median, run_once, weights_bytes
-from .models import DTYPES, build_llava, build_qmop, get_preset, make_inputs, compute_dtype, qmop_config, square_budgets
+from .models import (TEXT_BEFORE_IMAGE, DTYPES, build_llava, build_qmop, compute_dtype, get_preset, make_inputs, qmop_config,
+                     square_budgets)
 
 GIB = 1024**3
 
@@ -52,6 +53,9 @@ class BenchSettings:
     # QG-VTC tower pruning schedule (a `tower_pruning_schedule`, e.g. "qg_vtc"): adds QMoP with it ("composed") and the
     # tower pruning alone with the pooling branch only (no router), at the budgets that fit in the patches it keeps.
     tower_pruning: Optional[str] = None
+    # Mid-LLM pruning "LAYER:KEEP" (`llm_pruning_layer`, `llm_pruning_keep`): adds QMoP with it and, with
+    # `tower_pruning`, QMoP with both.
+    llm_pruning: Optional[str] = None
 
 
 @dataclass
@@ -61,6 +65,7 @@ class Variant:
     visual_tokens: int
     adapter: object = field(repr=False)
     tower_pruning: str = "off"
+    llm_pruning: str = "off"
 
 
 def _resolve(settings: BenchSettings):
@@ -90,6 +95,11 @@ def _check_early(settings: BenchSettings, preset) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(preset, name)}.")
     if not preset.memory_budget_gib > 0:
         raise ValueError(f"--memory-budget-gib must be > 0, got {preset.memory_budget_gib}.")
+    if settings.llm_pruning:
+        layer, keep = parse_llm_pruning(settings.llm_pruning)
+        if not 1 <= layer < preset.shapes.llm["num_hidden_layers"] or keep < 1:
+            raise ValueError(f"--llm-pruning {settings.llm_pruning}: the layer must be in [1, "
+                             f"{preset.shapes.llm['num_hidden_layers']}) and the tokens kept >= 1.")
     if settings.threads is not None and settings.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {settings.threads}.")
     try:
@@ -146,6 +156,8 @@ def run_benchmark(settings: BenchSettings, log=print) -> dict:
     weights = {"llava": weights_bytes(llava), "qmop": weights_bytes(qmop)}
     if settings.tower_pruning:
         variants += _tower_pruning_variants(settings.tower_pruning, shapes, budgets, common, weights, log)
+    if settings.llm_pruning:
+        variants += _llm_pruning_variants(settings, shapes, budgets, common, weights, log)
 
     kv_value_bytes = torch.finfo(compute_dtype(llava)).bits // 8  # the cache holds activations in the compute dtype
     records = {v.name: _static_record(v, preset, kv_value_bytes, device) for v in variants}
@@ -156,7 +168,8 @@ def run_benchmark(settings: BenchSettings, log=print) -> dict:
         counted = count_prefill_flops(variant.adapter, inputs)
         if variant.kind == "qmop":
             analytic = qmop_analytic_flops(variant.adapter.config, 1, preset.prompt_tokens, variant.visual_tokens,
-                                           preset.query_tokens, branch_images=counted["branch_images"])
+                                           preset.query_tokens, branch_images=counted["branch_images"],
+                                           query_rows=inputs.text_after_image)
         else:
             analytic = llava_analytic_flops(variant.adapter.config, 1, preset.prompt_tokens)
         records[variant.name]["flops"] = dict(
@@ -205,6 +218,40 @@ def _tower_pruning_variants(schedule: str, shapes, budgets, common: dict, weight
     return out
 
 
+def parse_llm_pruning(value: str) -> tuple:
+    """"LAYER:KEEP" -> (layer, keep), e.g. "2:32"."""
+    try:
+        layer, keep = (int(part) for part in value.split(":"))
+    except ValueError:
+        raise ValueError(f"--llm-pruning takes LAYER:KEEP (e.g. 2:32), got {value!r}.") from None
+    return layer, keep
+
+
+def _llm_pruning_variants(settings: BenchSettings, shapes, budgets, common: dict, weights: dict, log) -> list:
+    """QMoP with mid-LLM pruning at every budget and, with `settings.tower_pruning`, composed with it too (at the
+    budgets that fit in the patches the tower keeps)."""
+    layer, keep = parse_llm_pruning(settings.llm_pruning)
+    fields = dict(llm_pruning_layer=layer, llm_pruning_keep=keep)
+    label = f"llm@{layer}:{keep}"
+    plans = [(f"QMoP+{label}", "off", budgets, {})]
+    if settings.tower_pruning:
+        schedule = settings.tower_pruning
+        kept = qmop_config(shapes, 1, tower_pruning_schedule=schedule).num_tower_patches
+        plans.append((f"QMoP+{schedule}+{label}", schedule, [m for m in budgets if m <= kept],
+                      dict(tower_pruning_schedule=schedule)))
+    out = []
+    for name, schedule, fitting, tower in plans:
+        if not fitting:
+            continue
+        log(f"building {name} (from decoder layer {layer}, {keep} visual tokens kept per image)")
+        model = build_qmop(shapes, num_visual_tokens=max(fitting), **fields, **tower, **common)
+        for m in fitting:
+            out.append(Variant(f"{name} M={m}", "qmop", m, adapter_for(model), tower_pruning=schedule,
+                               llm_pruning=settings.llm_pruning))
+            weights[f"{name} M={m}"] = weights_bytes(model)
+    return out
+
+
 def _inputs(variant: Variant, preset, batch_size: int, device, dtype, seed: int):
     return make_inputs(variant.adapter.config, batch_size, preset.prompt_tokens, variant.visual_tokens,
                        preset.query_tokens, str(device), dtype, seed=seed)
@@ -213,10 +260,11 @@ def _inputs(variant: Variant, preset, batch_size: int, device, dtype, seed: int)
 def _static_record(variant: Variant, preset, kv_value_bytes: int, device) -> dict:
     config = variant.adapter.config
     tokens = preset.prompt_tokens + variant.visual_tokens
+    pruning = LLMPruning.of(config, preset.prompt_tokens, variant.visual_tokens, preset.prompt_tokens - TEXT_BEFORE_IMAGE)
     return dict(
         name=variant.name, kind=variant.kind, visual_tokens=variant.visual_tokens, sequence_length=tokens,
-        tower_pruning=variant.tower_pruning,
-        kv_bytes_per_sample_formula=kv_bytes_formula(config.text_config, tokens, kv_value_bytes),
+        tower_pruning=variant.tower_pruning, llm_pruning=variant.llm_pruning,
+        kv_bytes_per_sample_formula=kv_bytes_formula(config.text_config, tokens, kv_value_bytes, pruning),
         paper_visual_llm_tmacs=paper_visual_llm_macs(config.text_config, variant.visual_tokens) / 1e12,
         by_batch={},
     )
@@ -297,7 +345,7 @@ def _add_ratios(results: dict) -> None:
     results["flops_ratio_basis"] = basis
     for record in results["variants"]:
         record["flops_vs_llava"] = record["flops"][basis]["total"] / baseline["flops"][basis]["total"]
-        kv_ratio = Fraction(record["sequence_length"], baseline["sequence_length"])
+        kv_ratio = Fraction(record["kv_bytes_per_sample_formula"], baseline["kv_bytes_per_sample_formula"])
         record["kv_ratio_formula"] = f"{kv_ratio.numerator}/{kv_ratio.denominator}"
         measured = [b["kv_bytes_per_sample"] for b in record["by_batch"].values()]
         if measured:
@@ -356,7 +404,7 @@ TARGETS = [
 def evaluate_targets(results: dict) -> list:
     num_patches = results["variants"][0]["visual_tokens"]
     by_tokens = {r["visual_tokens"]: r for r in results["variants"]
-                 if r["kind"] == "qmop" and r.get("tower_pruning", "off") == "off"}
+                 if r["kind"] == "qmop" and r.get("tower_pruning", "off") == "off" and r.get("llm_pruning", "off") == "off"}
     out = []
     for label, metric, tokens, batch, limit in TARGETS:
         scaled = Fraction(tokens * num_patches, REFERENCE_PATCHES)
