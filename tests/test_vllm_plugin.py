@@ -86,7 +86,13 @@ VARIANTS = {
     "vision_router": dict(router_mode="vision"),
     "uniform": dict(router_mode="uniform"),
     "pruning_by_question": dict(branches=["pruning"], pruning_score="question_relevance"),
+    # issue 15: QG-VTC inside the tower (64 -> 40 -> 20 patches) and LearnPruner's learned pruner after it
+    "tower_pruning": dict(tower_pruning_schedule="custom", tower_pruning_layers=[0, 1], tower_pruning_keep=[40, 20]),
+    "learned_pruner": dict(branches=["pruning"], pruning_score="learned"),
 }
+# Mid-LLM pruning cannot be served by vLLM's paged cache: the plugin refuses it, and serves the checkpoint with
+# `hf_overrides` turning that step off (the reference is then transformers with the same override).
+LLM_PRUNING = dict(llm_pruning_layer=1, llm_pruning_keep=4)
 
 
 def _image_path(folder, seed, width, height):
@@ -113,6 +119,7 @@ def setup(tmp_path_factory):
     checkpoints = {"routed": save_tiny_checkpoint(str(work / "routed"), **TINY)}
     for name, settings in VARIANTS.items():
         checkpoints[name] = save_tiny_checkpoint(str(work / name), **TINY, **settings)
+    llm_pruned = save_tiny_checkpoint(str(work / "llm_pruning"), **TINY, **LLM_PRUNING)
     if OTHER_PYTHON:  # saved by the other transformers version (4.57 when this run is on 5.x)
         folder = str(work / "saved_by_other_version")
         code = f"from conversion.tiny import save_tiny_checkpoint; save_tiny_checkpoint({folder!r}, **{TINY!r})"
@@ -135,6 +142,9 @@ def setup(tmp_path_factory):
         if name != "routed":
             engines.append(dict(name=name, model=checkpoints[name], requests=requests(SMALL_CASES),
                                 runs=_runs(len(SMALL_CASES))))
+    engines.append(dict(name="llm_pruning_refused", model=llm_pruned, requests=[], runs=[], expect_init_error=True))
+    engines.append(dict(name="llm_pruning_off", model=llm_pruned, requests=requests(SMALL_CASES),
+                        engine_kwargs={"hf_overrides": {"llm_pruning_layer": None}}, runs=_runs(len(SMALL_CASES))))
     engines.append(dict(name="engine_default_budget", model=checkpoints["routed"], requests=requests(SMALL_CASES),
                         engine_kwargs={"mm_processor_kwargs": {"num_visual_tokens": ENGINE_BUDGET}},
                         runs=_runs(len(SMALL_CASES))))
@@ -149,16 +159,16 @@ def setup(tmp_path_factory):
         outputs = json.load(file)
     print(f"vLLM child: {time.perf_counter() - start:.1f} s; engine start-up (s):",
           {name: round(out["init_s"], 1) for name, out in outputs.items()})
-    return dict(checkpoints=checkpoints, images=images, outputs=outputs)
+    return dict(checkpoints=checkpoints, images=images, outputs=outputs, llm_pruned=llm_pruned)
 
 
-def _reference(folder, cases, queries=None):
+def _reference(folder, cases, queries=None, **overrides):
     """transformers' greedy generate for each case (the same pictures as the PNG files vLLM reads): prompt ids, new
-    tokens, router weights (one row per image)."""
+    tokens, router weights (one row per image). `overrides`: config fields changed at loading."""
     from modeling_qmop import QMoPForConditionalGeneration
     from processing_qmop import QMoPProcessor
 
-    model = QMoPForConditionalGeneration.from_pretrained(folder).eval()
+    model = QMoPForConditionalGeneration.from_pretrained(folder, **overrides).eval()
     processor = QMoPProcessor.from_pretrained(folder)
     results = []
     for case in cases:
@@ -283,6 +293,14 @@ def test_router_modes_and_versions(setup, variant):
     reference = _reference(setup["checkpoints"][variant], SMALL_CASES)
     for run in ("one_by_one", "batched", "batched_again"):
         _assert_same(setup["outputs"][variant]["runs"][run], reference, f"{variant}, {run}")
+
+
+def test_llm_pruning_is_refused_and_served_without_it_on_request(setup):
+    error = setup["outputs"]["llm_pruning_refused"]["init_error"]
+    assert "llm_pruning_layer" in error and "hf_overrides" in error, error
+    reference = _reference(setup["llm_pruned"], SMALL_CASES, llm_pruning_layer=None)
+    for run in ("one_by_one", "batched", "batched_again"):
+        _assert_same(setup["outputs"]["llm_pruning_off"]["runs"][run], reference, f"llm_pruning_off, {run}")
 
 
 def test_serving_benchmark_measures(setup):

@@ -7,6 +7,7 @@ one after another in this one process, written as JSON.
 SPEC: {"max_tokens": 8, "engines": [{"name", "model", "engine_kwargs"?: {LLM arguments},
       "requests": [{"prompt", "images": [png paths], "mm_processor_kwargs"?}],
       "runs": [{"name", "requests": [indices], "batched": bool, "expect_error"?: bool}],
+      "expect_init_error"?: bool (the engine must refuse the model: its error message is recorded),
       "bench"?: {keyword arguments of qmop_tools.bench.vllm_serving.measure}}]}
 OUT:  {engine name: {"runs": {run name: [{"prompt_token_ids", "token_ids"}, ...] or {"error": message}},
       "mm_cache": {run name: {"queries", "hits"}}, "init_s": seconds, "bench"?: rows}}   (mm_cache: images looked
@@ -46,9 +47,18 @@ def main(spec_path: str, out_path: str) -> None:
     results = {}
     for engine in spec["engines"]:
         start = time.perf_counter()
-        llm = LLM(model=engine["model"], trust_remote_code=True, dtype="float32", enforce_eager=True, seed=0,
-                  max_model_len=512, max_num_seqs=8, max_num_batched_tokens=2048, limit_mm_per_prompt={"image": 2},
-                  disable_log_stats=False, **engine.get("engine_kwargs", {}))
+        try:
+            llm = LLM(model=engine["model"], trust_remote_code=True, dtype="float32", enforce_eager=True, seed=0,
+                      max_model_len=512, max_num_seqs=8, max_num_batched_tokens=2048, limit_mm_per_prompt={"image": 2},
+                      disable_log_stats=False, **engine.get("engine_kwargs", {}))
+        except Exception as error:  # noqa: BLE001 - an engine the plugin must refuse: its message is checked
+            if not engine.get("expect_init_error"):
+                raise
+            results[engine["name"]] = {"init_error": f"{type(error).__name__}: {error}", "init_s": 0.0}
+            gc.collect()
+            continue
+        if engine.get("expect_init_error"):
+            raise SystemExit(f"engine {engine['name']!r} was expected to be refused but started")
         init_s = time.perf_counter() - start
         requests = []
         for request in engine["requests"]:

@@ -68,6 +68,14 @@ class QMoPForConditionalGeneration(nn.Module, SupportsMultiModal):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
         config = vllm_config.model_config.hf_config
+        if getattr(config, "llm_pruning_layer", None) is not None:
+            raise ValueError(
+                f"This checkpoint prunes visual tokens inside the language model (`llm_pruning_layer`="
+                f"{config.llm_pruning_layer}): its later layers hold fewer KV entries than the first ones, which "
+                "vLLM's paged KV cache does not allow. Serve it without that step, e.g. "
+                "LLM(..., hf_overrides={\"llm_pruning_layer\": None}) (the projector and tower pruning still apply), "
+                "or generate with transformers."
+            )
         self.config = config
         self.configure_mm_token_handling(vocab_size=config.text_config.vocab_size, mm_token_ids=[config.image_token_id])
         with self._mark_tower_model(vllm_config, "image"):
