@@ -51,6 +51,11 @@ VARIANTS = {
     # QG-VTC inside the tower (docs/compression.md): the paper's schedule scaled to this 3-layer tower keeps the 72
     # patches (of 576) most relevant to the question after its last layer; pooling then averages the kept ones per cell.
     "qg_vtc": {"branches": ["pooling"], "router_top_k": 1, "tower_pruning_schedule": "qg_vtc"},
+    # LearnPruner's learned pruner after the tower (`pruning_score="learned"`), against the salience pruning branch.
+    "learned_pruner": {"branches": ["pruning"], "router_top_k": 1, "pruning_score": "learned"},
+    # LearnPruner's second step: the pooling branch's 36 tokens, of which the question's 9 most attended stay from the
+    # LLM's second (last) decoder layer on; against pooling only.
+    "llm_pruning": {"branches": ["pooling"], "router_top_k": 1, "llm_pruning_layer": 1, "llm_pruning_keep": 9},
     # QMoP trained with a budget drawn per batch from `BUDGET_SET`, evaluated at each (the bundled checkpoint).
     "qmop_budgets": {"branches": ALL_BRANCHES, "router_mode": "query", "router_top_k": 2, **ROUTER_TRAINING},
 }
@@ -65,6 +70,8 @@ VARIANT_LABELS = {
     "downsample": "image downsampled to 36 patches",
     "full576": "uncompressed, 576 tokens",
     "qg_vtc": "QG-VTC tower pruning (72 kept) + pooling",
+    "learned_pruner": "pruning only (LearnPruner's learned score)",
+    "llm_pruning": "pooling + mid-LLM pruning (9 kept from layer 1)",
     "qmop_budgets": "QMoP, one checkpoint for budgets 16/36/64/144",
 }
 BUDGET_SET = (16, 36, 64, 144)

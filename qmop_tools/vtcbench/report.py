@@ -164,9 +164,11 @@ def findings(table: dict) -> list:
     for variant in ("uniform", "vision_router", "random_k", "downsample", "full576"):
         if variant in table:
             out.append(_compare("QMoP", q, VARIANT_LABELS[variant], table[variant]["overall"]))
-    if "qg_vtc" in table and "pooling" in table:  # the accuracy cost of pruning inside the tower, same budget
-        out.append(_compare(VARIANT_LABELS["qg_vtc"], table["qg_vtc"]["overall"], "pooling only",
-                            table["pooling"]["overall"]))
+    # The accuracy cost of each method beyond the projector, against the same model without it.
+    for variant, reference in (("qg_vtc", "pooling"), ("llm_pruning", "pooling"), ("learned_pruner", "pruning")):
+        if variant in table and reference in table:
+            out.append(_compare(VARIANT_LABELS[variant], table[variant]["overall"], VARIANT_LABELS[reference],
+                                table[reference]["overall"]))
     for dimension in DIMENSIONS:
         rows = {v: table[v][dimension][0] for v in ("pooling", "resampler", "pruning") if v in table}
         if len(rows) == 3:
