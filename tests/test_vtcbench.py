@@ -266,3 +266,22 @@ def test_tower_class_weights_and_balanced_accuracy():
     majority = torch.zeros(16, dtype=torch.long)
     assert balanced_accuracy(majority, targets.flatten()) == pytest.approx(1 / 3)
     assert balanced_accuracy(targets.flatten(), targets.flatten()) == 1.0
+
+
+def test_findings_compare_each_method_and_state_the_per_type_ceiling():
+    from qmop_tools.vtcbench.report import DIMENSIONS, findings
+
+    def row(scores):  # (mean, std) per dimension and overall
+        out = {d: (s, 0.01) for d, s in zip(DIMENSIONS, scores)}
+        out["overall"] = (sum(scores) / len(scores), 0.01)
+        return out
+
+    table = {"qmop": row([0.7] * 5), "pooling": row([1.0, 0.7, 0.8, 0.3, 1.0]),
+             "resampler": row([0.9, 0.5, 0.6, 0.3, 0.9]), "pruning": row([0.5, 0.8, 0.8, 0.5, 0.9]),
+             "llm_pruning": row([0.9, 0.6, 0.8, 0.3, 1.0]), "learned_pruner": row([0.5, 0.9, 0.8, 0.5, 0.9])}
+    lines = findings(table)
+    ceiling = sum(max(t) for t in zip([1.0, 0.7, 0.8, 0.3, 1.0], [0.5, 0.8, 0.8, 0.5, 0.9])) / 5
+    assert any(line.startswith(f"the best single branch per question type, averaged: {100 * ceiling:.1f}")
+               for line in lines), lines
+    assert any(line.startswith("pooling + mid-LLM pruning") and "vs pooling only" in line for line in lines)
+    assert any(line.startswith("pruning only (LearnPruner") and "vs pruning only (salience)" in line for line in lines)
