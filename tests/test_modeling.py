@@ -278,6 +278,27 @@ def test_router_eval_temperature_and_logit_cap(image):
     assert torch.allclose(out.router_probs, torch.softmax(out.router_logits / 0.1, dim=-1))
 
 
+def test_normalized_logit_cap_keeps_a_gradient_where_tanh_saturates():
+    """Raw router logits far past the cap: tanh pins them at +-cap with no gradient left; "normalize" keeps them
+    centred with root mean square = cap, and still passes a gradient to the router's weights."""
+    grads = {}
+    for mode in ("tanh", "normalize"):
+        model, _ = build_tiny(num_visual_tokens=16, router_logit_cap=1.0, router_logit_cap_mode=mode)
+        router = model.model.projector.router
+        with torch.no_grad():
+            router.linear_2.bias.copy_(torch.tensor([40.0, -40.0, -40.0]))  # far past the cap
+        cls_token, query = torch.randn(4, router.vision_norm.normalized_shape[0]), torch.randn(4, 32)
+        logits = router.logits(cls_token, query)  # (4, 3)
+        if mode == "normalize":
+            torch.testing.assert_close(logits.mean(-1), torch.zeros(4), atol=1e-6, rtol=0)
+            torch.testing.assert_close(logits.pow(2).mean(-1).sqrt(), torch.ones(4))
+        (logits * torch.tensor([[1.0, -2.0, 3.0]])).sum().backward()
+        grads[mode] = router.linear_1.weight.grad.abs().sum()
+    assert grads["tanh"] < 1e-6 < grads["normalize"]
+    with pytest.raises(ValueError, match="router_logit_cap_mode"):
+        build_tiny(num_visual_tokens=16, router_logit_cap=1.0, router_logit_cap_mode="clip")
+
+
 def test_uniform_router_warmup_runs_every_branch_with_equal_weight(image):
     model, processor = build_tiny(num_visual_tokens=16)
     inputs = _inputs(processor, image)

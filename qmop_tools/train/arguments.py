@@ -91,6 +91,11 @@ class ModelArguments:
     router_logit_cap: Optional[float] = field(
         default=None, metadata={"help": "Soft cap on router logits, cap * tanh(logits / cap)."}
     )
+    router_logit_cap_mode: Optional[str] = field(
+        default=None,
+        metadata={"help": "How the cap bounds the logits: tanh, or normalize (centred, root mean square = cap: the "
+                  "gradient never vanishes).", "choices": ["tanh", "normalize"]},
+    )
     stage1_router: str = field(
         default="uniform",
         metadata={
@@ -112,6 +117,7 @@ class ModelArguments:
             "router_eval_temperature",
             "router_z_loss_coef",
             "router_logit_cap",
+            "router_logit_cap_mode",
         )
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 

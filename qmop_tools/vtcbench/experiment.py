@@ -42,6 +42,10 @@ VARIANTS = {
     "pooling": {"branches": ["pooling"], "router_top_k": 1},
     "resampler": {"branches": ["resampler"], "router_top_k": 1},
     "pruning": {"branches": ["pruning"], "router_top_k": 1},
+    # The same router with logits normalized instead of tanh-capped (`router_logit_cap_mode`): in the first data-v5
+    # run the tanh cap saturated (every logit at +-1 for every question, routing constant), leaving no gradient.
+    "qmop_normalized": {"branches": ALL_BRANCHES, "router_mode": "query", "router_top_k": 2, **ROUTER_TRAINING,
+                        "router_logit_cap_mode": "normalize"},
     "uniform": {"branches": ALL_BRANCHES, "router_mode": "uniform"},
     "vision_router": {"branches": ALL_BRANCHES, "router_mode": "vision", "router_top_k": 2, **ROUTER_TRAINING},
     "random_k": {"branches": ["pruning"], "router_top_k": 1, "pruning_score": "random"},
@@ -61,6 +65,7 @@ VARIANTS = {
 }
 VARIANT_LABELS = {
     "qmop": "QMoP (query-guided router)",
+    "qmop_normalized": "QMoP, router logits normalized (not tanh-capped)",
     "pooling": "pooling only",
     "resampler": "resampler only",
     "pruning": "pruning only (salience)",

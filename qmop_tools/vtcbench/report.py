@@ -12,7 +12,7 @@ from qmop_tools.bench.report import write_atomic
 from .data import CHANCE, DIMENSIONS
 from .experiment import BUDGET_SET, VARIANT_LABELS, evaluate, normalise_answer
 
-ROUTED = ("qmop", "vision_router", "qmop_budgets")
+ROUTED = ("qmop", "qmop_normalized", "vision_router", "qmop_budgets")
 PICTURE_QUESTIONS = 6  # test questions drawn for the contact sheet
 
 
@@ -161,6 +161,9 @@ def findings(table: dict) -> list:
     if singles:
         best = max(singles, key=lambda v: singles[v][0])
         out.append(_compare("QMoP", q, f"the best single branch ({best})", singles[best]))
+        if "qmop_normalized" in table:
+            out.append(_compare(VARIANT_LABELS["qmop_normalized"], table["qmop_normalized"]["overall"],
+                                f"the best single branch ({best})", singles[best]))
     for variant in ("uniform", "vision_router", "random_k", "downsample", "full576"):
         if variant in table:
             out.append(_compare("QMoP", q, VARIANT_LABELS[variant], table[variant]["overall"]))
