@@ -14,6 +14,7 @@ BranchName = Literal["pooling", "resampler", "pruning"]
 PruningScore = Literal["cls_attention", "question_relevance", "learned", "random"]
 RouterMode = Literal["query", "vision", "uniform"]
 TemperatureSchedule = Literal["cosine", "linear", "exponential", "constant"]
+LogitCapMode = Literal["tanh", "normalize"]
 TowerPruningSchedule = Literal["off", "qg_vtc", "custom"]
 TowerPruningScore = Literal["question_relevance", "cls_attention"]
 
@@ -143,6 +144,12 @@ class QMoPConfig(PretrainedConfig):
         router_logit_cap (`float`, *optional*):
             Soft cap on router logits, `cap · tanh(logits / cap)` (training and inference). Bounds the gap between
             branches to `2 · cap` so no temperature schedule can drive the softmax into a hard choice. Unset: no cap.
+        router_logit_cap_mode (`str`, *optional*, defaults to `"tanh"`):
+            How `router_logit_cap` bounds the logits. `"tanh"`: as above; a logit driven far past the cap saturates
+            and gets no gradient (measured in the mini VTCBench: every logit pinned at ±cap, routing constant).
+            `"normalize"`: the logits are centred over the branches and scaled to a root-mean-square of `cap`, so
+            the router sets only their direction; the gap stays bounded (at most `cap · sqrt(2 · branches)`) and the
+            gradient never vanishes, however large the raw logits grow.
         query_max_length (`int`, *optional*, defaults to 77): CLIP text encoder's context (longer questions are truncated).
         projector_dense_max_images (`int`, *optional*, defaults to 8):
             How the projector computes the router's choice at inference (eval mode) on an accelerator. Batches of at
@@ -219,6 +226,7 @@ class QMoPConfig(PretrainedConfig):
         router_eval_temperature: Optional[float] = None,
         router_z_loss_coef: float = 0.001,
         router_logit_cap: Optional[float] = None,
+        router_logit_cap_mode: LogitCapMode = "tanh",
         query_max_length: int = 77,
         projector_dense_max_images: int = 8,
         pad_to_square: bool = False,
@@ -261,6 +269,7 @@ class QMoPConfig(PretrainedConfig):
         self.router_eval_temperature = router_eval_temperature
         self.router_z_loss_coef = router_z_loss_coef
         self.router_logit_cap = router_logit_cap
+        self.router_logit_cap_mode = router_logit_cap_mode
         self.query_max_length = query_max_length
         self.projector_dense_max_images = projector_dense_max_images
         self.pad_to_square = pad_to_square
@@ -415,6 +424,7 @@ class QMoPConfig(PretrainedConfig):
             "pruning_score": get_args(PruningScore),
             "router_mode": get_args(RouterMode),
             "router_temperature_schedule": get_args(TemperatureSchedule),
+            "router_logit_cap_mode": get_args(LogitCapMode),
             "tower_pruning_schedule": get_args(TowerPruningSchedule),
             "tower_pruning_score": get_args(TowerPruningScore),
         }

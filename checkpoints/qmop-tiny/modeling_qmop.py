@@ -633,7 +633,7 @@ class RouterOutput(NamedTuple):
 class QueryGuidedRouter(nn.Module):
     """Query Guided Router (QGR): weights for each branch from the vision CLS token and the question's EOS.
 
-    logits = Linear(GELU(Linear([LN(v); LN(t)])))                (N, num_branches), soft-capped if `router_logit_cap`
+    logits = Linear(GELU(Linear([LN(v); LN(t)])))                (N, num_branches), bounded if `router_logit_cap`
     training: probs = softmax((logits + Gumbel) / τ), τ annealed by the trainer (`temperature`)
     eval:     probs = softmax(logits / router_inference_temperature), deterministic
     weights = probs restricted to the top-k branches, renormalised.
@@ -652,6 +652,7 @@ class QueryGuidedRouter(nn.Module):
         self.gumbel_noise = config.router_gumbel_noise
         self.eval_temperature = config.router_inference_temperature
         self.logit_cap = config.router_logit_cap
+        self.logit_cap_mode = config.router_logit_cap_mode
         # Training state, set by the training loop (`QMoPForConditionalGeneration.set_router_temperature` /
         # `set_router_uniform`): the current temperature, and whether routing is replaced by equal weights.
         self.temperature = config.router_temperature
@@ -673,7 +674,11 @@ class QueryGuidedRouter(nn.Module):
         if self.uses_query:
             features.append(self.query_norm(query_embeds.to(dtype)))  # (N, Ct)
         logits = self.linear_2(self.act(self.linear_1(torch.cat(features, dim=-1)))).float()  # (N, nb)
-        if self.logit_cap is not None:
+        if self.logit_cap is not None and self.logit_cap_mode == "normalize":
+            centred = logits - logits.mean(dim=-1, keepdim=True)  # (N, nb)
+            scale = centred.pow(2).mean(dim=-1, keepdim=True).add(1e-12).sqrt()  # (N, 1) root mean square
+            logits = self.logit_cap * centred / scale
+        elif self.logit_cap is not None:
             logits = self.logit_cap * torch.tanh(logits / self.logit_cap)
         return logits
 
