@@ -4,6 +4,7 @@ independent reference (eager attention weights of the unpruned model, and a laye
 tokens out as keys), in left-padded batches, uneven batches, generation, training, save/reload and device_map."""
 
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -255,6 +256,26 @@ def test_gradient_checkpointing_recomputes_the_same_selection(pair):
         model(**inputs, labels=labels, use_cache=False).loss.backward()
         grads.append(model.model.language_model.layers[LAYER].self_attn.q_proj.weight.grad)
     torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+def test_4bit_ranks_with_the_quantized_projections(tmp_path):
+    """Under 4-bit the ranking calls the layer's own (quantized) q/k projections, so selection and generation run."""
+    from transformers import BitsAndBytesConfig
+
+    folder = save_tiny_checkpoint(str(tmp_path / "llm-bnb"), num_visual_tokens=M, width=64, llm_pruning_layer=1,
+                                  llm_pruning_keep=KEEP)  # width 64: bitsandbytes' CPU 4-bit kernels need it
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = QMoPForConditionalGeneration.from_pretrained(folder, quantization_config=quantization, dtype=torch.float32)
+    attn = model.model.language_model.layers[1].self_attn
+    assert type(attn.q_proj).__name__ == "Linear4bit"
+    processor = build_processor(num_visual_tokens=M)
+    inputs = processor(images=make_image(), text=PROMPTS[0])
+    with torch.no_grad():
+        out = model.eval()(**inputs)
+    length = inputs["input_ids"].shape[1]
+    assert out.past_key_values.get_seq_length(1) == length - (M - KEEP)
+    assert _greedy(model, inputs).shape == (1, 6)
 
 
 # ===================================================================================== FLOPs and KV
