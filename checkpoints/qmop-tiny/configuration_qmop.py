@@ -15,6 +15,7 @@ PruningScore = Literal["cls_attention", "question_relevance", "learned", "random
 RouterMode = Literal["query", "vision", "uniform"]
 TemperatureSchedule = Literal["cosine", "linear", "exponential", "constant"]
 LogitCapMode = Literal["tanh", "normalize"]
+RouterTraining = Literal["mixture", "outcome"]
 TowerPruningSchedule = Literal["off", "qg_vtc", "custom"]
 TowerPruningScore = Literal["question_relevance", "cls_attention"]
 
@@ -150,6 +151,24 @@ class QMoPConfig(PretrainedConfig):
             `"normalize"`: the logits are centred over the branches and scaled to a root-mean-square of `cap`, so
             the router sets only their direction; the gap stays bounded (at most `cap · sqrt(2 · branches)`) and the
             gradient never vanishes, however large the raw logits grow.
+        router_training (`str`, *optional*, defaults to `"mixture"`):
+            How the router learns. `"mixture"`: the paper's; the top-k branches are mixed by the router's weights and
+            the router learns through the language-model loss of that mixture. The language model adapts to the
+            branches the router already prefers, which reinforces the preference: in the mini VTCBench every such
+            router ended routing every question alike. `"outcome"`: a contextual bandit. In training each image gets
+            one branch, drawn uniformly with probability `router_exploration` (else the router's choice), so the
+            language model learns to read every branch; the router's logit for the drawn branch regresses the negated
+            language-model loss of that sample (squared error, weight `router_outcome_loss_coef`, the target
+            detached). At inference the router picks the branch with the lowest predicted loss for this picture and
+            question. Needs `router_top_k=1` (the language model never saw a mixture) and no `router_logit_cap`
+            (the logits are loss predictions); the temperature, Gumbel noise, z-loss and load balancing do not apply
+            (the losses are reported as 0). In stage 1 with an equal-weight router (`set_router_uniform`) the branch
+            is always drawn uniformly.
+        router_exploration (`float`, *optional*, defaults to 1.0):
+            `"outcome"` only: probability that a training image's branch is drawn uniformly at random instead of
+            chosen by the router. 1.0 trains every branch equally and gives the router unbiased loss estimates.
+        router_outcome_loss_coef (`float`, *optional*, defaults to 1.0):
+            `"outcome"` only: weight of the router's loss-regression term added to the language-model loss.
         query_max_length (`int`, *optional*, defaults to 77): CLIP text encoder's context (longer questions are truncated).
         projector_dense_max_images (`int`, *optional*, defaults to 8):
             How the projector computes the router's choice at inference (eval mode) on an accelerator. Batches of at
@@ -227,6 +246,9 @@ class QMoPConfig(PretrainedConfig):
         router_z_loss_coef: float = 0.001,
         router_logit_cap: Optional[float] = None,
         router_logit_cap_mode: LogitCapMode = "tanh",
+        router_training: RouterTraining = "mixture",
+        router_exploration: float = 1.0,
+        router_outcome_loss_coef: float = 1.0,
         query_max_length: int = 77,
         projector_dense_max_images: int = 8,
         pad_to_square: bool = False,
@@ -260,7 +282,9 @@ class QMoPConfig(PretrainedConfig):
         self.router_mode = router_mode
         self.router_hidden_size = router_hidden_size
         branch_count = len(self.branches) if isinstance(self.branches, (list, tuple)) else 0
-        self.router_top_k = router_top_k if router_top_k is not None else max(1, min(DEFAULT_ROUTER_TOP_K, branch_count))
+        # An outcome-trained router picks one branch: the language model was trained on single branches only.
+        default_top_k = 1 if router_training == "outcome" else DEFAULT_ROUTER_TOP_K
+        self.router_top_k = router_top_k if router_top_k is not None else max(1, min(default_top_k, branch_count))
         self.router_temperature = router_temperature
         self.router_min_temperature = router_min_temperature
         self.router_temperature_schedule = router_temperature_schedule
@@ -270,6 +294,9 @@ class QMoPConfig(PretrainedConfig):
         self.router_z_loss_coef = router_z_loss_coef
         self.router_logit_cap = router_logit_cap
         self.router_logit_cap_mode = router_logit_cap_mode
+        self.router_training = router_training
+        self.router_exploration = router_exploration
+        self.router_outcome_loss_coef = router_outcome_loss_coef
         self.query_max_length = query_max_length
         self.projector_dense_max_images = projector_dense_max_images
         self.pad_to_square = pad_to_square
@@ -377,7 +404,8 @@ class QMoPConfig(PretrainedConfig):
     _INT_FIELDS = ("image_token_id", "vision_feature_layer", "resampler_num_layers", "resampler_num_heads",
                    "resampler_intermediate_size", "router_hidden_size", "router_top_k", "query_max_length",
                    "projector_dense_max_images")
-    _FLOAT_FIELDS = ("router_temperature", "router_min_temperature", "router_aux_loss_coef", "router_z_loss_coef")
+    _FLOAT_FIELDS = ("router_temperature", "router_min_temperature", "router_aux_loss_coef", "router_z_loss_coef",
+                     "router_exploration", "router_outcome_loss_coef")
     _OPTIONAL_FLOAT_FIELDS = ("router_eval_temperature", "router_logit_cap")
     _BOOL_FIELDS = ("pruning_recycle", "router_gumbel_noise", "pad_to_square", "tower_pruning_recycle")
 
@@ -425,6 +453,7 @@ class QMoPConfig(PretrainedConfig):
             "router_mode": get_args(RouterMode),
             "router_temperature_schedule": get_args(TemperatureSchedule),
             "router_logit_cap_mode": get_args(LogitCapMode),
+            "router_training": get_args(RouterTraining),
             "tower_pruning_schedule": get_args(TowerPruningSchedule),
             "tower_pruning_score": get_args(TowerPruningScore),
         }
@@ -450,7 +479,8 @@ class QMoPConfig(PretrainedConfig):
             raise ValueError(
                 f"`resampler_num_heads`={self.resampler_num_heads} does not divide the vision width {vc.hidden_size}."
             )
-        for field in ("router_aux_loss_coef", "router_z_loss_coef"):
+        self._validate_router_training()
+        for field in ("router_aux_loss_coef", "router_z_loss_coef", "router_outcome_loss_coef"):
             if getattr(self, field) < 0:
                 raise ValueError(f"`{field}` must be >= 0, got {getattr(self, field)}.")
         for field in ("router_eval_temperature", "router_logit_cap"):
@@ -464,6 +494,22 @@ class QMoPConfig(PretrainedConfig):
                 f"`query_max_length`={self.query_max_length} exceeds the text encoder's {max_pos} positions."
             )
 
+
+    def _validate_router_training(self) -> None:
+        if not 0.0 <= self.router_exploration <= 1.0:
+            raise ValueError(f"`router_exploration` must be between 0 and 1, got {self.router_exploration}.")
+        if self.router_training != "outcome" or not self.uses_router:
+            return
+        if self.router_top_k != 1:
+            raise ValueError(
+                f"`router_training`='outcome' trains the language model on one branch per image, so the router must "
+                f"pick one at inference: set `router_top_k`=1 (got {self.router_top_k})."
+            )
+        if self.router_logit_cap is not None:
+            raise ValueError(
+                "`router_training`='outcome' makes the router's logits predicted (negated) losses, which a cap would "
+                f"clip: set `router_logit_cap`=None (got {self.router_logit_cap})."
+            )
 
     def _validate_llm_pruning(self) -> None:
         layer, keep = self.llm_pruning_layer, self.llm_pruning_keep

@@ -183,6 +183,33 @@ def _check_labels(labels, input_ids, inputs_embeds) -> None:
         )
 
 
+@torch.no_grad()
+def per_sample_lm_loss(logits: torch.Tensor, shift_labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of each sample over its supervised targets, float32 (B,); NaN for a sample
+    without any. `shift_labels` (B, T): position t holds the target of position t (-100: not supervised). One sample
+    at a time, so the float32 copy of the logits is one (T, V) slice, not the batch's."""
+    losses = []
+    for sample_logits, targets in zip(logits, shift_labels):  # (T, V), (T,)
+        supervised = targets != -100
+        token_losses = F.cross_entropy(sample_logits.float(), targets.clamp(min=0), reduction="none")  # (T,)
+        losses.append((token_losses * supervised).sum() / supervised.sum())  # 0 / 0 = NaN without targets
+    return torch.stack(losses)
+
+
+def outcome_regression_loss(
+    router_logits: torch.Tensor, router_weights: torch.Tensor, sample_losses: torch.Tensor, image_samples: torch.Tensor
+) -> torch.Tensor:
+    """An outcome-trained router's loss: the squared error between the drawn branch's predicted loss (its negated
+    logit) and the LM loss of the image's sample, averaged over the images whose sample has supervised targets.
+    router_logits / router_weights (N, nb) with one-hot weights; sample_losses (B,); image_samples (N,) sample index
+    of each image."""
+    predicted = -(router_logits * router_weights).sum(dim=-1)  # (N,)
+    target = sample_losses.to(predicted.device)[image_samples.to(predicted.device)].detach()  # (N,)
+    valid = torch.isfinite(target)
+    error = torch.where(valid, predicted - target.nan_to_num(), 0.0).pow(2)  # (N,)
+    return error.sum() / valid.sum().clamp(min=1)
+
+
 def router_temperature_at(config: QMoPConfig, progress: float) -> float:
     """Annealed router temperature at training progress in [0, 1] (shape: `router_temperature_schedule`)."""
     start, end = config.router_temperature, config.router_min_temperature
@@ -280,7 +307,8 @@ class QMoPModelOutputWithPast(ModelOutput):
 @dataclass
 class QMoPCausalLMOutputWithPast(ModelOutput):
     """Output of [`QMoPForConditionalGeneration`]. `loss` = LM loss + `router_aux_loss_coef` · `aux_loss` +
-    `router_z_loss_coef` · `router_z_loss` when labels are given."""
+    `router_z_loss_coef` · `router_z_loss` (+ `router_outcome_loss_coef` · `router_outcome_loss` for an
+    outcome-trained router in training) when labels are given."""
 
     loss: Optional[torch.FloatTensor] = None
     logits: Optional[torch.FloatTensor] = None
@@ -294,6 +322,7 @@ class QMoPCausalLMOutputWithPast(ModelOutput):
     kept_patch_indices: Optional[torch.LongTensor] = None
     aux_loss: Optional[torch.FloatTensor] = None
     router_z_loss: Optional[torch.FloatTensor] = None
+    router_outcome_loss: Optional[torch.FloatTensor] = None
 
 
 class QMoPVisionFeatures(NamedTuple):
@@ -642,6 +671,12 @@ class QueryGuidedRouter(nn.Module):
 
     `uniform` (set by the trainer, e.g. for stage 1 whose query is one constant caption prompt): every branch gets
     weight 1/num_branches, so all experts train and the router learns nothing it would have to unlearn.
+
+    `router_training="outcome"` (a contextual bandit): the logits are negated predicted LM losses, one per branch.
+    training: each image gets one branch (weight 1), drawn uniformly with probability `router_exploration` (always
+              when `uniform`), else the argmax; the head regresses the drawn branch's logit on the sample's negated
+              LM loss (`outcome_regression_loss`). No temperature, noise, balancing or z-loss (reported as 0).
+    eval:     as above with top-1: the branch with the lowest predicted loss.
     """
 
     def __init__(self, config: QMoPConfig):
@@ -653,6 +688,8 @@ class QueryGuidedRouter(nn.Module):
         self.eval_temperature = config.router_inference_temperature
         self.logit_cap = config.router_logit_cap
         self.logit_cap_mode = config.router_logit_cap_mode
+        self.outcome = config.router_training == "outcome"
+        self.exploration = config.router_exploration
         # Training state, set by the training loop (`QMoPForConditionalGeneration.set_router_temperature` /
         # `set_router_uniform`): the current temperature, and whether routing is replaced by equal weights.
         self.temperature = config.router_temperature
@@ -682,8 +719,26 @@ class QueryGuidedRouter(nn.Module):
             logits = self.logit_cap * torch.tanh(logits / self.logit_cap)
         return logits
 
+    def _sample_branches(self, logits: torch.Tensor) -> torch.Tensor:
+        """Outcome training: one branch per image, one-hot weights (N, nb); uniform with probability
+        `router_exploration` (always when `uniform`), else the router's choice."""
+        num_images = logits.shape[0]
+        drawn = torch.randint(self.num_branches, (num_images,), device=logits.device)  # (N,)
+        if not self.uniform and self.exploration < 1.0:
+            explore = torch.rand(num_images, device=logits.device) < self.exploration  # (N,)
+            drawn = torch.where(explore, drawn, logits.argmax(dim=-1))
+        return F.one_hot(drawn, self.num_branches).to(logits.dtype)
+
     def forward(self, cls_token: torch.Tensor, query_embeds: Optional[torch.Tensor]) -> RouterOutput:
         logits = self.logits(cls_token, query_embeds)  # (N, nb)
+        if self.outcome:
+            probs = torch.softmax(logits / self.eval_temperature, dim=-1)  # (N, nb) the preference, for statistics
+            if self.training:
+                weights = self._sample_branches(logits)
+            else:
+                weights = F.one_hot(logits.argmax(dim=-1), self.num_branches).to(logits.dtype)
+            zero = logits.new_zeros(())
+            return RouterOutput(weights, probs, logits, zero, zero)
         z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
 
         if self.training:
@@ -1736,7 +1791,7 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])  # (B, T', V)
 
-        loss = None
+        loss = router_outcome_loss = None
         if labels is not None or shift_labels is not None:
             # Never learn to predict placeholders: mask them in `labels` (B, T) and in `shift_labels` (B, T), whose
             # position t is the target of position t, i.e. the token at t + 1.
@@ -1762,6 +1817,17 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
                 loss = loss + self.config.router_aux_loss_coef * outputs.aux_loss.to(loss.device)
             if outputs.router_z_loss is not None and self.config.router_z_loss_coef > 0:
                 loss = loss + self.config.router_z_loss_coef * outputs.router_z_loss.to(loss.device)
+            if self.training and self.config.router_training == "outcome" and outputs.router_logits is not None:
+                targets = shift_labels if shift_labels is not None else F.pad(labels[:, 1:], (0, 1), value=-100)
+                images_per_sample = placeholders.sum(dim=1) // outputs.image_hidden_states.shape[1]  # (B,)
+                image_samples = torch.repeat_interleave(
+                    torch.arange(len(images_per_sample), device=images_per_sample.device), images_per_sample
+                )  # (N,)
+                router_outcome_loss = outcome_regression_loss(
+                    outputs.router_logits, outputs.router_weights, per_sample_lm_loss(logits, targets), image_samples
+                )
+                if self.config.router_outcome_loss_coef > 0:
+                    loss = loss + self.config.router_outcome_loss_coef * router_outcome_loss.to(loss.device)
 
         output = QMoPCausalLMOutputWithPast(
             loss=loss,
@@ -1776,6 +1842,7 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
             kept_patch_indices=outputs.kept_patch_indices,
             aux_loss=outputs.aux_loss,
             router_z_loss=outputs.router_z_loss,
+            router_outcome_loss=router_outcome_loss,
         )
         return output if return_dict else output.to_tuple()
 

@@ -96,6 +96,20 @@ class ModelArguments:
         metadata={"help": "How the cap bounds the logits: tanh, or normalize (centred, root mean square = cap: the "
                   "gradient never vanishes).", "choices": ["tanh", "normalize"]},
     )
+    router_training: Optional[str] = field(
+        default=None,
+        metadata={"help": "How the router learns: mixture (the paper's top-k fusion, trained through the LM loss) or "
+                  "outcome (one branch drawn per image; the router regresses each branch's LM loss and picks the "
+                  "lowest at inference; needs --router_top_k 1).", "choices": ["mixture", "outcome"]},
+    )
+    router_top_k: Optional[int] = field(default=None, metadata={"help": "Branches mixed per image."})
+    router_exploration: Optional[float] = field(
+        default=None,
+        metadata={"help": "Outcome training: probability of drawing a training image's branch uniformly."},
+    )
+    router_outcome_loss_coef: Optional[float] = field(
+        default=None, metadata={"help": "Outcome training: weight of the router's loss-regression term."}
+    )
     stage1_router: str = field(
         default="uniform",
         metadata={
@@ -118,6 +132,10 @@ class ModelArguments:
             "router_z_loss_coef",
             "router_logit_cap",
             "router_logit_cap_mode",
+            "router_training",
+            "router_top_k",
+            "router_exploration",
+            "router_outcome_loss_coef",
         )
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 

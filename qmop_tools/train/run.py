@@ -55,11 +55,8 @@ def load_model_and_processor(model_args: ModelArguments, training_args: Training
     path = model_args.model_name_or_path
     config = AutoConfig.from_pretrained(path, trust_remote_code=True, **model_args.config_overrides())
     require_qmop_checkpoint(path, "--model_name_or_path", getattr(config, "model_type", None))
-    if config.router_min_temperature <= 0 or config.router_temperature < config.router_min_temperature:
-        raise ValueError(
-            f"Router temperatures must satisfy 0 < min <= start; got start {config.router_temperature}, "
-            f"min {config.router_min_temperature}."
-        )
+    # from_pretrained sets the overrides after the config's own checks: build it again so they are checked too.
+    config = type(config).from_dict(config.to_dict())
     config.use_cache = False
     config.text_config.use_cache = False
     kwargs = {"config": config, "trust_remote_code": True}

@@ -11,6 +11,7 @@ memoises `QMoPModel.get_vision_features` by the bytes of each image's pixel valu
 the 577-token tower on every step (the LLM, text encoder, router and branches still run every time).
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -46,6 +47,16 @@ VARIANTS = {
     # run the tanh cap saturated (every logit at +-1 for every question, routing constant), leaving no gradient.
     "qmop_normalized": {"branches": ALL_BRANCHES, "router_mode": "query", "router_top_k": 2, **ROUTER_TRAINING,
                         "router_logit_cap_mode": "normalize"},
+    # The router trained by outcome (`router_training="outcome"`): one branch drawn uniformly per training image, the
+    # router regresses that branch's LM loss and picks the lowest predicted loss at inference. Both softmax routers
+    # above ended routing every question alike; this one gets a learning signal for every branch.
+    "qmop_outcome": {"branches": ALL_BRANCHES, "router_mode": "query", "router_training": "outcome",
+                     "router_eval_temperature": 1.0, "router_aux_loss_coef": 0.0, "router_z_loss_coef": 0.0},
+    # The same with exploration 0.25 (epsilon-greedy): three images in four go through the router's choice, so the
+    # LLM mostly reads, for each kind of question, the branch chosen for it.
+    "qmop_outcome_greedy": {"branches": ALL_BRANCHES, "router_mode": "query", "router_training": "outcome",
+                            "router_exploration": 0.25, "router_eval_temperature": 1.0, "router_aux_loss_coef": 0.0,
+                            "router_z_loss_coef": 0.0},
     "uniform": {"branches": ALL_BRANCHES, "router_mode": "uniform"},
     "vision_router": {"branches": ALL_BRANCHES, "router_mode": "vision", "router_top_k": 2, **ROUTER_TRAINING},
     "random_k": {"branches": ["pruning"], "router_top_k": 1, "pruning_score": "random"},
@@ -66,6 +77,8 @@ VARIANTS = {
 VARIANT_LABELS = {
     "qmop": "QMoP (query-guided router)",
     "qmop_normalized": "QMoP, router logits normalized (not tanh-capped)",
+    "qmop_outcome": "QMoP, router trained by outcome (loss per branch)",
+    "qmop_outcome_greedy": "QMoP, router trained by outcome, exploration 0.25",
     "pooling": "pooling only",
     "resampler": "resampler only",
     "pruning": "pruning only (salience)",
@@ -263,6 +276,20 @@ def _train_stage(model_dir: str, output_dir: str, data_dir: str, settings: Setti
     }
 
 
+def _with_forced_branches(result: dict, run_dir: str, output: str, variant: str, settings: Settings) -> dict:
+    """A finished routed run from before forced-branch evaluation existed gets it added (its model is kept)."""
+    model_dir = os.path.join(run_dir, "model")
+    routed = VARIANTS[variant].get("router_mode") in ("query", "vision")
+    if "forced_branches" in result or not routed or not os.path.isdir(model_dir):
+        return result
+    start = time.time()
+    result["forced_branches"] = forced_branch_evaluation(model_dir, os.path.join(output, "data"), "test",
+                                                         settings.eval_batch_size, images=settings.image_folder(variant))
+    result["forced_branches_seconds"] = round(time.time() - start, 1)
+    write_atomic(os.path.join(run_dir, "result.json"), json.dumps(result, indent=1))
+    return result
+
+
 def run_job(output: str, variant: str, seed: int, settings: Settings) -> dict:
     """Train one (variant, seed) in two stages and evaluate it; returns (and writes) its result."""
     from transformers import AutoProcessor
@@ -278,7 +305,7 @@ def run_job(output: str, variant: str, seed: int, settings: Settings) -> dict:
         with open(result_path) as f:
             previous = json.load(f)
         if previous.get("job_key") == key:
-            return previous
+            return _with_forced_branches(previous, run_dir, output, variant, settings)
         logger.info("%s: settings changed since it ran, training it again", name)
     shutil.rmtree(run_dir, ignore_errors=True)
     start = time.time()
@@ -307,8 +334,9 @@ def run_job(output: str, variant: str, seed: int, settings: Settings) -> dict:
             evaluation[split + suffix] = {k: v for k, v in e.items() if k != "predictions"}
             if split == "test" and not suffix:
                 predictions = e["predictions"]
-    diagnostics = None
+    diagnostics = forced = None
     if VARIANTS[variant].get("router_mode") in ("query", "vision"):
+        forced = forced_branch_evaluation(model_dir, data_dir, "test", settings.eval_batch_size, images=images)
         from .router_diagnostics import diagnose_from_data
 
         diagnosis = diagnose_from_data(model_dir, os.path.join(data_dir, "test_vqa.json"), os.path.join(data_dir, images),
@@ -323,6 +351,7 @@ def run_job(output: str, variant: str, seed: int, settings: Settings) -> dict:
         "stage2": stage2,
         "evaluation": evaluation,
         "router_diagnostics": diagnostics,
+        "forced_branches": forced,
         "seconds": round(time.time() - start, 1),
         "feature_cache": {"hits": _WORKER_CACHE.hits, "misses": _WORKER_CACHE.misses},
     }
@@ -384,6 +413,44 @@ def evaluate(model_dir: str, data_dir: str, split: str, batch_size: int = 50, li
                 "router_weights": None if weights is None else [round(w, 4) for w in weights[i]],
             })
     return summarise_predictions(predictions, config.branches) | {"predictions": predictions}
+
+
+@contextlib.contextmanager
+def forced_branch(model, branch: str):
+    """Within the block, every image is routed to `branch` alone (weight 1), whatever the router says: what the
+    model answers through that one branch. The router still runs (its logits and probabilities are unchanged)."""
+    router = model.model.projector.router
+    column = list(model.config.branches).index(branch)
+    routed = router.forward
+
+    def forward(cls_token, query_embeds):
+        out = routed(cls_token, query_embeds)
+        weights = torch.zeros_like(out.weights)
+        weights[:, column] = 1.0
+        return out._replace(weights=weights)
+
+    router.forward = forward
+    try:
+        yield
+    finally:
+        del router.forward  # the class's forward again
+
+
+def forced_branch_evaluation(model_dir: str, data_dir: str, split: str = "test", batch_size: int = 50,
+                             images: str = "images") -> dict:
+    """{branch: accuracy summary} of a routed model with each branch forced in turn: which branch answers each
+    question type best inside this model (the oracle its router could reach by question type)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=True).eval()
+    _WORKER_CACHE.install(model)
+    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    out = {}
+    for branch in model.config.branches:
+        with forced_branch(model, branch):
+            summary = evaluate(model_dir, data_dir, split, batch_size, model=model, processor=processor, images=images)
+        out[branch] = {"overall": summary["overall"], "per_dimension": summary["per_dimension"]}
+    return out
 
 
 def summarise_predictions(predictions: list, branches: list) -> dict:

@@ -12,7 +12,7 @@ from qmop_tools.bench.report import write_atomic
 from .data import CHANCE, DIMENSIONS
 from .experiment import BUDGET_SET, VARIANT_LABELS, evaluate, normalise_answer
 
-ROUTED = ("qmop", "qmop_normalized", "vision_router", "qmop_budgets")
+ROUTED = ("qmop", "qmop_normalized", "qmop_outcome", "qmop_outcome_greedy", "vision_router", "qmop_budgets")
 PICTURE_QUESTIONS = 6  # test questions drawn for the contact sheet
 
 
@@ -44,6 +44,13 @@ def aggregate(results: list, split: str = "test") -> dict:
             }
             row["router_diagnostics"]["dominant_branch_per_type"] = [d["dominant_branch_per_type"] for d in diagnostics]
             row["router_diagnostics"]["dominant_branch_differs"] = [d["dominant_branch_differs"] for d in diagnostics]
+        forced = [r.get("forced_branches") for r in runs]
+        if split == "test" and all(forced):
+            row["forced_branches"] = {
+                branch: {"overall": statistics.fmean(f[branch]["overall"] for f in forced),
+                         **{d: statistics.fmean(f[branch]["per_dimension"].get(d, 0.0) for f in forced) for d in DIMENSIONS}}
+                for branch in forced[0]
+            }
         routers = [r["evaluation"][split].get("router_weights_per_dimension") for r in runs]
         if all(routers):
             row["router"] = {
@@ -104,6 +111,36 @@ def router_diagnostics_table(table: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def forced_branch_oracle(row: dict) -> tuple:
+    """(accuracy, {dimension: branch}) of choosing, per question type, the forced branch that answers it best inside
+    this same model: what its router could reach by reading the question type alone."""
+    forced = row["forced_branches"]
+    best = {d: max(forced, key=lambda b: forced[b][d]) for d in DIMENSIONS}
+    return statistics.fmean(forced[best[d]][d] for d in DIMENSIONS), best
+
+
+def forced_branch_table(table: dict) -> str:
+    """Each routed model with one branch forced for every image, next to its own router and the per-type oracle."""
+    rows = [v for v in ROUTED if table.get(v, {}).get("forced_branches")]
+    if not rows:
+        return ""
+    lines = ["Each routed model with every image sent through one branch (test %, mean of seeds): what the model's own "
+             "language model reads best through each branch, against what its router chose. Oracle: per question "
+             "type, the best forced branch.", "",
+             "| model | routing | overall | " + " | ".join(DIMENSIONS) + " |", "|" + " --- |" * (len(DIMENSIONS) + 3)]
+    for variant in rows:
+        row = table[variant]
+        for branch, scores in row["forced_branches"].items():
+            lines.append(f"| {VARIANT_LABELS[variant]} | {branch} forced | {_pct(scores['overall'])} | "
+                         + " | ".join(_pct(scores[d]) for d in DIMENSIONS) + " |")
+        lines.append(f"| {VARIANT_LABELS[variant]} | **its router** | {_pct(row['overall'][0])} | "
+                     + " | ".join(_pct(row[d][0]) for d in DIMENSIONS) + " |")
+        oracle, best = forced_branch_oracle(row)
+        lines.append(f"| {VARIANT_LABELS[variant]} | oracle by type | {_pct(oracle)} | "
+                     + " | ".join(f"{_pct(row['forced_branches'][best[d]][d])} ({best[d]})" for d in DIMENSIONS) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def foundation_line(foundation: dict) -> str:
     clip = foundation["clip"]
     heads = clip.get("val_head_accuracy", {})
@@ -161,9 +198,10 @@ def findings(table: dict) -> list:
     if singles:
         best = max(singles, key=lambda v: singles[v][0])
         out.append(_compare("QMoP", q, f"the best single branch ({best})", singles[best]))
-        if "qmop_normalized" in table:
-            out.append(_compare(VARIANT_LABELS["qmop_normalized"], table["qmop_normalized"]["overall"],
-                                f"the best single branch ({best})", singles[best]))
+        for variant in ("qmop_normalized", "qmop_outcome", "qmop_outcome_greedy"):
+            if variant in table:
+                out.append(_compare(VARIANT_LABELS[variant], table[variant]["overall"],
+                                    f"the best single branch ({best})", singles[best]))
     for variant in ("uniform", "vision_router", "random_k", "downsample", "full576"):
         if variant in table:
             out.append(_compare("QMoP", q, VARIANT_LABELS[variant], table[variant]["overall"]))
@@ -186,6 +224,15 @@ def findings(table: dict) -> list:
         out.append(f"the best single branch per question type, averaged: {100 * ceiling:.1f} (a router that only "
                    f"knew the question type could reach this with the single-branch models; QMoP "
                    f"{100 * q[0]:.1f})")
+    for variant in ROUTED:
+        row = table.get(variant, {})
+        if row.get("forced_branches"):
+            oracle, best = forced_branch_oracle(row)
+            forced_best = max(row["forced_branches"], key=lambda b: row["forced_branches"][b]["overall"])
+            out.append(f"{VARIANT_LABELS[variant]}: its router {100 * row['overall'][0]:.1f}, its best branch forced "
+                       f"for every image ({forced_best}) {100 * row['forced_branches'][forced_best]['overall']:.1f}, "
+                       f"its best branch per question type {100 * oracle:.1f} ("
+                       + ", ".join(f"{d} {b}" for d, b in best.items()) + ")")
     return out
 
 
@@ -411,6 +458,8 @@ def write_report(output: str, settings, foundation: dict, results: list, timings
         "",
         router_table(table),
         router_diagnostics_table(table),
+        "",
+        forced_branch_table(table),
         "",
         budget_table(results),
         "",

@@ -1,0 +1,175 @@
+"""router_training="outcome": the router as a contextual bandit (one branch drawn per training image, the router
+regresses that branch's LM loss, inference picks the lowest predicted loss)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_image
+from conversion.tiny import build_tiny
+from modeling_qmop import QueryGuidedRouter, outcome_regression_loss, per_sample_lm_loss
+from qmop_tools.train.trainer import router_loss
+
+OUTCOME = {"router_training": "outcome", "router_eval_temperature": 1.0}
+
+
+def _reference_sample_losses(logits, labels, image_token_id):
+    """Mean next-token cross-entropy per sample, written out with log_softmax and gather."""
+    targets = labels[:, 1:].masked_fill(labels[:, 1:] == image_token_id, -100)  # (B, T-1)
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    token = -logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]  # (B, T-1)
+    supervised = targets != -100
+    return (token * supervised).sum(1) / supervised.sum(1)
+
+
+def test_config_defaults_and_refusals():
+    model, _ = build_tiny(num_visual_tokens=16, **OUTCOME)
+    assert model.config.router_top_k == 1  # the LM never sees a mixture
+    with pytest.raises(ValueError, match="router_top_k"):
+        build_tiny(num_visual_tokens=16, router_training="outcome", router_top_k=2)
+    with pytest.raises(ValueError, match="router_logit_cap"):
+        build_tiny(num_visual_tokens=16, router_training="outcome", router_logit_cap=1.0)
+    with pytest.raises(ValueError, match="router_exploration"):
+        build_tiny(num_visual_tokens=16, router_training="outcome", router_exploration=1.5)
+    with pytest.raises(ValueError, match="router_training"):
+        build_tiny(num_visual_tokens=16, router_training="bandit")
+    with pytest.raises(TypeError, match="router_outcome_loss_coef"):
+        build_tiny(num_visual_tokens=16, router_training="outcome", router_outcome_loss_coef="1")
+
+
+def test_training_draws_one_branch_per_image_and_adds_the_regression_loss():
+    """Two samples, the first with two images: each image's drawn branch is regressed on its own sample's loss."""
+    model, processor = build_tiny(num_visual_tokens=16, router_outcome_loss_coef=0.5, **OUTCOME)
+    images = [make_image(seed=s) for s in range(3)]
+    texts = ["USER: <image> <image>\nCompare them. ASSISTANT: the left", "USER: <image>\nWhat is it? ASSISTANT: a dog"]
+    inputs = processor(images=[images[:2], images[2:]], text=texts)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    model.train()
+    torch.manual_seed(0)
+    out = model(**inputs, labels=labels)
+    weights = out.router_weights  # (3, 3)
+    assert weights.shape == (3, 3) and set(weights.flatten().tolist()) <= {0.0, 1.0}
+    assert torch.equal(weights.sum(-1), torch.ones(3))
+    assert out.aux_loss == 0 and out.router_z_loss == 0
+
+    sample_losses = _reference_sample_losses(out.logits.detach(), labels, model.config.image_token_id)  # (2,)
+    predicted = -(out.router_logits * weights).sum(-1).detach()  # (3,)
+    expected = ((predicted - sample_losses[torch.tensor([0, 0, 1])]) ** 2).mean()
+    torch.testing.assert_close(out.router_outcome_loss.detach(), expected)
+    lm_loss = F.cross_entropy(
+        out.logits[:, :-1].reshape(-1, out.logits.shape[-1]).float(),
+        labels[:, 1:].masked_fill(labels[:, 1:] == model.config.image_token_id, -100).reshape(-1),
+    )
+    torch.testing.assert_close(out.loss.detach(), lm_loss.detach() + 0.5 * expected, rtol=1e-5, atol=1e-6)
+    # The trainer's accumulation scaling treats the term as a router term.
+    torch.testing.assert_close(torch.as_tensor(router_loss(out, model.config)).detach(), 0.5 * expected)
+
+    # Only the regression term trains the router: the drawn branch's weight is a constant for the LM loss.
+    model.zero_grad()
+    out.loss.backward()
+    router = model.model.projector.router
+    assert router.linear_2.weight.grad.abs().sum() > 0
+    model.zero_grad()
+    lm_only = model(**inputs, labels=labels)
+    (lm_only.loss - 0.5 * lm_only.router_outcome_loss).backward()
+    assert router.linear_2.weight.grad is None or router.linear_2.weight.grad.abs().sum() == 0
+    model.eval()
+
+
+def test_uniform_exploration_trains_every_branch():
+    model, _ = build_tiny(num_visual_tokens=16, **OUTCOME)
+    router = model.model.projector.router.train()
+    with torch.no_grad():
+        router.linear_2.bias.copy_(torch.tensor([50.0, 0.0, 0.0]))  # a strong preference for pooling
+        cls_token, query = torch.randn(3000, router.vision_norm.normalized_shape[0]), torch.randn(3000, 32)
+        drawn = router(cls_token, query).weights.mean(0)  # exploration 1.0: uniform whatever the preference
+        assert torch.allclose(drawn, torch.full((3,), 1 / 3), atol=0.03)
+        router.exploration = 0.0  # greedy: always the preferred branch
+        assert torch.equal(router(cls_token, query).weights.mean(0), torch.tensor([1.0, 0.0, 0.0]))
+        router.uniform = True  # stage 1's equal-weight routing: drawn uniformly, whatever the exploration
+        assert torch.allclose(router(cls_token, query).weights.mean(0), torch.full((3,), 1 / 3), atol=0.03)
+
+
+def test_inference_picks_the_lowest_predicted_loss(image):
+    model, processor = build_tiny(num_visual_tokens=16, **OUTCOME)
+    inputs = processor(images=[image, make_image(seed=3)], text=["USER: <image>\nWhat? ASSISTANT:"] * 2)
+    with torch.no_grad():
+        out = model(**inputs)
+        again = model(**inputs)
+    assert torch.equal(out.router_weights, F.one_hot(out.router_logits.argmax(-1), 3).float())
+    assert torch.equal(out.router_weights, again.router_weights)  # deterministic
+    assert torch.allclose(out.router_probs, torch.softmax(out.router_logits, -1))  # eval temperature 1.0
+    assert out.router_outcome_loss is None  # eval mode: no regression
+
+
+def test_per_sample_loss_skips_unsupervised_samples():
+    logits = torch.randn(2, 5, 7)
+    targets = torch.tensor([[1, 2, -100, 3, -100], [-100] * 5])
+    losses = per_sample_lm_loss(logits, targets)
+    reference = F.cross_entropy(logits[0], targets[0], ignore_index=-100)
+    torch.testing.assert_close(losses[0], reference)
+    assert torch.isnan(losses[1])
+    # An image whose sample has no target adds nothing to the regression.
+    router_logits = torch.tensor([[-1.0, 0.0], [5.0, 5.0]], requires_grad=True)
+    weights = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    loss = outcome_regression_loss(router_logits, weights, losses, torch.tensor([0, 1]))
+    torch.testing.assert_close(loss, (1.0 - losses[0]) ** 2)
+    loss.backward()
+    assert router_logits.grad[1].abs().sum() == 0
+
+
+def test_the_bandit_learns_a_question_dependent_choice():
+    """A synthetic loss per (question, branch): question A is answered best through branch 0, question B through
+    branch 2, whatever the picture. Trained only by observing the drawn branch's loss, the router's eval choice
+    follows the question."""
+    model, _ = build_tiny(num_visual_tokens=16, **OUTCOME)
+    router = model.model.projector.router
+    generator = torch.Generator().manual_seed(0)
+    vision_width = router.vision_norm.normalized_shape[0]
+    questions = torch.randn(2, 32, generator=generator)  # two question embeddings
+    branch_loss = torch.tensor([[0.5, 1.5, 2.0], [2.0, 1.5, 0.5]])  # (question, branch)
+    optimizer = torch.optim.Adam(router.parameters(), lr=3e-3)
+    router.train()
+    for _ in range(300):
+        which = torch.randint(2, (32,), generator=generator)
+        pictures = torch.randn(32, vision_width, generator=generator)
+        out = router(pictures, questions[which])
+        observed = (branch_loss[which] * out.weights).sum(-1) + 0.1 * torch.randn(32, generator=generator)
+        loss = outcome_regression_loss(out.logits, out.weights, observed, torch.arange(32))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    router.eval()
+    with torch.no_grad():
+        pictures = torch.randn(50, vision_width, generator=generator)
+        choice_a = router(pictures, questions[0].expand(50, -1)).weights.argmax(-1)
+        choice_b = router(pictures, questions[1].expand(50, -1)).weights.argmax(-1)
+    assert (choice_a == 0).float().mean() > 0.95 and (choice_b == 2).float().mean() > 0.95
+
+
+def test_outcome_router_saves_and_reloads(tmp_path, image):
+    from transformers import AutoModelForImageTextToText
+
+    model, processor = build_tiny(num_visual_tokens=16, router_exploration=0.25, **OUTCOME)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path, trust_remote_code=True)
+    assert reloaded.config.router_training == "outcome" and reloaded.config.router_exploration == 0.25
+    inputs = processor(images=image, text="USER: <image>\nWhat? ASSISTANT:")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).router_logits, model(**inputs).router_logits)
+
+
+def test_training_overrides_switch_a_checkpoint_to_outcome_and_are_checked(tiny_checkpoint):
+    from transformers import TrainingArguments
+
+    from qmop_tools.train import ModelArguments
+    from qmop_tools.train.run import load_model_and_processor
+
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none")
+    with pytest.raises(ValueError, match="router_top_k"):  # the checkpoint mixes 2 branches
+        load_model_and_processor(ModelArguments(model_name_or_path=tiny_checkpoint, stage=2, router_training="outcome"), args)
+    model, _ = load_model_and_processor(
+        ModelArguments(model_name_or_path=tiny_checkpoint, stage=2, router_training="outcome", router_top_k=1,
+                       router_exploration=0.5), args)
+    router = model.model.projector.router
+    assert model.config.router_training == "outcome" and router.outcome and router.exploration == 0.5
