@@ -673,9 +673,10 @@ class QueryGuidedRouter(nn.Module):
     weight 1/num_branches, so all experts train and the router learns nothing it would have to unlearn.
 
     `router_training="outcome"` (a contextual bandit): the logits are negated predicted LM losses, one per branch.
-    training: each image gets one branch (weight 1), drawn uniformly with probability `router_exploration` (always
-              when `uniform`), else the argmax; the head regresses the drawn branch's logit on the sample's negated
-              LM loss (`outcome_regression_loss`). No temperature, noise, balancing or z-loss (reported as 0).
+    training: each image gets one branch (weight 1), drawn uniformly with probability `router_exploration`, else the
+              argmax; the head regresses the drawn branch's logit on the sample's negated LM loss
+              (`outcome_regression_loss`). No temperature, noise, balancing or z-loss (reported as 0). With `uniform`
+              (stage 1) every branch gets 1/num_branches, as for the mixture.
     eval:     as above with top-1: the branch with the lowest predicted loss.
     """
 
@@ -721,10 +722,10 @@ class QueryGuidedRouter(nn.Module):
 
     def _sample_branches(self, logits: torch.Tensor) -> torch.Tensor:
         """Outcome training: one branch per image, one-hot weights (N, nb); uniform with probability
-        `router_exploration` (always when `uniform`), else the router's choice."""
+        `router_exploration`, else the router's choice."""
         num_images = logits.shape[0]
         drawn = torch.randint(self.num_branches, (num_images,), device=logits.device)  # (N,)
-        if not self.uniform and self.exploration < 1.0:
+        if self.exploration < 1.0:
             explore = torch.rand(num_images, device=logits.device) < self.exploration  # (N,)
             drawn = torch.where(explore, drawn, logits.argmax(dim=-1))
         return F.one_hot(drawn, self.num_branches).to(logits.dtype)
@@ -733,7 +734,9 @@ class QueryGuidedRouter(nn.Module):
         logits = self.logits(cls_token, query_embeds)  # (N, nb)
         if self.outcome:
             probs = torch.softmax(logits / self.eval_temperature, dim=-1)  # (N, nb) the preference, for statistics
-            if self.training:
+            if self.training and self.uniform:  # stage 1: every expert aligned on every caption, as for a mixture
+                weights = torch.full_like(logits, 1.0 / self.num_branches)
+            elif self.training:
                 weights = self._sample_branches(logits)
             else:
                 weights = F.one_hot(logits.argmax(dim=-1), self.num_branches).to(logits.dtype)
@@ -1817,7 +1820,9 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
                 loss = loss + self.config.router_aux_loss_coef * outputs.aux_loss.to(loss.device)
             if outputs.router_z_loss is not None and self.config.router_z_loss_coef > 0:
                 loss = loss + self.config.router_z_loss_coef * outputs.router_z_loss.to(loss.device)
-            if self.training and self.config.router_training == "outcome" and outputs.router_logits is not None:
+            router = self.model.projector.router
+            if (self.training and self.config.router_training == "outcome" and outputs.router_logits is not None
+                    and not router.uniform):  # stage 1's equal weights: no branch was drawn, nothing to regress
                 targets = shift_labels if shift_labels is not None else F.pad(labels[:, 1:], (0, 1), value=-100)
                 images_per_sample = placeholders.sum(dim=1) // outputs.image_hidden_states.shape[1]  # (B,)
                 image_samples = torch.repeat_interleave(

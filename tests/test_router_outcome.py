@@ -63,6 +63,11 @@ def test_training_draws_one_branch_per_image_and_adds_the_regression_loss():
     torch.testing.assert_close(out.loss.detach(), lm_loss.detach() + 0.5 * expected, rtol=1e-5, atol=1e-6)
     # The trainer's accumulation scaling treats the term as a router term.
     torch.testing.assert_close(torch.as_tensor(router_loss(out, model.config)).detach(), 0.5 * expected)
+    # Stage 1's equal weights draw no branch: nothing to regress, the loss is the LM loss.
+    model.set_router_uniform(True)
+    uniform = model(**inputs, labels=labels)
+    assert uniform.router_outcome_loss is None and torch.equal(uniform.router_weights, torch.full((3, 3), 1 / 3))
+    model.set_router_uniform(False)
 
     # Only the regression term trains the router: the drawn branch's weight is a constant for the LM loss.
     model.zero_grad()
@@ -86,8 +91,8 @@ def test_uniform_exploration_trains_every_branch():
         assert torch.allclose(drawn, torch.full((3,), 1 / 3), atol=0.03)
         router.exploration = 0.0  # greedy: always the preferred branch
         assert torch.equal(router(cls_token, query).weights.mean(0), torch.tensor([1.0, 0.0, 0.0]))
-        router.uniform = True  # stage 1's equal-weight routing: drawn uniformly, whatever the exploration
-        assert torch.allclose(router(cls_token, query).weights.mean(0), torch.full((3,), 1 / 3), atol=0.03)
+        router.uniform = True  # stage 1's equal-weight routing: every branch at 1/3 for every image, as for a mixture
+        assert torch.equal(router(cls_token[:5], query[:5]).weights, torch.full((5, 3), 1 / 3))
 
 
 def test_inference_picks_the_lowest_predicted_loss(image):

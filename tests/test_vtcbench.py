@@ -183,6 +183,10 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert run["evaluation"]["test"]["count"] == 50 and "val" in run["evaluation"]
     assert run["feature_cache"]["hits"] > 0  # the frozen tower ran once per image, not once per step
     assert 0.0 <= run["router_diagnostics"]["question_share"] <= 1.0
+    # every routed run is also scored with each branch forced, and the report sets them beside its router
+    assert set(run["forced_branches"]) == {"pooling", "resampler", "pruning"}
+    assert set(run["forced_branches"]["pruning"]["per_dimension"]) == set(DIMENSIONS)
+    assert "| QMoP (query-guided router) | pruning forced |" in table and "| oracle by type |" in table
     budgets = next(r for r in results["runs"] if r["variant"] == "qmop_budgets")
     assert {"test@16", "test", "test@64", "test@144", "val"} <= set(budgets["evaluation"])
     # the exported checkpoint loads as a Hub user loads it, with its card
@@ -285,3 +289,38 @@ def test_findings_compare_each_method_and_state_the_per_type_ceiling():
                for line in lines), lines
     assert any(line.startswith("pooling + mid-LLM pruning") and "vs pooling only" in line for line in lines)
     assert any(line.startswith("pruning only (LearnPruner") and "vs pruning only (salience)" in line for line in lines)
+
+
+def test_forced_branch_routes_every_image_through_one_branch(tiny, image):
+    from qmop_tools.vtcbench.experiment import forced_branch
+
+    model, processor = tiny
+    inputs = processor(images=[image, make_image(seed=5)], text=["USER: <image>\nWhat? ASSISTANT:"] * 2)
+    with torch.no_grad():
+        routed = model(**inputs)
+        with forced_branch(model, "pruning"):
+            forced = model(**inputs)
+        again = model(**inputs)
+    assert torch.equal(forced.router_weights, torch.tensor([[0.0, 0.0, 1.0]] * 2))
+    assert torch.equal(forced.router_logits, routed.router_logits)  # the router still ran
+    assert (forced.kept_patch_indices >= 0).all()  # pruning chose patches for both images
+    assert torch.equal(again.router_weights, routed.router_weights)  # the router's own forward is back
+    assert "forward" not in vars(model.model.projector.router)
+
+
+def test_forced_branch_table_sets_each_branch_beside_the_router_and_the_oracle():
+    from qmop_tools.vtcbench.report import DIMENSIONS, findings, forced_branch_oracle, forced_branch_table
+
+    scores = {"pooling": [1.0, 0.6, 0.8, 0.3, 1.0], "resampler": [0.9, 0.5, 0.9, 0.3, 0.9],
+              "pruning": [0.4, 0.8, 0.7, 0.5, 0.8]}
+    forced = {b: {"overall": sum(v) / 5, **dict(zip(DIMENSIONS, v))} for b, v in scores.items()}
+    row = {d: (0.6, 0.0) for d in DIMENSIONS} | {"overall": (0.6, 0.0), "forced_branches": forced}
+    oracle, best = forced_branch_oracle(row)
+    assert best == {"global": "pooling", "local": "pruning", "spatial": "resampler", "counting": "pruning",
+                    "style": "pooling"}
+    assert oracle == pytest.approx((1.0 + 0.8 + 0.9 + 0.5 + 1.0) / 5)
+    table = forced_branch_table({"qmop_outcome": row})
+    assert "| QMoP, router trained by outcome (loss per branch) | pruning forced | 64.0 | 40.0 | 80.0 |" in table
+    assert "| oracle by type | 84.0 | 100.0 (pooling) | 80.0 (pruning) | 90.0 (resampler) |" in table
+    lines = findings({"qmop": row, "qmop_outcome": row})
+    assert any("its best branch per question type 84.0" in line for line in lines), lines

@@ -162,8 +162,9 @@ class QMoPConfig(PretrainedConfig):
             detached). At inference the router picks the branch with the lowest predicted loss for this picture and
             question. Needs `router_top_k=1` (the language model never saw a mixture) and no `router_logit_cap`
             (the logits are loss predictions); the temperature, Gumbel noise, z-loss and load balancing do not apply
-            (the losses are reported as 0). In stage 1 with an equal-weight router (`set_router_uniform`) the branch
-            is always drawn uniformly.
+            (the losses are reported as 0). In stage 1 with an equal-weight router (`set_router_uniform`, the
+            trainer's default) every branch gets weight 1/num_branches, as for the mixture, so every expert is
+            aligned on every caption.
         router_exploration (`float`, *optional*, defaults to 1.0):
             `"outcome"` only: probability that a training image's branch is drawn uniformly at random instead of
             chosen by the router. 1.0 trains every branch equally and gives the router unbiased loss estimates.
