@@ -315,8 +315,11 @@ def budget_table(results: list) -> str:
 def _compare(name_a, a, name_b, b) -> str:
     diff = a[0] - b[0]
     noise = max(a[1], b[1])
-    verdict = ("within one std (not distinguishable)" if abs(diff) <= noise
-               else ("higher" if diff > 0 else "lower") + " by more than one std")
+    if noise == 0:  # one seed on each side: no error bar to compare with
+        verdict = "one seed, no error bar"
+    else:
+        verdict = ("within one std (not distinguishable)" if abs(diff) <= noise
+                   else ("higher" if diff > 0 else "lower") + " by more than one std")
     return (f"{name_a} {100 * a[0]:.1f} ± {100 * a[1]:.1f} vs {name_b} {100 * b[0]:.1f} ± {100 * b[1]:.1f}: "
             f"{diff * 100:+.1f} points, {verdict}")
 
