@@ -35,6 +35,10 @@ def test_config_defaults_and_refusals():
         build_tiny(num_visual_tokens=16, router_training="bandit")
     with pytest.raises(TypeError, match="router_outcome_loss_coef"):
         build_tiny(num_visual_tokens=16, router_training="outcome", router_outcome_loss_coef="1")
+    with pytest.raises(ValueError, match="router_outcome_branches"):
+        build_tiny(num_visual_tokens=16, router_training="outcome", router_outcome_branches="every")
+    with pytest.raises(ValueError, match="applies to `router_training`='outcome' only"):
+        build_tiny(num_visual_tokens=16, router_outcome_branches="all")  # a mixture router
 
 
 def test_training_draws_one_branch_per_image_and_adds_the_regression_loss():
@@ -175,6 +179,76 @@ def test_training_overrides_switch_a_checkpoint_to_outcome_and_are_checked(tiny_
         load_model_and_processor(ModelArguments(model_name_or_path=tiny_checkpoint, stage=2, router_training="outcome"), args)
     model, _ = load_model_and_processor(
         ModelArguments(model_name_or_path=tiny_checkpoint, stage=2, router_training="outcome", router_top_k=1,
-                       router_exploration=0.5), args)
+                       router_exploration=0.5, router_outcome_branches="all"), args)
     router = model.model.projector.router
     assert model.config.router_training == "outcome" and router.outcome and router.exploration == 0.5
+    assert model.config.router_outcome_branches == "all"
+
+
+def test_forced_branch_routes_every_image_through_one_branch(image):
+    model, processor = build_tiny(num_visual_tokens=16)  # a mixture router, top-2
+    inputs = processor(images=[image, make_image(seed=5)], text=["USER: <image>\nWhat? ASSISTANT:"] * 2)
+    with torch.no_grad():
+        routed = model(**inputs)
+        with model.forced_branch("pruning"):
+            forced = model(**inputs)
+        again = model(**inputs)
+    assert torch.equal(forced.router_weights, torch.tensor([[0.0, 0.0, 1.0]] * 2))
+    assert torch.equal(forced.router_logits, routed.router_logits)  # the router still ran
+    assert (forced.kept_patch_indices >= 0).all()  # pruning chose patches for both images
+    assert torch.equal(again.router_weights, routed.router_weights)  # routing is back after the block
+    with pytest.raises(ValueError, match="unknown branch 'crop'"):
+        with model.forced_branch("crop"):
+            pass
+    blind, _ = build_tiny(num_visual_tokens=16, router_mode="uniform")
+    with pytest.raises(ValueError, match="no router"):
+        with blind.forced_branch("pooling"):
+            pass
+
+
+def test_every_branch_training_averages_one_pass_per_branch():
+    """`router_outcome_branches="all"`: the loss is the mean of the forced single-branch losses (each with its own
+    branch's regression term); logits and image tokens follow the router's choice; every expert gets a gradient."""
+    model, processor = build_tiny(num_visual_tokens=16, router_outcome_branches="all", router_outcome_loss_coef=0.5,
+                                  **OUTCOME)
+    images = [make_image(seed=s) for s in range(3)]
+    texts = ["USER: <image> <image>\nCompare them. ASSISTANT: the left", "USER: <image>\nWhat is it? ASSISTANT: a dog"]
+    inputs = processor(images=[images[:2], images[2:]], text=texts)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    model.train()
+    out = model(**inputs, labels=labels)
+    forced = {}
+    for branch in model.config.branches:
+        with model.forced_branch(branch):
+            forced[branch] = model(**inputs, labels=labels)
+    torch.testing.assert_close(out.loss, torch.stack([f.loss for f in forced.values()]).mean())
+    torch.testing.assert_close(out.router_outcome_loss,
+                               torch.stack([f.router_outcome_loss for f in forced.values()]).mean())
+    # Each forced pass regressed its own branch's logit on its own per-sample losses.
+    column = list(model.config.branches).index("resampler")
+    sample_losses = _reference_sample_losses(forced["resampler"].logits.detach(), labels, model.config.image_token_id)
+    expected = ((-out.router_logits[:, column].detach() - sample_losses[torch.tensor([0, 0, 1])]) ** 2).mean()
+    torch.testing.assert_close(forced["resampler"].router_outcome_loss.detach(), expected)
+
+    choice = out.router_logits.argmax(-1)  # (3,)
+    assert torch.equal(out.router_weights, F.one_hot(choice, 3).float())
+    branches = list(model.config.branches)
+    for i in range(3):
+        torch.testing.assert_close(out.image_hidden_states[i], forced[branches[choice[i]]].image_hidden_states[i])
+    for sample, first_image in ((0, 0), (1, 2)):
+        torch.testing.assert_close(out.logits[sample], forced[branches[choice[first_image]]].logits[sample])
+
+    model.zero_grad()
+    out.loss.backward()
+    projector = model.model.projector
+    for branch in branches:
+        grads = [p.grad for p in getattr(projector, f"{branch}_branch").parameters() if p.requires_grad]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), branch
+    assert projector.router.linear_2.weight.grad.abs().sum() > 0
+    # Stage 1 (equal weights) and evaluation make one pass, as with sampled branches.
+    model.set_router_uniform(True)
+    assert model(**inputs, labels=labels).router_outcome_loss is None
+    model.set_router_uniform(False)
+    model.eval()
+    with torch.no_grad():
+        assert model(**inputs, labels=labels).router_outcome_loss is None

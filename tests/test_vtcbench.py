@@ -291,23 +291,6 @@ def test_findings_compare_each_method_and_state_the_per_type_ceiling():
     assert any(line.startswith("pruning only (LearnPruner") and "vs pruning only (salience)" in line for line in lines)
 
 
-def test_forced_branch_routes_every_image_through_one_branch(tiny, image):
-    from qmop_tools.vtcbench.experiment import forced_branch
-
-    model, processor = tiny
-    inputs = processor(images=[image, make_image(seed=5)], text=["USER: <image>\nWhat? ASSISTANT:"] * 2)
-    with torch.no_grad():
-        routed = model(**inputs)
-        with forced_branch(model, "pruning"):
-            forced = model(**inputs)
-        again = model(**inputs)
-    assert torch.equal(forced.router_weights, torch.tensor([[0.0, 0.0, 1.0]] * 2))
-    assert torch.equal(forced.router_logits, routed.router_logits)  # the router still ran
-    assert (forced.kept_patch_indices >= 0).all()  # pruning chose patches for both images
-    assert torch.equal(again.router_weights, routed.router_weights)  # the router's own forward is back
-    assert "forward" not in vars(model.model.projector.router)
-
-
 def test_forced_branch_table_sets_each_branch_beside_the_router_and_the_oracle():
     from qmop_tools.vtcbench.report import DIMENSIONS, findings, forced_branch_oracle, forced_branch_table
 

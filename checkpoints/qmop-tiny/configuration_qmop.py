@@ -16,6 +16,7 @@ RouterMode = Literal["query", "vision", "uniform"]
 TemperatureSchedule = Literal["cosine", "linear", "exponential", "constant"]
 LogitCapMode = Literal["tanh", "normalize"]
 RouterTraining = Literal["mixture", "outcome"]
+RouterOutcomeBranches = Literal["sampled", "all"]
 TowerPruningSchedule = Literal["off", "qg_vtc", "custom"]
 TowerPruningScore = Literal["question_relevance", "cls_attention"]
 
@@ -170,6 +171,15 @@ class QMoPConfig(PretrainedConfig):
             chosen by the router. 1.0 trains every branch equally and gives the router unbiased loss estimates.
         router_outcome_loss_coef (`float`, *optional*, defaults to 1.0):
             `"outcome"` only: weight of the router's loss-regression term added to the language-model loss.
+        router_outcome_branches (`str`, *optional*, defaults to `"sampled"`):
+            `"outcome"` only: which branches a training image goes through. `"sampled"`: one, drawn as
+            `router_exploration` says (one language-model pass per batch). `"all"`: every branch, one language-model
+            pass each (the cost of the language model's forward and backward times the number of branches, and as
+            many activation graphs held until the backward); the language-model loss is the mean over the branches
+            and the router regresses every branch's loss on every image (full information: no exploration is needed,
+            `router_exploration` is ignored). Each branch then gets the data of a single-branch run: in the mini
+            VTCBench one randomly drawn branch per image left the language model unable to read the background
+            colour through any branch (docs/vtcbench.md).
         query_max_length (`int`, *optional*, defaults to 77): CLIP text encoder's context (longer questions are truncated).
         projector_dense_max_images (`int`, *optional*, defaults to 8):
             How the projector computes the router's choice at inference (eval mode) on an accelerator. Batches of at
@@ -250,6 +260,7 @@ class QMoPConfig(PretrainedConfig):
         router_training: RouterTraining = "mixture",
         router_exploration: float = 1.0,
         router_outcome_loss_coef: float = 1.0,
+        router_outcome_branches: RouterOutcomeBranches = "sampled",
         query_max_length: int = 77,
         projector_dense_max_images: int = 8,
         pad_to_square: bool = False,
@@ -298,6 +309,7 @@ class QMoPConfig(PretrainedConfig):
         self.router_training = router_training
         self.router_exploration = router_exploration
         self.router_outcome_loss_coef = router_outcome_loss_coef
+        self.router_outcome_branches = router_outcome_branches
         self.query_max_length = query_max_length
         self.projector_dense_max_images = projector_dense_max_images
         self.pad_to_square = pad_to_square
@@ -455,6 +467,7 @@ class QMoPConfig(PretrainedConfig):
             "router_temperature_schedule": get_args(TemperatureSchedule),
             "router_logit_cap_mode": get_args(LogitCapMode),
             "router_training": get_args(RouterTraining),
+            "router_outcome_branches": get_args(RouterOutcomeBranches),
             "tower_pruning_schedule": get_args(TowerPruningSchedule),
             "tower_pruning_score": get_args(TowerPruningScore),
         }
@@ -499,6 +512,11 @@ class QMoPConfig(PretrainedConfig):
     def _validate_router_training(self) -> None:
         if not 0.0 <= self.router_exploration <= 1.0:
             raise ValueError(f"`router_exploration` must be between 0 and 1, got {self.router_exploration}.")
+        if self.router_outcome_branches != "sampled" and self.router_training != "outcome":
+            raise ValueError(
+                f"`router_outcome_branches`={self.router_outcome_branches!r} applies to `router_training`='outcome' "
+                f"only (got {self.router_training!r})."
+            )
         if self.router_training != "outcome" or not self.uses_router:
             return
         if self.router_top_k != 1:

@@ -19,6 +19,7 @@ D language-model width, H heads, h head width.
 Sources: QMoP (arXiv, March 2026) and QG-VTC (arXiv 2504.00654) for Eq. 4-5; choices in shared/DESIGN.md.
 """
 
+import contextlib
 import functools
 import inspect
 import math
@@ -695,6 +696,8 @@ class QueryGuidedRouter(nn.Module):
         # `set_router_uniform`): the current temperature, and whether routing is replaced by equal weights.
         self.temperature = config.router_temperature
         self.uniform = False
+        # `QMoPForConditionalGeneration.forced_branch`: every image goes through this branch column alone (None: routed).
+        self.forced_branch: Optional[int] = None
         vision_width = config.vision_config.hidden_size
         text_width = config.text_encoder_config.hidden_size if self.uses_query else 0
         eps = config.vision_config.layer_norm_eps
@@ -731,6 +734,13 @@ class QueryGuidedRouter(nn.Module):
         return F.one_hot(drawn, self.num_branches).to(logits.dtype)
 
     def forward(self, cls_token: torch.Tensor, query_embeds: Optional[torch.Tensor]) -> RouterOutput:
+        out = self._route(cls_token, query_embeds)
+        if self.forced_branch is None:
+            return out
+        forced = F.one_hot(torch.full_like(out.logits[:, 0], self.forced_branch, dtype=torch.long), self.num_branches)
+        return out._replace(weights=forced.to(out.weights.dtype))  # the logits and probabilities stay the router's
+
+    def _route(self, cls_token: torch.Tensor, query_embeds: Optional[torch.Tensor]) -> RouterOutput:
         logits = self.logits(cls_token, query_embeds)  # (N, nb)
         if self.outcome:
             probs = torch.softmax(logits / self.eval_temperature, dim=-1)  # (N, nb) the preference, for statistics
@@ -1775,7 +1785,7 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
             # Rank the visual tokens with the prompt only, as inference will: not with the answer being learned.
             supervised = labels != -100 if labels is not None else F.pad(shift_labels[:, :-1] != -100, (1, 0))  # (B, T)
             kwargs["llm_pruning_query_mask"] = supervised.cumsum(1) == 0
-        outputs = self.model(
+        model_inputs = dict(
             input_ids=input_ids,
             pixel_values=pixel_values,
             query_input_ids=query_input_ids,
@@ -1790,50 +1800,18 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
             return_dict=True,
             **kwargs,
         )
-        hidden = outputs.last_hidden_state  # (B, T, D)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, keep, :])  # (B, T', V)
+        loss_inputs = dict(labels=labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch)
+        router = self.model.projector.router
+        if (self.training and router is not None and router.outcome and not router.uniform
+                and router.forced_branch is None and self.config.router_outcome_branches == "all"
+                and pixel_values is not None and (labels is not None or shift_labels is not None)):
+            output = self._forward_every_branch(model_inputs, keep, loss_inputs)
+            return output if return_dict else output.to_tuple()
 
-        loss = router_outcome_loss = None
-        if labels is not None or shift_labels is not None:
-            # Never learn to predict placeholders: mask them in `labels` (B, T) and in `shift_labels` (B, T), whose
-            # position t is the target of position t, i.e. the token at t + 1.
-            if input_ids is not None or pixel_values is not None:
-                placeholders = self.model.image_placeholder_mask(input_ids, inputs_embeds).to(logits.device)  # (B, T)
-            else:  # text-only inputs_embeds
-                placeholders = torch.zeros(logits.shape[:2], dtype=torch.bool, device=logits.device)
-            if labels is not None:
-                labels = labels.to(logits.device).masked_fill(placeholders, -100)
-            if shift_labels is not None:
-                next_is_placeholder = F.pad(placeholders[:, 1:], (0, 1), value=False)  # (B, T)
-                shift_labels = shift_labels.to(logits.device).masked_fill(next_is_placeholder, -100)
-            # transformers' causal-LM loss: shifts `labels` (or takes `shift_labels`), float32, and divides by
-            # `num_items_in_batch` when the Trainer gives it (gradient-accumulation-exact normalisation).
-            loss = self.loss_function(
-                logits=logits,
-                labels=labels,
-                vocab_size=self.config.text_config.vocab_size,
-                num_items_in_batch=num_items_in_batch,
-                shift_labels=shift_labels,
-            )
-            if outputs.aux_loss is not None and self.config.router_aux_loss_coef > 0:
-                loss = loss + self.config.router_aux_loss_coef * outputs.aux_loss.to(loss.device)
-            if outputs.router_z_loss is not None and self.config.router_z_loss_coef > 0:
-                loss = loss + self.config.router_z_loss_coef * outputs.router_z_loss.to(loss.device)
-            router = self.model.projector.router
-            if (self.training and self.config.router_training == "outcome" and outputs.router_logits is not None
-                    and not router.uniform):  # stage 1's equal weights: no branch was drawn, nothing to regress
-                targets = shift_labels if shift_labels is not None else F.pad(labels[:, 1:], (0, 1), value=-100)
-                images_per_sample = placeholders.sum(dim=1) // outputs.image_hidden_states.shape[1]  # (B,)
-                image_samples = torch.repeat_interleave(
-                    torch.arange(len(images_per_sample), device=images_per_sample.device), images_per_sample
-                )  # (N,)
-                router_outcome_loss = outcome_regression_loss(
-                    outputs.router_logits, outputs.router_weights, per_sample_lm_loss(logits, targets), image_samples
-                )
-                if self.config.router_outcome_loss_coef > 0:
-                    loss = loss + self.config.router_outcome_loss_coef * router_outcome_loss.to(loss.device)
-
+        outputs = self.model(**model_inputs)
+        logits = self.lm_head(outputs.last_hidden_state[:, keep, :])  # (B, T', V)
+        loss, router_outcome_loss = self._loss(outputs, logits, input_ids, inputs_embeds, pixel_values, **loss_inputs)
         output = QMoPCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -1850,6 +1828,122 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
             router_outcome_loss=router_outcome_loss,
         )
         return output if return_dict else output.to_tuple()
+
+    def _images_per_sample(self, outputs, input_ids, inputs_embeds, device) -> torch.Tensor:
+        """(B,) number of images in each sample, read from its placeholders."""
+        placeholders = self.model.image_placeholder_mask(input_ids, inputs_embeds).to(device)  # (B, T)
+        return placeholders.sum(dim=1) // outputs.image_hidden_states.shape[1]
+
+    def _loss(self, outputs, logits, input_ids, inputs_embeds, pixel_values, labels, shift_labels, num_items_in_batch):
+        """(loss, router_outcome_loss) of one language-model pass; (None, None) without labels."""
+        if labels is None and shift_labels is None:
+            return None, None
+        # Never learn to predict placeholders: mask them in `labels` (B, T) and in `shift_labels` (B, T), whose
+        # position t is the target of position t, i.e. the token at t + 1.
+        if input_ids is not None or pixel_values is not None:
+            placeholders = self.model.image_placeholder_mask(input_ids, inputs_embeds).to(logits.device)  # (B, T)
+        else:  # text-only inputs_embeds
+            placeholders = torch.zeros(logits.shape[:2], dtype=torch.bool, device=logits.device)
+        if labels is not None:
+            labels = labels.to(logits.device).masked_fill(placeholders, -100)
+        if shift_labels is not None:
+            next_is_placeholder = F.pad(placeholders[:, 1:], (0, 1), value=False)  # (B, T)
+            shift_labels = shift_labels.to(logits.device).masked_fill(next_is_placeholder, -100)
+        # transformers' causal-LM loss: shifts `labels` (or takes `shift_labels`), float32, and divides by
+        # `num_items_in_batch` when the Trainer gives it (gradient-accumulation-exact normalisation).
+        loss = self.loss_function(
+            logits=logits,
+            labels=labels,
+            vocab_size=self.config.text_config.vocab_size,
+            num_items_in_batch=num_items_in_batch,
+            shift_labels=shift_labels,
+        )
+        if outputs.aux_loss is not None and self.config.router_aux_loss_coef > 0:
+            loss = loss + self.config.router_aux_loss_coef * outputs.aux_loss.to(loss.device)
+        if outputs.router_z_loss is not None and self.config.router_z_loss_coef > 0:
+            loss = loss + self.config.router_z_loss_coef * outputs.router_z_loss.to(loss.device)
+        router = self.model.projector.router
+        router_outcome_loss = None
+        if (self.training and self.config.router_training == "outcome" and outputs.router_logits is not None
+                and not router.uniform):  # stage 1's equal weights: no branch was drawn, nothing to regress
+            targets = shift_labels if shift_labels is not None else F.pad(labels[:, 1:], (0, 1), value=-100)
+            images_per_sample = placeholders.sum(dim=1) // outputs.image_hidden_states.shape[1]  # (B,)
+            image_samples = torch.repeat_interleave(
+                torch.arange(len(images_per_sample), device=images_per_sample.device), images_per_sample
+            )  # (N,)
+            router_outcome_loss = outcome_regression_loss(
+                outputs.router_logits, outputs.router_weights, per_sample_lm_loss(logits, targets), image_samples
+            )
+            if self.config.router_outcome_loss_coef > 0:
+                loss = loss + self.config.router_outcome_loss_coef * router_outcome_loss.to(loss.device)
+        return loss, router_outcome_loss
+
+    def _forward_every_branch(self, model_inputs: dict, keep, loss_inputs: dict) -> "QMoPCausalLMOutputWithPast":
+        """Outcome training with `router_outcome_branches="all"`: one language-model pass per branch, every image
+        forced through it. `loss` and `router_outcome_loss` are the means over the passes (each pass regresses its
+        branch's logit on its own per-sample losses). `logits` (per sample) and `image_hidden_states` /
+        `kept_patch_indices` (per image) are those of the pass through the branch the router would choose (a
+        sample's first image decides for the sample); `router_weights` is that choice, one-hot. The cache, hidden
+        states and attentions belong to no single routing and are None."""
+        router = self.model.projector.router
+        passes = []
+        for column in range(router.num_branches):
+            router.forced_branch = column
+            try:
+                outputs = self.model(**model_inputs)
+            finally:
+                router.forced_branch = None
+            logits = self.lm_head(outputs.last_hidden_state[:, keep, :])  # (B, T', V)
+            loss, outcome_loss = self._loss(
+                outputs, logits, model_inputs["input_ids"], model_inputs["inputs_embeds"],
+                model_inputs["pixel_values"], **loss_inputs,
+            )
+            passes.append((outputs, logits, loss, outcome_loss))
+
+        first = passes[0][0]
+        choice = first.router_logits.argmax(dim=-1)  # (N,) identical in every pass: the router sees the same inputs
+        images = torch.arange(len(choice), device=choice.device)
+        image_hidden_states = torch.stack([p[0].image_hidden_states for p in passes])[choice, images]  # (N, M, D)
+        kept_patch_indices = None
+        if first.kept_patch_indices is not None:
+            kept_patch_indices = torch.stack([p[0].kept_patch_indices for p in passes])[choice, images]  # (N, M)
+        all_logits = torch.stack([p[1] for p in passes])  # (nb, B, T', V)
+        images_per_sample = self._images_per_sample(
+            first, model_inputs["input_ids"], model_inputs["inputs_embeds"], choice.device
+        )  # (B,)
+        first_image = (images_per_sample.cumsum(0) - images_per_sample).clamp(max=max(len(choice) - 1, 0))  # (B,)
+        sample_choice = torch.where(images_per_sample > 0, choice[first_image], 0).to(all_logits.device)  # (B,)
+        logits = all_logits[sample_choice, torch.arange(all_logits.shape[1], device=all_logits.device)]  # (B, T', V)
+        return QMoPCausalLMOutputWithPast(
+            loss=torch.stack([p[2] for p in passes]).mean(),
+            logits=logits,
+            image_hidden_states=image_hidden_states,
+            router_weights=F.one_hot(choice, router.num_branches).to(first.router_weights.dtype),
+            router_probs=first.router_probs,
+            router_logits=first.router_logits,
+            kept_patch_indices=kept_patch_indices,
+            aux_loss=first.aux_loss,
+            router_z_loss=first.router_z_loss,
+            router_outcome_loss=torch.stack([p[3] for p in passes]).mean(),
+        )
+
+    @contextlib.contextmanager
+    def forced_branch(self, branch: str):
+        """Within the block every image goes through `branch` alone (weight 1), whatever the router says; the
+        router still runs, so its logits and probabilities are reported unchanged. What the model answers through
+        one branch: the mini VTCBench's forced-branch table, or a fixed budget policy at serving time."""
+        router = self.model.projector.router
+        if router is None:
+            raise ValueError(f"this model has no router to force (branches {self.config.branches}, router_mode "
+                             f"{self.config.router_mode!r}).")
+        if branch not in self.config.branches:
+            raise ValueError(f"unknown branch {branch!r}: this model has {self.config.branches}.")
+        previous = router.forced_branch
+        router.forced_branch = list(self.config.branches).index(branch)
+        try:
+            yield
+        finally:
+            router.forced_branch = previous
 
     def prepare_inputs_for_generation(
         self,

@@ -110,6 +110,11 @@ class ModelArguments:
     router_outcome_loss_coef: Optional[float] = field(
         default=None, metadata={"help": "Outcome training: weight of the router's loss-regression term."}
     )
+    router_outcome_branches: Optional[str] = field(
+        default=None,
+        metadata={"help": "Outcome training: each image goes through one sampled branch, or through all of them "
+                  "(one LM pass per branch; every branch's loss is regressed).", "choices": ["sampled", "all"]},
+    )
     stage1_router: str = field(
         default="uniform",
         metadata={
@@ -136,6 +141,7 @@ class ModelArguments:
             "router_top_k",
             "router_exploration",
             "router_outcome_loss_coef",
+            "router_outcome_branches",
         )
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 

@@ -11,7 +11,6 @@ memoises `QMoPModel.get_vision_features` by the bytes of each image's pixel valu
 the 577-token tower on every step (the LLM, text encoder, router and branches still run every time).
 """
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -57,6 +56,12 @@ VARIANTS = {
     "qmop_outcome_greedy": {"branches": ALL_BRANCHES, "router_mode": "query", "router_training": "outcome",
                             "router_exploration": 0.25, "router_eval_temperature": 1.0, "router_aux_loss_coef": 0.0,
                             "router_z_loss_coef": 0.0},
+    # The outcome router with every training image sent through every branch (`router_outcome_branches="all"`: three
+    # LLM passes a batch). With one random branch per image the LLM never learned the background colour through any
+    # branch (global 20-25%, the same with the router's loss off): each branch here gets a single-branch run's data.
+    "qmop_outcome_all": {"branches": ALL_BRANCHES, "router_mode": "query", "router_training": "outcome",
+                         "router_outcome_branches": "all", "router_eval_temperature": 1.0, "router_aux_loss_coef": 0.0,
+                         "router_z_loss_coef": 0.0},
     "uniform": {"branches": ALL_BRANCHES, "router_mode": "uniform"},
     "vision_router": {"branches": ALL_BRANCHES, "router_mode": "vision", "router_top_k": 2, **ROUTER_TRAINING},
     "random_k": {"branches": ["pruning"], "router_top_k": 1, "pruning_score": "random"},
@@ -79,6 +84,7 @@ VARIANT_LABELS = {
     "qmop_normalized": "QMoP, router logits normalized (not tanh-capped)",
     "qmop_outcome": "QMoP, router trained by outcome (loss per branch)",
     "qmop_outcome_greedy": "QMoP, router trained by outcome, exploration 0.25",
+    "qmop_outcome_all": "QMoP, router trained by outcome, every branch per image",
     "pooling": "pooling only",
     "resampler": "resampler only",
     "pruning": "pruning only (salience)",
@@ -415,27 +421,6 @@ def evaluate(model_dir: str, data_dir: str, split: str, batch_size: int = 50, li
     return summarise_predictions(predictions, config.branches) | {"predictions": predictions}
 
 
-@contextlib.contextmanager
-def forced_branch(model, branch: str):
-    """Within the block, every image is routed to `branch` alone (weight 1), whatever the router says: what the
-    model answers through that one branch. The router still runs (its logits and probabilities are unchanged)."""
-    router = model.model.projector.router
-    column = list(model.config.branches).index(branch)
-    routed = router.forward
-
-    def forward(cls_token, query_embeds):
-        out = routed(cls_token, query_embeds)
-        weights = torch.zeros_like(out.weights)
-        weights[:, column] = 1.0
-        return out._replace(weights=weights)
-
-    router.forward = forward
-    try:
-        yield
-    finally:
-        del router.forward  # the class's forward again
-
-
 def forced_branch_evaluation(model_dir: str, data_dir: str, split: str = "test", batch_size: int = 50,
                              images: str = "images") -> dict:
     """{branch: accuracy summary} of a routed model with each branch forced in turn: which branch answers each
@@ -447,7 +432,7 @@ def forced_branch_evaluation(model_dir: str, data_dir: str, split: str = "test",
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
     out = {}
     for branch in model.config.branches:
-        with forced_branch(model, branch):
+        with model.forced_branch(branch):
             summary = evaluate(model_dir, data_dir, split, batch_size, model=model, processor=processor, images=images)
         out[branch] = {"overall": summary["overall"], "per_dimension": summary["per_dimension"]}
     return out

@@ -12,7 +12,8 @@ from qmop_tools.bench.report import write_atomic
 from .data import CHANCE, DIMENSIONS
 from .experiment import BUDGET_SET, VARIANT_LABELS, evaluate, normalise_answer
 
-ROUTED = ("qmop", "qmop_normalized", "qmop_outcome", "qmop_outcome_greedy", "vision_router", "qmop_budgets")
+ROUTED = ("qmop", "qmop_normalized", "qmop_outcome", "qmop_outcome_greedy", "qmop_outcome_all", "vision_router",
+          "qmop_budgets")
 PICTURE_QUESTIONS = 6  # test questions drawn for the contact sheet
 
 
@@ -198,7 +199,7 @@ def findings(table: dict) -> list:
     if singles:
         best = max(singles, key=lambda v: singles[v][0])
         out.append(_compare("QMoP", q, f"the best single branch ({best})", singles[best]))
-        for variant in ("qmop_normalized", "qmop_outcome", "qmop_outcome_greedy"):
+        for variant in ("qmop_normalized", "qmop_outcome", "qmop_outcome_greedy", "qmop_outcome_all"):
             if variant in table:
                 out.append(_compare(VARIANT_LABELS[variant], table[variant]["overall"],
                                     f"the best single branch ({best})", singles[best]))
