@@ -303,13 +303,17 @@ class QMoPModelOutputWithPast(ModelOutput):
     kept_patch_indices: Optional[torch.LongTensor] = None
     aux_loss: Optional[torch.FloatTensor] = None
     router_z_loss: Optional[torch.FloatTensor] = None
+    llm_router_logits: Optional[tuple] = None
 
 
 @dataclass
 class QMoPCausalLMOutputWithPast(ModelOutput):
     """Output of [`QMoPForConditionalGeneration`]. `loss` = LM loss + `router_aux_loss_coef` · `aux_loss` +
     `router_z_loss_coef` · `router_z_loss` (+ `router_outcome_loss_coef` · `router_outcome_loss` for an
-    outcome-trained router in training) when labels are given."""
+    outcome-trained router in training) when labels are given. With a Mixture-of-Experts language model that outputs
+    its router logits (`output_router_logits`, from the call or `text_config`), `llm_router_logits` holds them per
+    layer and `llm_aux_loss` is its own load-balancing loss (the model's `load_balancing_loss_func`), added to
+    `loss` with `text_config.router_aux_loss_coef`, as the language model's own causal-LM head would."""
 
     loss: Optional[torch.FloatTensor] = None
     logits: Optional[torch.FloatTensor] = None
@@ -324,6 +328,8 @@ class QMoPCausalLMOutputWithPast(ModelOutput):
     aux_loss: Optional[torch.FloatTensor] = None
     router_z_loss: Optional[torch.FloatTensor] = None
     router_outcome_loss: Optional[torch.FloatTensor] = None
+    llm_router_logits: Optional[tuple] = None
+    llm_aux_loss: Optional[torch.FloatTensor] = None
 
 
 class QMoPVisionFeatures(NamedTuple):
@@ -1137,8 +1143,7 @@ class QMoPPreTrainedModel(PreTrainedModel):
         "CLIPEncoderLayer",
         "CLIPVisionEmbeddings",
         "CLIPTextEmbeddings",
-        "LlamaDecoderLayer",
-    ]
+    ]  # + the language model's own (its decoder layer class), added per instance
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = True  # 5.x name
@@ -1676,6 +1681,7 @@ class QMoPModel(QMoPPreTrainedModel):
             kept_patch_indices=None if projected is None else projected.kept_patch_indices,
             aux_loss=None if projected is None else projected.aux_loss,
             router_z_loss=None if projected is None else projected.router_z_loss,
+            llm_router_logits=getattr(outputs, "router_logits", None),
         )
         return output if return_dict else output.to_tuple()
 
@@ -1811,7 +1817,10 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
 
         outputs = self.model(**model_inputs)
         logits = self.lm_head(outputs.last_hidden_state[:, keep, :])  # (B, T', V)
-        loss, router_outcome_loss = self._loss(outputs, logits, input_ids, inputs_embeds, pixel_values, **loss_inputs)
+        llm_aux_loss = self._llm_aux_loss(outputs, attention_mask)
+        loss, router_outcome_loss = self._loss(
+            outputs, logits, input_ids, inputs_embeds, pixel_values, llm_aux_loss=llm_aux_loss, **loss_inputs
+        )
         output = QMoPCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -1826,6 +1835,8 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
             aux_loss=outputs.aux_loss,
             router_z_loss=outputs.router_z_loss,
             router_outcome_loss=router_outcome_loss,
+            llm_router_logits=outputs.llm_router_logits,
+            llm_aux_loss=llm_aux_loss,
         )
         return output if return_dict else output.to_tuple()
 
@@ -1834,7 +1845,27 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
         placeholders = self.model.image_placeholder_mask(input_ids, inputs_embeds).to(device)  # (B, T)
         return placeholders.sum(dim=1) // outputs.image_hidden_states.shape[1]
 
-    def _loss(self, outputs, logits, input_ids, inputs_embeds, pixel_values, labels, shift_labels, num_items_in_batch):
+    def _llm_aux_loss(self, outputs, attention_mask) -> Optional[torch.Tensor]:
+        """A Mixture-of-Experts language model's load-balancing loss over its router logits, computed by its own
+        module's `load_balancing_loss_func` (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE...); None for a dense model or
+        when the router logits were not asked for."""
+        router_logits = outputs.llm_router_logits
+        if not router_logits:
+            return None
+        text_config = self.config.text_config
+        balance = getattr(inspect.getmodule(type(self.model.language_model)), "load_balancing_loss_func", None)
+        num_experts = getattr(text_config, "num_local_experts", None) or getattr(text_config, "num_experts", None)
+        if balance is None or num_experts is None:
+            return None
+        # Padding is left out when every layer routed every position (mid-LLM pruning shortens the later layers).
+        full_length = attention_mask is not None and attention_mask.dim() == 2 and all(
+            layer_logits.shape[0] == attention_mask.numel() for layer_logits in router_logits
+        )
+        return balance(router_logits, num_experts, text_config.num_experts_per_tok,
+                       attention_mask if full_length else None)
+
+    def _loss(self, outputs, logits, input_ids, inputs_embeds, pixel_values, labels, shift_labels, num_items_in_batch,
+              llm_aux_loss=None):
         """(loss, router_outcome_loss) of one language-model pass; (None, None) without labels."""
         if labels is None and shift_labels is None:
             return None, None
@@ -1862,6 +1893,8 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
             loss = loss + self.config.router_aux_loss_coef * outputs.aux_loss.to(loss.device)
         if outputs.router_z_loss is not None and self.config.router_z_loss_coef > 0:
             loss = loss + self.config.router_z_loss_coef * outputs.router_z_loss.to(loss.device)
+        if llm_aux_loss is not None:
+            loss = loss + self.config.text_config.router_aux_loss_coef * llm_aux_loss.to(loss.device)
         router = self.model.projector.router
         router_outcome_loss = None
         if (self.training and self.config.router_training == "outcome" and outputs.router_logits is not None
@@ -1894,11 +1927,12 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
             finally:
                 router.forced_branch = None
             logits = self.lm_head(outputs.last_hidden_state[:, keep, :])  # (B, T', V)
+            llm_aux_loss = self._llm_aux_loss(outputs, model_inputs["attention_mask"])
             loss, outcome_loss = self._loss(
                 outputs, logits, model_inputs["input_ids"], model_inputs["inputs_embeds"],
-                model_inputs["pixel_values"], **loss_inputs,
+                model_inputs["pixel_values"], llm_aux_loss=llm_aux_loss, **loss_inputs,
             )
-            passes.append((outputs, logits, loss, outcome_loss))
+            passes.append((outputs, logits, loss, outcome_loss, llm_aux_loss))
 
         first = passes[0][0]
         choice = first.router_logits.argmax(dim=-1)  # (N,) identical in every pass: the router sees the same inputs
@@ -1925,6 +1959,7 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
             aux_loss=first.aux_loss,
             router_z_loss=first.router_z_loss,
             router_outcome_loss=torch.stack([p[3] for p in passes]).mean(),
+            llm_aux_loss=None if passes[0][4] is None else torch.stack([p[4] for p in passes]).mean(),
         )
 
     @contextlib.contextmanager

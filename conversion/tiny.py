@@ -21,7 +21,7 @@ if REPO_ROOT not in sys.path:
 
 import torch  # noqa: E402
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
-from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPVisionConfig, LlamaConfig, PreTrainedTokenizerFast  # noqa: E402
+from transformers import AutoConfig, CLIPImageProcessor, CLIPTextConfig, CLIPVisionConfig, LlamaConfig, PreTrainedTokenizerFast  # noqa: E402
 
 from configuration_qmop import QMoPConfig  # noqa: E402
 from modeling_qmop import QMoPForConditionalGeneration  # noqa: E402
@@ -115,7 +115,20 @@ def build_processor(num_visual_tokens: int = 16, image_size: int = 48, patch_siz
     )
 
 
-def build_config(processor: QMoPProcessor, image_size: int = 48, patch_size: int = 6, width: int = 32, **kwargs) -> QMoPConfig:
+# Tiny Mixture-of-Experts language models (`build_config(language_model=...)`): 4 experts, 2 per token, in every layer;
+# every intermediate size becomes 2 x width, as the dense model's.
+TINY_MOE = {
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "shared_expert_intermediate_size": 32},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+    "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
+}
+
+
+def build_config(processor: QMoPProcessor, image_size: int = 48, patch_size: int = 6, width: int = 32,
+                 language_model: str = "llama", **kwargs) -> QMoPConfig:
+    """`language_model`: "llama" (dense) or one of `TINY_MOE`'s model types, with the same widths."""
     tokenizer, query_tokenizer = processor.tokenizer, processor.query_tokenizer
     vision = CLIPVisionConfig(
         hidden_size=width, intermediate_size=2 * width, num_hidden_layers=3, num_attention_heads=4,
@@ -127,12 +140,19 @@ def build_config(processor: QMoPProcessor, image_size: int = 48, patch_size: int
         bos_token_id=query_tokenizer.bos_token_id, eos_token_id=query_tokenizer.eos_token_id,
         pad_token_id=query_tokenizer.pad_token_id,
     )
-    text = LlamaConfig(
+    text_fields = dict(
         hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=1024,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
+    if language_model == "llama":
+        text = LlamaConfig(**text_fields)
+    elif language_model in TINY_MOE:
+        moe = {k: 2 * width if k.endswith("intermediate_size") else v for k, v in TINY_MOE[language_model].items()}
+        text = AutoConfig.for_model(language_model, **text_fields, **moe)
+    else:
+        raise ValueError(f"`language_model` must be 'llama' or one of {sorted(TINY_MOE)}, got {language_model!r}.")
     settings = dict(
         num_visual_tokens=processor.num_visual_tokens, router_hidden_size=16, resampler_num_layers=1,
         image_token_id=processor.image_token_id,

@@ -49,7 +49,8 @@ SATURATION_THRESHOLD = 0.99
 
 @torch.no_grad()
 def router_statistics(outputs, branches) -> dict:
-    """The router's per-batch statistics from a QMoP forward's outputs: aux, z- and outcome loss, the saturated share of images
+    """The router's per-batch statistics from a QMoP forward's outputs: aux, z- and outcome loss (and a
+    Mixture-of-Experts LLM's own balancing loss, 0 for a dense one), the saturated share of images
     and the mean weight per branch (`router_weight/<branch>`); empty when the model has no router or no images.
     Both trainers log these (`QMoPTrainer`, `QMoPSFTTrainer`)."""
     aux_loss = getattr(outputs, "aux_loss", None)
@@ -62,6 +63,7 @@ def router_statistics(outputs, branches) -> dict:
         "aux_loss": float(aux_loss),
         "router_z_loss": 0.0 if z_loss is None else float(z_loss),
         "router_outcome_loss": 0.0 if outcome_loss is None else float(outcome_loss),
+        "llm_aux_loss": float(getattr(outputs, "llm_aux_loss", None) or 0.0),  # a Mixture-of-Experts LLM's balancing
         "router_saturated": float((outputs.router_probs.max(dim=-1).values > SATURATION_THRESHOLD).float().mean()),
     }
     for column, branch in enumerate(branches):
@@ -172,7 +174,8 @@ def _router_schedule_function(core: torch.nn.Module):
 # ===================================================================================== loss
 def router_loss(outputs, config) -> torch.Tensor:
     """The router terms of QMoP's loss: `router_aux_loss_coef` · aux_loss + `router_z_loss_coef` · router_z_loss
-    (+ `router_outcome_loss_coef` · router_outcome_loss for an outcome-trained router)."""
+    (+ `router_outcome_loss_coef` · router_outcome_loss for an outcome-trained router, + the text config's
+    `router_aux_loss_coef` · llm_aux_loss for a Mixture-of-Experts LLM that outputs its router logits)."""
     total = 0.0
     if getattr(outputs, "aux_loss", None) is not None and config.router_aux_loss_coef > 0:
         total = total + config.router_aux_loss_coef * outputs.aux_loss
@@ -180,6 +183,8 @@ def router_loss(outputs, config) -> torch.Tensor:
         total = total + config.router_z_loss_coef * outputs.router_z_loss
     if getattr(outputs, "router_outcome_loss", None) is not None and getattr(config, "router_outcome_loss_coef", 0.0) > 0:
         total = total + config.router_outcome_loss_coef * outputs.router_outcome_loss
+    if getattr(outputs, "llm_aux_loss", None) is not None:  # a Mixture-of-Experts LLM's own load balancing
+        total = total + config.text_config.router_aux_loss_coef * outputs.llm_aux_loss
     return total
 
 
@@ -267,7 +272,7 @@ class QMoPTrainer(Trainer):
     def _router_means(self) -> dict:
         """Router statistics averaged over the micro-batches of every process since the last log (as the logged loss
         is). The training loop logs on every process at once, so the sums can be reduced here."""
-        keys = ["aux_loss", "router_z_loss", "router_outcome_loss", "router_saturated"]
+        keys = ["aux_loss", "router_z_loss", "router_outcome_loss", "llm_aux_loss", "router_saturated"]
         keys += [f"router_weight/{branch}" for branch in self.core.config.branches]
         totals = torch.tensor([self._router_sums[key] for key in keys] + [float(self._router_count)],
                               dtype=torch.float64, device=self.args.device)
@@ -288,6 +293,7 @@ class QMoPTrainer(Trainer):
                 router_loss = config.router_aux_loss_coef * means["aux_loss"]
                 router_loss += getattr(config, "router_z_loss_coef", 0.0) * means["router_z_loss"]
                 router_loss += getattr(config, "router_outcome_loss_coef", 0.0) * means["router_outcome_loss"]
+                router_loss += getattr(config.text_config, "router_aux_loss_coef", 0.0) * means["llm_aux_loss"]
                 logs["lm_loss"] = round(logs["loss"] - router_loss, 6)
             self._router_sums.clear()
             self._router_count = 0
