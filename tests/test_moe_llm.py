@@ -2,6 +2,7 @@
 config works as `text_config`, with its own load-balancing loss, placement hints, generation and save/reload."""
 
 import importlib.util
+import math
 import inspect
 
 import pytest
@@ -140,3 +141,129 @@ def test_4bit_quantizes_the_moe_language_model_only(model_type, tmp_path):
     with torch.no_grad():
         tokens = quantized.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert tokens.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+# ------------------------------------------------------------------------------------------ SMoES and its metrics
+def test_smoes_config_is_checked():
+    with pytest.raises(ValueError, match="needs a Mixture-of-Experts language model"):
+        _tiny_moe_config("llama", smoes_loss_coef=0.1)
+    with pytest.raises(ValueError, match="at least two bins"):
+        _tiny_moe_config("mixtral", smoes_loss_coef=0.1, smoes_bin_size=3)
+    with pytest.raises(ValueError, match="smoes_loss_coef"):
+        _tiny_moe_config("mixtral", smoes_loss_coef=-1.0)
+    with pytest.raises(ValueError, match="smoes_modality_score"):
+        _tiny_moe_config("mixtral", smoes_loss_coef=0.1, smoes_modality_score="attention")
+    config = _tiny_moe_config("mixtral", smoes_loss_coef=0.1)
+    assert config.num_llm_experts == 4 and config.smoes_bins == 2
+
+
+def _tiny_moe_config(model_type, **kwargs):
+    return build_config(build_processor(), language_model=model_type, **kwargs)
+
+
+def test_gaussian_modality_scores_separate_distinct_modalities_and_soften_when_they_fuse():
+    from modeling_qmop import gaussian_modality_scores
+
+    generator = torch.Generator().manual_seed(0)
+    visual = torch.arange(200) < 100
+    valid = torch.ones(200, dtype=torch.bool)
+    apart = torch.randn(200, 16, generator=generator) + 3.0 * visual[:, None]
+    fused = torch.randn(200, 16, generator=generator) + 0.1 * visual[:, None]
+    sharp, soft = gaussian_modality_scores(apart, visual, valid), gaussian_modality_scores(fused, visual, valid)
+    assert sharp[visual].min() > 0.9 and sharp[~visual].max() < 0.1
+    assert (soft - 0.5).abs().mean() < (sharp - 0.5).abs().mean() / 4
+    assert gaussian_modality_scores(apart, torch.zeros(200, dtype=torch.bool), valid) is None  # no visual token
+
+
+def test_mutual_information_is_the_modality_entropy_when_each_bin_serves_one_modality():
+    from modeling_qmop import modality_bin_mutual_information
+
+    visual = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    separated = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    mixed = torch.full((4, 2), 0.5)
+    ones = torch.ones(4)
+    torch.testing.assert_close(modality_bin_mutual_information(visual, separated, ones), torch.tensor(math.log(2)))
+    torch.testing.assert_close(modality_bin_mutual_information(visual, mixed, ones), torch.tensor(0.0), atol=1e-6,
+                               rtol=0)
+    # a token with weight 0 (padding) counts for nothing
+    padded = torch.cat([separated, torch.tensor([[1.0, 0.0]])])
+    torch.testing.assert_close(
+        modality_bin_mutual_information(torch.cat([visual, torch.tensor([0.0])]), padded, torch.tensor([1.0] * 4 + [0.0])),
+        torch.tensor(math.log(2)))
+
+
+def test_routing_statistics_read_specialisation_and_cross_bin_dispatch():
+    from qmop_tools.moe import RoutingCounts
+
+    visual = torch.tensor([True, True, False, False])
+    valid = torch.ones(4, dtype=torch.bool)
+    # Visual tokens pick experts 0 and 1 (bin 0), text tokens 2 and 3 (bin 1): specialised, no cross-bin dispatch.
+    specialised = torch.tensor([[9.0, 8.0, 0.0, 0.0]] * 2 + [[0.0, 0.0, 9.0, 8.0]] * 2)
+    counts = RoutingCounts(bins=2)
+    counts.add(specialised, visual, valid, top_k=2, bin_size=2)
+    summary = counts.summary()
+    assert summary["specialisation_bits"] == pytest.approx(1.0) and summary["cross_bin_share"] == 0.0
+    assert summary["visual_share_per_bin"] == [1.0, 0.0]
+    # Every token picks experts 0 and 2: one bin each time, both modalities alike.
+    spread = torch.tensor([[9.0, 0.0, 8.0, 0.0]] * 4)
+    counts = RoutingCounts(bins=2)
+    counts.add(spread, visual, valid, top_k=2, bin_size=2)
+    assert counts.summary()["specialisation_bits"] == pytest.approx(0.0) and counts.summary()["cross_bin_share"] == 1.0
+
+
+def test_smoes_training_adds_the_regulariser_and_raises_specialisation():
+    from modeling_qmop import smoes_regularizer
+    from qmop_tools.moe import modality_routing_statistics
+
+    model, processor = _tiny_moe("mixtral", smoes_loss_coef=1.0, router_gumbel_noise=False)  # deterministic training
+    texts = [PROMPT + " a red dog on the grass", PROMPT + " two blue squares"]
+    batch = processor(images=[make_image(seed=1), make_image(seed=2)], text=texts, padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    before = modality_routing_statistics(model, [batch])
+    assert len(before["layers"]) == 2 and before["top_k"] == 2 and before["bin_size"] == 2
+
+    model.train()
+    out = model(**batch, labels=labels)
+    visual = model.model.image_placeholder_mask(batch["input_ids"])
+    expected = smoes_regularizer(model.config, out.llm_router_logits, out.hidden_states, visual,
+                                 batch["attention_mask"].bool())
+    torch.testing.assert_close(out.smoes_loss, expected)
+    assert out.smoes_loss < 0  # minus the mutual information
+    with torch.no_grad():
+        model.config.smoes_loss_coef = 0.0
+        plain = model(**batch, labels=labels)
+        model.config.smoes_loss_coef = 1.0
+    assert plain.smoes_loss is None
+    torch.testing.assert_close(out.loss, plain.loss + out.smoes_loss, rtol=1e-5, atol=1e-5)
+
+    # Only the regulariser, a few steps: the routing specialises by modality.
+    gates = [p for name, p in model.named_parameters() if ".mlp.gate" in name]
+    optimizer = torch.optim.Adam(gates, lr=0.05)
+    for _ in range(30):
+        loss = model(**batch, labels=labels).smoes_loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    after = modality_routing_statistics(model, [batch])
+    assert after["mean_specialisation_bits"] > before["mean_specialisation_bits"] + 0.1, (before, after)
+
+
+@pytest.mark.skipif(not hasattr(__import__("transformers"), "MixtralConfig")
+                    or __import__("transformers").__version__.startswith("4."),
+                    reason="upcycling writes transformers 5.x's fused expert layout")
+def test_upcycling_a_dense_llm_keeps_its_function():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qmop_tools.moe import upcycle_to_mixtral
+
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=50)).eval()
+    moe = upcycle_to_mixtral(dense, num_experts=4, top_k=2, seed=1).eval()
+    assert moe.config.num_local_experts == 4 and moe.config.output_router_logits
+    ids = torch.randint(50, (2, 9))
+    with torch.no_grad():
+        out = moe(ids)
+        torch.testing.assert_close(out.logits, dense(ids).logits, rtol=1e-4, atol=1e-5)
+    assert len(out.router_logits) == 2 and out.aux_loss > 0  # a real router, whose choice does not change the output

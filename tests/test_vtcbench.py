@@ -307,3 +307,25 @@ def test_forced_branch_table_sets_each_branch_beside_the_router_and_the_oracle()
     assert "| oracle by type | 84.0 | 100.0 (pooling) | 80.0 (pruning) | 90.0 (resampler) |" in table
     lines = findings({"qmop": row, "qmop_outcome": row})
     assert any("its best branch per question type 84.0" in line for line in lines), lines
+
+
+def test_moe_table_sets_the_moe_runs_beside_the_dense_llm():
+    from qmop_tools.vtcbench.report import DIMENSIONS, aggregate, moe_table
+
+    def run(variant, seed, bits):
+        routing = None if bits is None else {
+            "mean_specialisation_bits": bits, "mean_cross_bin_share": 0.5,
+            "layers": [{"specialisation_bits": bits, "visual_share_per_bin": [0.6, 0.4]}] * 2}
+        return {"variant": variant, "seed": seed, "seconds": 1.0, "moe_routing": routing,
+                "evaluation": {"test": {"overall": 0.7, "per_dimension": {d: 0.7 for d in DIMENSIONS}}}}
+
+    table = aggregate([run("pooling", 0, None), run("pooling_moe", 0, 0.01), run("pooling_moe", 1, 0.03),
+                       run("pooling_moe_smoes", 0, 0.2)])
+    assert table["pooling_moe"]["moe_routing"]["specialisation_bits"][0] == pytest.approx(0.02)
+    text = moe_table(table)
+    lines = [line for line in text.splitlines() if line.startswith("| pooling")]
+    assert [line.split(" | ")[0] for line in lines] == [
+        "| pooling only (dense LLM)", "| pooling only, MoE LLM (upcycled, 4 experts)",
+        "| pooling only, MoE LLM + SMoES (0.1)"]
+    assert "0.200 ± 0.000" in lines[2] and "0.60 / 0.40" in lines[2]
+    assert moe_table(aggregate([run("pooling", 0, None)])) == ""

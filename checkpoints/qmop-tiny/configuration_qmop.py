@@ -17,6 +17,7 @@ TemperatureSchedule = Literal["cosine", "linear", "exponential", "constant"]
 LogitCapMode = Literal["tanh", "normalize"]
 RouterTraining = Literal["mixture", "outcome"]
 RouterOutcomeBranches = Literal["sampled", "all"]
+SMoESModalityScore = Literal["gaussian"]
 TowerPruningSchedule = Literal["off", "qg_vtc", "custom"]
 TowerPruningScore = Literal["question_relevance", "cls_attention"]
 
@@ -224,6 +225,20 @@ class QMoPConfig(PretrainedConfig):
             `last_hidden_state` (and of later `hidden_states`) are zeros. Unset: every layer sees every token.
         llm_pruning_keep (`int`, *optional*, defaults to 16):
             Visual tokens each image keeps from `llm_pruning_layer` on (all of them when an image has fewer).
+        smoes_loss_coef (`float`, *optional*, defaults to 0.0):
+            SMoES (Soft Modality-guided Expert Specialization) for a Mixture-of-Experts `text_config`: weight of the
+            regulariser that, in training with labels, maximises in every layer the mutual information between a
+            token's soft modality score and the expert bin its router sends it to (the loss adds
+            `-smoes_loss_coef` x the mean over layers, in nats). 0 turns it off. The paper gives only its abstract;
+            the choices made here are documented in docs/moe.md.
+        smoes_bin_size (`int`, *optional*):
+            Experts per bin: consecutive experts, as expert parallelism places them on one device. Defaults to half
+            the experts (two bins). Must divide the number of experts.
+        smoes_modality_score (`str`, *optional*, defaults to `"gaussian"`):
+            How a token's soft modality score is computed per layer. `"gaussian"`: one diagonal Gaussian fitted to the
+            layer's visual tokens and one to its text tokens (statistics of the batch, no gradient); the score is the
+            sigmoid of the mean per-dimension log-likelihood ratio, so it is sharp where the layer keeps the
+            modalities apart and softens where it fuses them. (The paper's attention-based score is not built.)
     """
 
     model_type = "qmop_llava"
@@ -271,6 +286,9 @@ class QMoPConfig(PretrainedConfig):
         tower_pruning_recycle: bool = True,
         llm_pruning_layer: Optional[int] = None,
         llm_pruning_keep: int = 16,
+        smoes_loss_coef: float = 0.0,
+        smoes_bin_size: Optional[int] = None,
+        smoes_modality_score: SMoESModalityScore = "gaussian",
         custom_pipelines=None,
         **kwargs,
     ):
@@ -320,6 +338,9 @@ class QMoPConfig(PretrainedConfig):
         self.tower_pruning_recycle = tower_pruning_recycle
         self.llm_pruning_layer = llm_pruning_layer
         self.llm_pruning_keep = llm_pruning_keep
+        self.smoes_loss_coef = smoes_loss_coef
+        self.smoes_bin_size = smoes_bin_size
+        self.smoes_modality_score = smoes_modality_score
 
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)
@@ -336,6 +357,18 @@ class QMoPConfig(PretrainedConfig):
     @property
     def num_patches(self) -> int:
         return self.patch_grid**2
+
+    @property
+    def num_llm_experts(self) -> Optional[int]:
+        """Experts per layer of a Mixture-of-Experts language model (Mixtral's `num_local_experts`, Qwen-MoE's and
+        OLMoE's `num_experts`); None for a dense one."""
+        text = self.text_config
+        return getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None)
+
+    @property
+    def smoes_bins(self) -> int:
+        """Number of SMoES expert bins."""
+        return self.num_llm_experts // (self.smoes_bin_size or self.num_llm_experts // 2)
 
     @property
     def vision_feature_hidden_state_index(self) -> int:
@@ -418,7 +451,7 @@ class QMoPConfig(PretrainedConfig):
                    "resampler_intermediate_size", "router_hidden_size", "router_top_k", "query_max_length",
                    "projector_dense_max_images")
     _FLOAT_FIELDS = ("router_temperature", "router_min_temperature", "router_aux_loss_coef", "router_z_loss_coef",
-                     "router_exploration", "router_outcome_loss_coef")
+                     "router_exploration", "router_outcome_loss_coef", "smoes_loss_coef")
     _OPTIONAL_FLOAT_FIELDS = ("router_eval_temperature", "router_logit_cap")
     _BOOL_FIELDS = ("pruning_recycle", "router_gumbel_noise", "pad_to_square", "tower_pruning_recycle")
 
@@ -468,6 +501,7 @@ class QMoPConfig(PretrainedConfig):
             "router_logit_cap_mode": get_args(LogitCapMode),
             "router_training": get_args(RouterTraining),
             "router_outcome_branches": get_args(RouterOutcomeBranches),
+            "smoes_modality_score": get_args(SMoESModalityScore),
             "tower_pruning_schedule": get_args(TowerPruningSchedule),
             "tower_pruning_score": get_args(TowerPruningScore),
         }
@@ -502,6 +536,7 @@ class QMoPConfig(PretrainedConfig):
                 raise ValueError(f"`{field}` must be > 0 or None, got {getattr(self, field)}.")
         self._validate_tower_pruning()
         self._validate_llm_pruning()
+        self._validate_smoes()
         max_pos = getattr(self.text_encoder_config, "max_position_embeddings", None)
         if max_pos is not None and self.query_max_length > max_pos:
             raise ValueError(
@@ -529,6 +564,28 @@ class QMoPConfig(PretrainedConfig):
                 "`router_training`='outcome' makes the router's logits predicted (negated) losses, which a cap would "
                 f"clip: set `router_logit_cap`=None (got {self.router_logit_cap})."
             )
+
+    def _validate_smoes(self) -> None:
+        if self.smoes_loss_coef < 0:
+            raise ValueError(f"`smoes_loss_coef` must be >= 0, got {self.smoes_loss_coef}.")
+        bin_size = self.smoes_bin_size
+        if bin_size is not None and (not isinstance(bin_size, int) or isinstance(bin_size, bool) or bin_size < 1):
+            raise ValueError(f"`smoes_bin_size` must be an integer >= 1 or None, got {bin_size!r}.")
+        if self.smoes_loss_coef == 0 and bin_size is None:
+            return
+        experts = self.num_llm_experts
+        if experts is None:
+            raise ValueError(
+                f"SMoES (`smoes_loss_coef`, `smoes_bin_size`) needs a Mixture-of-Experts language model; "
+                f"`text_config` ({self.text_config.model_type}) has no `num_local_experts` / `num_experts`."
+            )
+        size = bin_size or experts // 2
+        if not 1 <= size < experts or experts % size:
+            raise ValueError(
+                f"`smoes_bin_size`={size} must divide the language model's {experts} experts into at least two bins."
+            )
+        if self.uses_llm_pruning and self.smoes_loss_coef > 0:
+            raise ValueError("SMoES reads every layer's tokens; it cannot be combined with `llm_pruning_layer`.")
 
     def _validate_llm_pruning(self) -> None:
         layer, keep = self.llm_pruning_layer, self.llm_pruning_keep

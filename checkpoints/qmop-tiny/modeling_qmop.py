@@ -313,7 +313,9 @@ class QMoPCausalLMOutputWithPast(ModelOutput):
     outcome-trained router in training) when labels are given. With a Mixture-of-Experts language model that outputs
     its router logits (`output_router_logits`, from the call or `text_config`), `llm_router_logits` holds them per
     layer and `llm_aux_loss` is its own load-balancing loss (the model's `load_balancing_loss_func`), added to
-    `loss` with `text_config.router_aux_loss_coef`, as the language model's own causal-LM head would."""
+    `loss` with `text_config.router_aux_loss_coef`, as the language model's own causal-LM head would. With
+    `smoes_loss_coef` > 0, in training with labels, `smoes_loss` is SMoES' regulariser (`smoes_regularizer`), added
+    with that weight."""
 
     loss: Optional[torch.FloatTensor] = None
     logits: Optional[torch.FloatTensor] = None
@@ -330,6 +332,7 @@ class QMoPCausalLMOutputWithPast(ModelOutput):
     router_outcome_loss: Optional[torch.FloatTensor] = None
     llm_router_logits: Optional[tuple] = None
     llm_aux_loss: Optional[torch.FloatTensor] = None
+    smoes_loss: Optional[torch.FloatTensor] = None
 
 
 class QMoPVisionFeatures(NamedTuple):
@@ -1131,6 +1134,65 @@ def check_llm_pruning_layers(language_model: nn.Module, first_layer: int) -> nn.
     return layers
 
 
+# ===================================================================================== SMoES (Mixture-of-Experts LLMs)
+def expert_bin_probabilities(router_logits: torch.Tensor, bins: int) -> torch.Tensor:
+    """(tokens, E) gate logits of one layer -> (tokens, bins): the router's probability of each bin of E / bins
+    consecutive experts (expert parallelism places consecutive experts on one device)."""
+    probs = router_logits.float().softmax(dim=-1)  # (tokens, E)
+    return probs.view(probs.shape[0], bins, -1).sum(dim=-1)
+
+
+@torch.no_grad()
+def gaussian_modality_scores(hidden: torch.Tensor, visual: torch.Tensor, valid: torch.Tensor) -> Optional[torch.Tensor]:
+    """SMoES' Gaussian-statistics modality score of every token at one layer, (tokens,) in [0, 1] (1: visual).
+    hidden (tokens, D); visual / valid (tokens,) bool. One diagonal Gaussian is fitted to the layer's valid visual
+    tokens and one to its valid text tokens; the score is the sigmoid of the mean per-dimension log-likelihood ratio.
+    None when the batch lacks one of the modalities."""
+    hidden = hidden.float()
+    groups = [hidden[valid & visual], hidden[valid & ~visual]]
+    if min(len(group) for group in groups) < 2:
+        return None
+    log_likelihoods = []
+    for group in groups:
+        mean, var = group.mean(dim=0), group.var(dim=0) + 1e-5  # (D,)
+        log_likelihoods.append(-0.5 * (var.log() + (hidden - mean).pow(2) / var).mean(dim=-1))  # (tokens,)
+    return torch.sigmoid(log_likelihoods[0] - log_likelihoods[1])
+
+
+def modality_bin_mutual_information(visual_score: torch.Tensor, bin_probs: torch.Tensor,
+                                    weight: torch.Tensor) -> torch.Tensor:
+    """Mutual information (nats) between a token's modality, visual with probability `visual_score` (tokens,), and
+    the expert bin it is routed to, `bin_probs` (tokens, bins), over the tokens with `weight` (tokens,) 1."""
+    modality = torch.stack([visual_score, 1 - visual_score], dim=-1)  # (tokens, 2)
+    weight = weight.float()
+    joint = torch.einsum("tm,tb,t->mb", modality, bin_probs, weight) / weight.sum().clamp(min=1)  # (2, bins)
+    independent = joint.sum(dim=1, keepdim=True) * joint.sum(dim=0, keepdim=True)  # (2, bins)
+    return (joint * ((joint + 1e-9).log() - (independent + 1e-9).log())).sum()
+
+
+def smoes_regularizer(config, router_logits: tuple, hidden_states: tuple, visual: torch.Tensor,
+                      valid: torch.Tensor) -> Optional[torch.Tensor]:
+    """SMoES' loss term: minus the mean over layers of the modality-bin mutual information (nats), with a layer's
+    soft modality scores from its input hidden states. router_logits: one (B*T, E) per layer; hidden_states: the
+    language model's, (B, T, D) each, [i] the input of layer i; visual / valid (B, T). None without both modalities."""
+    if len(router_logits) != config.text_config.num_hidden_layers:
+        raise ValueError(
+            f"SMoES needs a router in every layer: got router logits for {len(router_logits)} of "
+            f"{config.text_config.num_hidden_layers} layers (dense layers such as Qwen2-MoE's `mlp_only_layers` "
+            "are not supported)."
+        )
+    visual, valid = visual.reshape(-1), valid.reshape(-1)
+    information = []
+    for layer_logits, hidden in zip(router_logits, hidden_states):
+        scores = gaussian_modality_scores(hidden.reshape(-1, hidden.shape[-1]), visual.to(hidden.device),
+                                          valid.to(hidden.device))
+        if scores is None:
+            return None
+        bins = expert_bin_probabilities(layer_logits, config.smoes_bins)  # (tokens, bins)
+        information.append(modality_bin_mutual_information(scores.to(bins.device), bins, valid.to(bins.device)))
+    return -torch.stack(information).mean()
+
+
 # ===================================================================================== pre-trained base
 class QMoPPreTrainedModel(PreTrainedModel):
     config_class = QMoPConfig
@@ -1791,6 +1853,12 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
             # Rank the visual tokens with the prompt only, as inference will: not with the answer being learned.
             supervised = labels != -100 if labels is not None else F.pad(shift_labels[:, :-1] != -100, (1, 0))  # (B, T)
             kwargs["llm_pruning_query_mask"] = supervised.cumsum(1) == 0
+        # A Mixture-of-Experts LLM's balancing loss when its router logits are asked for (call or text_config).
+        balance_llm = bool(kwargs.get("output_router_logits", getattr(self.config.text_config, "output_router_logits", False)))
+        if self.training and self.config.smoes_loss_coef > 0 and (labels is not None or shift_labels is not None):
+            # SMoES reads every layer's router logits and input hidden states.
+            kwargs["output_router_logits"] = True
+            output_hidden_states = True
         model_inputs = dict(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -1807,7 +1875,8 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        loss_inputs = dict(labels=labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch)
+        loss_inputs = dict(labels=labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
+                           balance_llm=balance_llm)
         router = self.model.projector.router
         if (self.training and router is not None and router.outcome and not router.uniform
                 and router.forced_branch is None and self.config.router_outcome_branches == "all"
@@ -1817,9 +1886,10 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
 
         outputs = self.model(**model_inputs)
         logits = self.lm_head(outputs.last_hidden_state[:, keep, :])  # (B, T', V)
-        llm_aux_loss = self._llm_aux_loss(outputs, attention_mask)
+        llm_aux_loss, smoes_loss = self._moe_losses(outputs, model_inputs, loss_inputs)
         loss, router_outcome_loss = self._loss(
-            outputs, logits, input_ids, inputs_embeds, pixel_values, llm_aux_loss=llm_aux_loss, **loss_inputs
+            outputs, logits, input_ids, inputs_embeds, pixel_values, llm_aux_loss=llm_aux_loss,
+            smoes_loss=smoes_loss, **loss_inputs
         )
         output = QMoPCausalLMOutputWithPast(
             loss=loss,
@@ -1837,6 +1907,7 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
             router_outcome_loss=router_outcome_loss,
             llm_router_logits=outputs.llm_router_logits,
             llm_aux_loss=llm_aux_loss,
+            smoes_loss=smoes_loss,
         )
         return output if return_dict else output.to_tuple()
 
@@ -1864,8 +1935,24 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
         return balance(router_logits, num_experts, text_config.num_experts_per_tok,
                        attention_mask if full_length else None)
 
+    def _moe_losses(self, outputs, model_inputs: dict, loss_inputs: dict) -> tuple:
+        """(llm_aux_loss, smoes_loss) of one language-model pass; each None where it does not apply."""
+        llm_aux_loss = None
+        if loss_inputs["balance_llm"]:
+            llm_aux_loss = self._llm_aux_loss(outputs, model_inputs["attention_mask"])
+        smoes_loss = None
+        if (self.training and self.config.smoes_loss_coef > 0 and outputs.llm_router_logits
+                and outputs.hidden_states is not None
+                and (loss_inputs["labels"] is not None or loss_inputs["shift_labels"] is not None)):
+            visual = self.model.image_placeholder_mask(model_inputs["input_ids"], model_inputs["inputs_embeds"])  # (B, T)
+            attention_mask = model_inputs["attention_mask"]
+            valid = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else \
+                torch.ones_like(visual)
+            smoes_loss = smoes_regularizer(self.config, outputs.llm_router_logits, outputs.hidden_states, visual, valid)
+        return llm_aux_loss, smoes_loss
+
     def _loss(self, outputs, logits, input_ids, inputs_embeds, pixel_values, labels, shift_labels, num_items_in_batch,
-              llm_aux_loss=None):
+              balance_llm=False, llm_aux_loss=None, smoes_loss=None):
         """(loss, router_outcome_loss) of one language-model pass; (None, None) without labels."""
         if labels is None and shift_labels is None:
             return None, None
@@ -1895,6 +1982,8 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
             loss = loss + self.config.router_z_loss_coef * outputs.router_z_loss.to(loss.device)
         if llm_aux_loss is not None:
             loss = loss + self.config.text_config.router_aux_loss_coef * llm_aux_loss.to(loss.device)
+        if smoes_loss is not None:
+            loss = loss + self.config.smoes_loss_coef * smoes_loss.to(loss.device)
         router = self.model.projector.router
         router_outcome_loss = None
         if (self.training and self.config.router_training == "outcome" and outputs.router_logits is not None
@@ -1927,12 +2016,12 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
             finally:
                 router.forced_branch = None
             logits = self.lm_head(outputs.last_hidden_state[:, keep, :])  # (B, T', V)
-            llm_aux_loss = self._llm_aux_loss(outputs, model_inputs["attention_mask"])
+            llm_aux_loss, smoes_loss = self._moe_losses(outputs, model_inputs, loss_inputs)
             loss, outcome_loss = self._loss(
                 outputs, logits, model_inputs["input_ids"], model_inputs["inputs_embeds"],
-                model_inputs["pixel_values"], llm_aux_loss=llm_aux_loss, **loss_inputs,
+                model_inputs["pixel_values"], llm_aux_loss=llm_aux_loss, smoes_loss=smoes_loss, **loss_inputs,
             )
-            passes.append((outputs, logits, loss, outcome_loss, llm_aux_loss))
+            passes.append((outputs, logits, loss, outcome_loss, llm_aux_loss, smoes_loss))
 
         first = passes[0][0]
         choice = first.router_logits.argmax(dim=-1)  # (N,) identical in every pass: the router sees the same inputs
@@ -1960,6 +2049,7 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
             router_z_loss=first.router_z_loss,
             router_outcome_loss=torch.stack([p[3] for p in passes]).mean(),
             llm_aux_loss=None if passes[0][4] is None else torch.stack([p[4] for p in passes]).mean(),
+            smoes_loss=None if passes[0][5] is None else torch.stack([p[5] for p in passes]).mean(),
         )
 
     @contextlib.contextmanager

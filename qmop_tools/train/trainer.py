@@ -64,6 +64,7 @@ def router_statistics(outputs, branches) -> dict:
         "router_z_loss": 0.0 if z_loss is None else float(z_loss),
         "router_outcome_loss": 0.0 if outcome_loss is None else float(outcome_loss),
         "llm_aux_loss": float(getattr(outputs, "llm_aux_loss", None) or 0.0),  # a Mixture-of-Experts LLM's balancing
+        "smoes_loss": float(getattr(outputs, "smoes_loss", None) or 0.0),
         "router_saturated": float((outputs.router_probs.max(dim=-1).values > SATURATION_THRESHOLD).float().mean()),
     }
     for column, branch in enumerate(branches):
@@ -185,6 +186,8 @@ def router_loss(outputs, config) -> torch.Tensor:
         total = total + config.router_outcome_loss_coef * outputs.router_outcome_loss
     if getattr(outputs, "llm_aux_loss", None) is not None:  # a Mixture-of-Experts LLM's own load balancing
         total = total + config.text_config.router_aux_loss_coef * outputs.llm_aux_loss
+    if getattr(outputs, "smoes_loss", None) is not None:  # SMoES' modality-bin regulariser
+        total = total + config.smoes_loss_coef * outputs.smoes_loss
     return total
 
 
@@ -272,7 +275,7 @@ class QMoPTrainer(Trainer):
     def _router_means(self) -> dict:
         """Router statistics averaged over the micro-batches of every process since the last log (as the logged loss
         is). The training loop logs on every process at once, so the sums can be reduced here."""
-        keys = ["aux_loss", "router_z_loss", "router_outcome_loss", "llm_aux_loss", "router_saturated"]
+        keys = ["aux_loss", "router_z_loss", "router_outcome_loss", "llm_aux_loss", "smoes_loss", "router_saturated"]
         keys += [f"router_weight/{branch}" for branch in self.core.config.branches]
         totals = torch.tensor([self._router_sums[key] for key in keys] + [float(self._router_count)],
                               dtype=torch.float64, device=self.args.device)
@@ -294,6 +297,7 @@ class QMoPTrainer(Trainer):
                 router_loss += getattr(config, "router_z_loss_coef", 0.0) * means["router_z_loss"]
                 router_loss += getattr(config, "router_outcome_loss_coef", 0.0) * means["router_outcome_loss"]
                 router_loss += getattr(config.text_config, "router_aux_loss_coef", 0.0) * means["llm_aux_loss"]
+                router_loss += getattr(config, "smoes_loss_coef", 0.0) * means["smoes_loss"]
                 logs["lm_loss"] = round(logs["loss"] - router_loss, 6)
             self._router_sums.clear()
             self._router_count = 0

@@ -62,6 +62,11 @@ VARIANTS = {
     "qmop_outcome_all": {"branches": ALL_BRANCHES, "router_mode": "query", "router_training": "outcome",
                          "router_outcome_branches": "all", "router_eval_temperature": 1.0, "router_aux_loss_coef": 0.0,
                          "router_z_loss_coef": 0.0},
+    # The same router without the question (`router_mode="vision"`), trained the same way: what reading the question
+    # adds when nothing else differs.
+    "vision_outcome_all": {"branches": ALL_BRANCHES, "router_mode": "vision", "router_training": "outcome",
+                           "router_outcome_branches": "all", "router_eval_temperature": 1.0,
+                           "router_aux_loss_coef": 0.0, "router_z_loss_coef": 0.0},
     "uniform": {"branches": ALL_BRANCHES, "router_mode": "uniform"},
     "vision_router": {"branches": ALL_BRANCHES, "router_mode": "vision", "router_top_k": 2, **ROUTER_TRAINING},
     "random_k": {"branches": ["pruning"], "router_top_k": 1, "pruning_score": "random"},
@@ -76,6 +81,11 @@ VARIANTS = {
     # LearnPruner's second step: the pooling branch's 36 tokens, of which the question's 9 most attended stay from the
     # LLM's second (last) decoder layer on; against pooling only.
     "llm_pruning": {"branches": ["pooling"], "router_top_k": 1, "llm_pruning_layer": 1, "llm_pruning_keep": 9},
+    # A Mixture-of-Experts LLM (issue #16): the foundation LLM upcycled into a Mixtral with `llm_experts` experts, 2 per
+    # token (`qmop_tools.moe.upcycle_to_mixtral`, same function at the start), trained with its load-balancing loss;
+    # without and with SMoES' modality-bin regulariser. Pooling only, so nothing but the LLM differs from "pooling".
+    "pooling_moe": {"branches": ["pooling"], "router_top_k": 1, "llm_experts": 4},
+    "pooling_moe_smoes": {"branches": ["pooling"], "router_top_k": 1, "llm_experts": 4, "smoes_loss_coef": 0.1},
     # QMoP trained with a budget drawn per batch from `BUDGET_SET`, evaluated at each (the bundled checkpoint).
     "qmop_budgets": {"branches": ALL_BRANCHES, "router_mode": "query", "router_top_k": 2, **ROUTER_TRAINING},
 }
@@ -85,6 +95,7 @@ VARIANT_LABELS = {
     "qmop_outcome": "QMoP, router trained by outcome (loss per branch)",
     "qmop_outcome_greedy": "QMoP, router trained by outcome, exploration 0.25",
     "qmop_outcome_all": "QMoP, router trained by outcome, every branch per image",
+    "vision_outcome_all": "router without the question, trained by outcome, every branch per image",
     "pooling": "pooling only",
     "resampler": "resampler only",
     "pruning": "pruning only (salience)",
@@ -97,6 +108,8 @@ VARIANT_LABELS = {
     "learned_pruner": "pruning only (LearnPruner's learned score)",
     "llm_pruning": "pooling + mid-LLM pruning (9 kept from layer 1)",
     "qmop_budgets": "QMoP, one checkpoint for budgets 16/36/64/144",
+    "pooling_moe": "pooling only, MoE LLM (upcycled, 4 experts)",
+    "pooling_moe_smoes": "pooling only, MoE LLM + SMoES (0.1)",
 }
 BUDGET_SET = (16, 36, 64, 144)
 DIAGNOSTIC_PICTURES = 100  # test pictures in the router diagnostic's grid (x every distinct test question)
@@ -323,7 +336,12 @@ def run_job(output: str, variant: str, seed: int, settings: Settings) -> dict:
     settings_for_variant = settings.qmop_settings(variant)
     processor.num_visual_tokens = settings_for_variant["num_visual_tokens"]
     images, budgets = settings.image_folder(variant), settings.train_budgets(variant)
-    base = base_checkpoint(os.path.join(run_dir, "base"), processor, clip, llm, seed=seed, **settings_for_variant)
+    qmop_fields = {k: v for k, v in settings_for_variant.items() if k != "llm_experts"}
+    if "llm_experts" in settings_for_variant:
+        from ..moe import upcycle_to_mixtral
+
+        llm = upcycle_to_mixtral(llm, num_experts=settings_for_variant["llm_experts"], top_k=2, seed=seed)
+    base = base_checkpoint(os.path.join(run_dir, "base"), processor, clip, llm, seed=seed, **qmop_fields)
     stage1 = _train_stage(base, os.path.join(run_dir, "stage1"), data_dir, settings, stage=1, seed=seed, images=images,
                           budgets=budgets)
     stage2 = _train_stage(os.path.join(run_dir, "stage1"), os.path.join(run_dir, "model"), data_dir, settings,
@@ -348,10 +366,14 @@ def run_job(output: str, variant: str, seed: int, settings: Settings) -> dict:
         diagnosis = diagnose_from_data(model_dir, os.path.join(data_dir, "test_vqa.json"), os.path.join(data_dir, images),
                                        num_pictures=DIAGNOSTIC_PICTURES, seed=0, disable_tqdm=True)
         diagnostics = {k: v for k, v in diagnosis.to_dict().items() if k != "metadata"}
+    moe_routing = None
+    if "llm_experts" in settings_for_variant:
+        moe_routing = moe_routing_on_test(model_dir, data_dir, images, settings.eval_batch_size)
     result = {
         "variant": variant,
         "seed": seed,
         "job_key": key,
+        "moe_routing": moe_routing,
         "settings": settings_for_variant,
         "stage1": stage1,
         "stage2": stage2,
@@ -365,6 +387,31 @@ def run_job(output: str, variant: str, seed: int, settings: Settings) -> dict:
     write_atomic(result_path, json.dumps(result, indent=1))
     logger.info("%s done in %.0f s: test accuracy %.3f", name, result["seconds"], result["evaluation"]["test"]["overall"])
     return result
+
+
+@torch.no_grad()
+def moe_routing_on_test(model_dir: str, data_dir: str, images: str, batch_size: int, limit: int = 200) -> dict:
+    """`qmop_tools.moe.modality_routing_statistics` of a Mixture-of-Experts LLM over the prompts of the first `limit`
+    test questions (as `evaluate` builds them)."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from ..moe import modality_routing_statistics
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    with open(os.path.join(data_dir, "test_vqa.json")) as f:
+        samples = json.load(f)[:limit]
+    batches = []
+    for begin in range(0, len(samples), batch_size):
+        batch = samples[begin:begin + batch_size]
+        pictures = [Image.open(os.path.join(data_dir, images, s["image"])).convert("RGB") for s in batch]
+        prompts = [processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"},
+                                          {"type": "text", "text": s["conversations"][0]["value"].replace("<image>", "").strip()}]}],
+            add_generation_prompt=True) for s in batch]
+        batches.append(processor(images=pictures, text=prompts, return_tensors="pt"))
+    return modality_routing_statistics(model, batches)
 
 
 # ===================================================================================== evaluation
