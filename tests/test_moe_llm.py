@@ -3,6 +3,7 @@ config works as `text_config`, with its own load-balancing loss, placement hints
 
 import importlib.util
 import math
+import re
 import inspect
 
 import pytest
@@ -12,6 +13,14 @@ from conftest import make_image
 from conversion.tiny import TINY_MOE, build_config, build_model, build_processor
 
 PROMPT = "USER: <image>\nWhat is it? ASSISTANT:"
+
+
+def _gates(model) -> list:
+    """The MoE LLM's router weights, one per layer (`mlp.gate` in transformers 5.x, Mixtral's `block_sparse_moe.gate`
+    in 4.57)."""
+    gates = [p for name, p in model.named_parameters() if re.search(r"\.(mlp|block_sparse_moe)\.gate\.weight$", name)]
+    assert len(gates) == model.config.text_config.num_hidden_layers
+    return gates
 
 
 def _tiny_moe(model_type, **kwargs):
@@ -97,8 +106,8 @@ def test_training_on_an_moe_language_model_reaches_its_experts():
     out.loss.backward()
     model.eval()
     assert out.llm_aux_loss is not None
-    gate = model.model.language_model.layers[0].mlp.gate
-    assert next(p for p in gate.parameters()).grad.abs().sum() > 0  # the LLM's router learns from the balancing term
+    gate = _gates(model)[0]  # the first layer's router
+    assert gate.grad.abs().sum() > 0  # the LLM's router learns from the balancing term
 
 
 def test_the_trainers_count_the_llm_balancing_loss_as_a_router_term():
@@ -127,11 +136,17 @@ def test_4bit_quantizes_the_moe_language_model_only(model_type, tmp_path):
     from conversion.tiny import save_pretrained_atomically
     from modeling_qmop import QMoPForConditionalGeneration
 
+    import transformers
+
+    if model_type == "olmoe" and transformers.__version__.startswith("4."):
+        pytest.skip("bitsandbytes' CPU 4-bit kernel kills the process (SIGFPE) on OLMoE's tiny per-expert linears "
+                    "under transformers 4.57 (5.x fuses the experts into parameters it does not quantize)")
     model, processor = _tiny_moe(model_type, width=64)
     folder = save_pretrained_atomically(str(tmp_path / "moe"), model, processor)
-    settings = dict(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
-    if model_type == "qwen2_moe":  # bitsandbytes' CPU kernel needs an output width divisible by its block: not 1
-        settings["llm_int8_skip_modules"] = ["vision_tower", "text_encoder", "projector", "lm_head", "shared_expert_gate"]
+    # bitsandbytes' CPU 4-bit kernel needs output widths divisible by its block: the routers' 4 outputs (a Linear in
+    # transformers 4.57) and Qwen2-MoE's one-output shared-expert gate stay unquantized here (GPU kernels quantize them).
+    settings = dict(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=[
+        "vision_tower", "text_encoder", "projector", "lm_head", "gate", "shared_expert_gate"])
     quantized = QMoPForConditionalGeneration.from_pretrained(
         folder, dtype=torch.float32, quantization_config=BitsAndBytesConfig(**settings)
     ).eval()
@@ -237,7 +252,7 @@ def test_smoes_training_adds_the_regulariser_and_raises_specialisation():
     torch.testing.assert_close(out.loss, plain.loss + out.smoes_loss, rtol=1e-5, atol=1e-5)
 
     # Only the regulariser, a few steps: the routing specialises by modality.
-    gates = [p for name, p in model.named_parameters() if ".mlp.gate" in name]
+    gates = _gates(model)
     optimizer = torch.optim.Adam(gates, lr=0.05)
     for _ in range(30):
         loss = model(**batch, labels=labels).smoes_loss
