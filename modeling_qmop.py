@@ -1880,7 +1880,8 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
         router = self.model.projector.router
         if (self.training and router is not None and router.outcome and not router.uniform
                 and router.forced_branch is None and self.config.router_outcome_branches == "all"
-                and pixel_values is not None and (labels is not None or shift_labels is not None)):
+                and pixel_values is not None and pixel_values.shape[0] > 0
+                and (labels is not None or shift_labels is not None)):
             output = self._forward_every_branch(model_inputs, keep, loss_inputs)
             return output if return_dict else output.to_tuple()
 

@@ -245,6 +245,10 @@ def test_every_branch_training_averages_one_pass_per_branch():
         grads = [p.grad for p in getattr(projector, f"{branch}_branch").parameters() if p.requires_grad]
         assert any(g is not None and g.abs().sum() > 0 for g in grads), branch
     assert projector.router.linear_2.weight.grad.abs().sum() > 0
+    # A text-only batch (no image to route, as TRL's collator sends an empty `pixel_values`) makes one plain pass.
+    text_only = processor(text=["USER: Hello? ASSISTANT: hi"])
+    out_text = model(**text_only, pixel_values=torch.zeros(0, 3, 48, 48), labels=text_only["input_ids"])
+    assert out_text.router_logits is None and torch.isfinite(out_text.loss)
     # Stage 1 (equal weights) and evaluation make one pass, as with sampled branches.
     model.set_router_uniform(True)
     assert model(**inputs, labels=labels).router_outcome_loss is None
