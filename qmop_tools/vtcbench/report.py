@@ -384,8 +384,9 @@ def plot(table: dict, settings, path: str) -> None:
     order = [v for v in settings.variants if v in table]
     groups = ["overall", *DIMENSIONS]
     width = 0.8 / max(1, len(order))
-    fig, ax = plt.subplots(figsize=(11, 4.2))
-    colours = plt.get_cmap("tab10")
+    rows = (len(order) + 2) // 3  # legend rows, below the axes
+    fig, ax = plt.subplots(figsize=(11, 4.2 + 0.22 * rows))
+    colours = plt.get_cmap("tab10" if len(order) <= 10 else "tab20")  # a colour per variant
     for i, variant in enumerate(order):
         means = [100 * table[variant][g][0] for g in groups]
         stds = [100 * table[variant][g][1] for g in groups]
@@ -399,7 +400,7 @@ def plot(table: dict, settings, path: str) -> None:
     ax.set_ylabel("test accuracy, % (mean ± std over seeds)")
     ax.set_ylim(0, 100)
     ax.set_title(f"Mini VTCBench: {settings.budget} visual tokens of 576 (dotted: chance)")
-    ax.legend(fontsize=7, ncol=2, loc="upper right")
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.08), frameon=False)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
