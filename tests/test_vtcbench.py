@@ -329,3 +329,21 @@ def test_moe_table_sets_the_moe_runs_beside_the_dense_llm():
         "| pooling only, MoE LLM + SMoES (0.1)"]
     assert "0.200 ± 0.000" in lines[2] and "0.60 / 0.40" in lines[2]
     assert moe_table(aggregate([run("pooling", 0, None)])) == ""
+
+
+def test_acceptance_judges_the_outcome_router_against_its_own_question_blind_twin():
+    from qmop_tools.vtcbench.report import DIMENSIONS, acceptance, findings
+
+    def row(overall, std=0.01):
+        return {d: (overall, std) for d in DIMENSIONS} | {"overall": (overall, std)}
+
+    table = {"qmop_outcome_all": row(0.75, 0.05), "vision_outcome_all": row(0.74), "pooling": row(0.79),
+             "uniform": row(0.71)}
+    checks = {check: met for check, met, _ in acceptance(table)}
+    name = "QMoP (router trained by outcome, every branch per image)"
+    assert checks[f"{name} >= the best single branch (pooling) overall"] is False
+    assert checks[f"{name} above equal-weight fusion of all three by more than the larger std"] is False  # 4 < 5 points
+    assert checks[f"{name} above router without the question, trained by outcome, every branch per image by more "
+                  "than the larger std"] is False
+    assert not any(check.startswith("QMoP >=") for check in checks)  # no mixture-trained QMoP run in this table
+    assert any(line.startswith(name) and "vs the best single branch (pooling)" in line for line in findings(table))
