@@ -282,3 +282,25 @@ def test_upcycling_a_dense_llm_keeps_its_function():
         out = moe(ids)
         torch.testing.assert_close(out.logits, dense(ids).logits, rtol=1e-4, atol=1e-5)
     assert len(out.router_logits) == 2 and out.aux_loss > 0  # a real router, whose choice does not change the output
+
+
+def test_lora_with_the_default_targets_adapts_what_an_moe_llm_has():
+    """The default LoRA targets are Llama's names; an MoE LLM whose experts are fused parameters (transformers 5.x)
+    lacks gate/up/down_proj linears: they are left out. Targets the user names must all exist."""
+    pytest.importorskip("peft")
+    from qmop_tools.train.arguments import DEFAULT_LORA_TARGETS
+    from qmop_tools.train.trainer import apply_lora
+
+    model, processor = _tiny_moe("mixtral")
+    linears = {name.rsplit(".", 1)[-1] for name, module in model.model.language_model.named_modules()
+               if isinstance(module, torch.nn.Linear)}
+    with pytest.raises(ValueError, match="not linear layers"):
+        apply_lora(model, 4, 8, 0.0, ["q_proj", "w9"], quantized=False, gradient_checkpointing=False)
+    peft_model = apply_lora(model, 4, 8, 0.0, DEFAULT_LORA_TARGETS, quantized=False, gradient_checkpointing=False)
+    adapted = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in peft_model.named_parameters()
+               if ".lora_A." in name}
+    assert adapted == linears & set(DEFAULT_LORA_TARGETS) and {"q_proj", "v_proj"} <= adapted
+    inputs = processor(images=make_image(seed=1), text=PROMPT + " a dog")
+    peft_model.train()
+    peft_model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    assert all(p.grad is not None for name, p in peft_model.named_parameters() if ".lora_B." in name)

@@ -98,7 +98,11 @@ def configure_trainable(model: torch.nn.Module, stage: int, train_language_model
 
 def lora_target_pattern(model: torch.nn.Module, leaf_names) -> str:
     """A PEFT `target_modules` regex matching exactly the LLM's linear layers named `leaf_names`
-    (e.g. q_proj), so that the CLIP towers' q_proj/k_proj/v_proj never get adapters."""
+    (e.g. q_proj), so that the CLIP towers' q_proj/k_proj/v_proj never get adapters. Names the user chose must all
+    exist; of the default names (`DEFAULT_LORA_TARGETS`, Llama's) those the LLM lacks are left out with a log line:
+    a Mixture-of-Experts LLM in transformers 5.x holds its experts as fused parameters, not linear layers."""
+    from .arguments import DEFAULT_LORA_TARGETS
+
     core = unwrap_qmop(model)
     found = set()
     for name, module in core.model.language_model.named_modules():
@@ -106,7 +110,10 @@ def lora_target_pattern(model: torch.nn.Module, leaf_names) -> str:
         if leaf in leaf_names and isinstance(module, torch.nn.Linear):  # bnb Linear4bit subclasses nn.Linear
             found.add(leaf)
     missing = sorted(set(leaf_names) - found)
-    if missing:
+    if missing and found and set(leaf_names) == set(DEFAULT_LORA_TARGETS):
+        logger.info("LoRA: the language model (%s) has no linear layers named %s; adapting %s",
+                    type(core.model.language_model).__name__, missing, sorted(found))
+    elif missing:
         raise ValueError(
             f"LoRA targets {missing} are not linear layers of the language model "
             f"({type(core.model.language_model).__name__}); check --lora_target_modules."
