@@ -168,13 +168,14 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert "mean router weight per question dimension" in table
     for path in (output / "results.png", output / "pictures.png", output / "results.json"):
         assert os.path.getsize(path) > 1000
-    assert set(summary["table"]) == {"qmop", "downsample", "qmop_budgets", "qg_vtc"}
+    assert set(summary["table"]) == {"qmop", "downsample", "qmop_outcome_all_budgets", "qg_vtc"}
     assert "| QG-VTC tower pruning (72 kept) + pooling | 36 |" in table
     assert "| image downsampled to 36 patches | 36 |" in table
     assert "## Acceptance checks" in table and "Router diagnostic on test pictures" in table
     assert "Reader probe" in table and "| pool36 (36 tokens) | all | 0.002 | 3 |" in table  # after the foundation
     for budget in (16, 36, 64, 144):
-        assert f"| one checkpoint, budgets 16/36/64/144 (seed 0) | {budget} |" in table
+        assert (f"| QMoP, router trained by outcome through every branch, one checkpoint for budgets 16/36/64/144 "
+                f"(seed 0) | {budget} |") in table
     small = Image.open(output / "data" / "images_downsampled" / "test" / "00000.png")
     assert small.size == (IMAGE_SIZE, IMAGE_SIZE) and len(set(small.getdata())) <= 36 * 36  # 36 x 36 px of content
     results = json.load(open(output / "results.json"))
@@ -187,14 +188,15 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     assert set(run["forced_branches"]) == {"pooling", "resampler", "pruning"}
     assert set(run["forced_branches"]["pruning"]["per_dimension"]) == set(DIMENSIONS)
     assert "| QMoP (query-guided router) | pruning forced |" in table and "| oracle by type |" in table
-    budgets = next(r for r in results["runs"] if r["variant"] == "qmop_budgets")
+    budgets = next(r for r in results["runs"] if r["variant"] == "qmop_outcome_all_budgets")
     assert {"test@16", "test", "test@64", "test@144", "val"} <= set(budgets["evaluation"])
     # the exported checkpoint loads as a Hub user loads it, with its card
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(str(checkpoint), trust_remote_code=True)
     assert model.config.num_visual_tokens == 36 and model.config.patch_grid == 24
-    assert model.config.router_eval_temperature == 1.0  # the exported run is the budget-sampled QMoP
+    # the exported run is the budget-sampled QMoP whose router is trained by outcome through every branch
+    assert model.config.router_training == "outcome" and model.config.router_outcome_branches == "all"
     assert "qmop-tiny" in open(checkpoint / "README.md").read()
     # a second run reuses everything already on disk: no run, foundation part or dataset is written again
     written = {path: os.path.getmtime(path) for path in

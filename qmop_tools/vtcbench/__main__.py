@@ -5,7 +5,7 @@ import logging
 import math
 import sys
 
-from .experiment import VARIANTS, Settings
+from .experiment import EXPORTABLE, VARIANTS, Settings
 from .pipeline import run
 
 
@@ -22,7 +22,8 @@ def main(argv=None):
     parser.add_argument("--budget", type=int, help="visual tokens per image (perfect square; default 36)")
     parser.add_argument("--workers", type=int, help="training processes in parallel (default 2)")
     parser.add_argument("--export-checkpoint", metavar="DIR",
-                        help="copy the QMoP run trained with sampled budgets (else the best QMoP run by val accuracy) here, "
+                        help="copy the best QMoP run by val accuracy of the first of "
+                        f"{', '.join(EXPORTABLE)} that ran here, "
                         "with a model card, e.g. checkpoints/qmop-tiny")
     parser.add_argument("--export-demo-image", metavar="PNG",
                         help="copy a test picture the best QMoP run answers right here, with its questions (.json), "
@@ -33,8 +34,8 @@ def main(argv=None):
     for name in ("variants", "seeds", "budget", "workers"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
-    if not {"qmop", "qmop_budgets"} & set(settings.variants) and (args.export_checkpoint or args.export_demo_image):
-        parser.error("--export-checkpoint and --export-demo-image need the qmop or qmop_budgets variant")
+    if not set(EXPORTABLE) & set(settings.variants) and (args.export_checkpoint or args.export_demo_image):
+        parser.error(f"--export-checkpoint and --export-demo-image need one of the variants {', '.join(EXPORTABLE)}")
     side = math.isqrt(settings.budget) if settings.budget > 0 else 0
     if side * side != settings.budget or not 1 <= settings.budget <= 576:
         parser.error(f"--budget must be a perfect square between 1 and 576 (the 24x24 patch grid), got {settings.budget}")

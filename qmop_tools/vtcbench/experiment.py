@@ -88,9 +88,19 @@ VARIANTS = {
     "pooling_moe_smoes": {"branches": ["pooling"], "router_top_k": 1, "llm_experts": 4, "smoes_loss_coef": 0.1},
     # At 0.1 the regulariser split the experts by modality almost completely and cost accuracy: a tenth of it.
     "pooling_moe_smoes_weak": {"branches": ["pooling"], "router_top_k": 1, "llm_experts": 4, "smoes_loss_coef": 0.01},
-    # QMoP trained with a budget drawn per batch from `BUDGET_SET`, evaluated at each (the bundled checkpoint).
+    # QMoP trained with a budget drawn per batch from `BUDGET_SET`, evaluated at each (the bundled checkpoint until
+    # 2026-12-05).
     "qmop_budgets": {"branches": ALL_BRANCHES, "router_mode": "query", "router_top_k": 2, **ROUTER_TRAINING},
+    # The same budget sampling with the router trained by outcome through every branch: the bundled checkpoint.
+    "qmop_outcome_all_budgets": {"branches": ALL_BRANCHES, "router_mode": "query", "router_training": "outcome",
+                                 "router_outcome_branches": "all", "router_eval_temperature": 1.0,
+                                 "router_aux_loss_coef": 0.0, "router_z_loss_coef": 0.0},
 }
+# Variants trained with a budget drawn per batch from `BUDGET_SET` and evaluated at each; their seeds are
+# `Settings.budgets_seeds`.
+BUDGET_VARIANTS = ("qmop_budgets", "qmop_outcome_all_budgets")
+# The variants a run may export as the bundled checkpoint, in order of preference (`report.best_qmop_run`).
+EXPORTABLE = ("qmop_outcome_all_budgets", "qmop_budgets", "qmop")
 VARIANT_LABELS = {
     "qmop": "QMoP (query-guided router)",
     "qmop_normalized": "QMoP, router logits normalized (not tanh-capped)",
@@ -110,6 +120,7 @@ VARIANT_LABELS = {
     "learned_pruner": "pruning only (LearnPruner's learned score)",
     "llm_pruning": "pooling + mid-LLM pruning (9 kept from layer 1)",
     "qmop_budgets": "QMoP, one checkpoint for budgets 16/36/64/144",
+    "qmop_outcome_all_budgets": "QMoP, router trained by outcome through every branch, one checkpoint for budgets 16/36/64/144",
     "pooling_moe": "pooling only, MoE LLM (upcycled, 4 experts)",
     "pooling_moe_smoes": "pooling only, MoE LLM + SMoES (0.1)",
     "pooling_moe_smoes_weak": "pooling only, MoE LLM + SMoES (0.01)",
@@ -149,11 +160,11 @@ class Settings:
     @classmethod
     def smoke(cls) -> "Settings":
         return cls(train_images=40, val_images=10, test_images=10, clip_steps=3, clip_batch_size=16, text_steps=3,
-                   llm_steps=5, variants=["qmop", "downsample", "qmop_budgets", "qg_vtc"], seeds=[0], batch_size=8,
+                   llm_steps=5, variants=["qmop", "downsample", "qmop_outcome_all_budgets", "qg_vtc"], seeds=[0], batch_size=8,
                    stage1_epochs=0.25, stage2_epochs=0.25, workers=1, eval_batch_size=25, reader_probe_steps=3)
 
     def jobs(self) -> list:
-        return [(v, s) for v in self.variants for s in (self.budgets_seeds if v == "qmop_budgets" else self.seeds)]
+        return [(v, s) for v in self.variants for s in (self.budgets_seeds if v in BUDGET_VARIANTS else self.seeds)]
 
     def job_key(self, variant: str) -> dict:
         """Everything a job's result depends on: a finished job is reused only when this is unchanged."""
@@ -172,10 +183,10 @@ class Settings:
         return settings
 
     def train_budgets(self, variant: str) -> Optional[tuple]:
-        return BUDGET_SET if variant == "qmop_budgets" else None
+        return BUDGET_SET if variant in BUDGET_VARIANTS else None
 
     def eval_budgets(self, variant: str) -> list:
-        return list(BUDGET_SET) if variant == "qmop_budgets" else [self.qmop_settings(variant)["num_visual_tokens"]]
+        return list(BUDGET_SET) if variant in BUDGET_VARIANTS else [self.qmop_settings(variant)["num_visual_tokens"]]
 
     @staticmethod
     def image_folder(variant: str) -> str:
@@ -352,7 +363,7 @@ def run_job(output: str, variant: str, seed: int, settings: Settings) -> dict:
     for leftover in ("base", "stage1"):
         shutil.rmtree(os.path.join(run_dir, leftover), ignore_errors=True)
     model_dir = os.path.join(run_dir, "model")
-    splits = ["test", "val"] if variant in ("qmop", "qmop_budgets") else ["test"]
+    splits = ["test", "val"] if variant in EXPORTABLE else ["test"]
     evaluation, predictions = {}, None
     for budget in settings.eval_budgets(variant):
         suffix = "" if budget == settings_for_variant["num_visual_tokens"] else f"@{budget}"
@@ -517,7 +528,7 @@ def _worker_init(threads: int) -> None:
 
 def run_jobs(output: str, settings: Settings, jobs: list, threads_per_worker: int = 1) -> list:
     """Run (variant, seed) jobs, longest first (576 tokens, longer training), in `settings.workers` processes."""
-    jobs = sorted(jobs, key=lambda job: (job[0] not in ("full576", "qmop_budgets"), job))
+    jobs = sorted(jobs, key=lambda job: (job[0] not in ("full576", *BUDGET_VARIANTS), job))
     if settings.workers <= 1:
         _worker_init(max(1, threads_per_worker))
         return [run_job(output, variant, seed, settings) for variant, seed in jobs]

@@ -10,10 +10,10 @@ from conversion.tiny import atomic_folder
 from qmop_tools.bench.report import write_atomic
 
 from .data import CHANCE, DIMENSIONS
-from .experiment import BUDGET_SET, VARIANT_LABELS, evaluate, normalise_answer
+from .experiment import BUDGET_SET, BUDGET_VARIANTS, EXPORTABLE, VARIANT_LABELS, evaluate, normalise_answer
 
 ROUTED = ("qmop", "qmop_normalized", "qmop_outcome", "qmop_outcome_greedy", "qmop_outcome_all", "vision_router",
-          "vision_outcome_all", "qmop_budgets")
+          "vision_outcome_all", "qmop_budgets", "qmop_outcome_all_budgets")
 PICTURE_QUESTIONS = 6  # test questions drawn for the contact sheet
 # The QMoP runs the acceptance checks and findings judge, each with what it must beat besides the single branches:
 # the paper's router trained through its mixture, and the router trained by outcome through every branch.
@@ -340,7 +340,7 @@ def acceptance_markdown(checks: list) -> str:
 
 def budget_table(results: list) -> str:
     """The budget-sampled QMoP at each budget, next to fixed-budget QMoP runs where there are any (test split)."""
-    runs = [r for r in results if r["variant"] == "qmop_budgets"]
+    runs = [r for r in results if r["variant"] in BUDGET_VARIANTS]
     if not runs:
         return ""
     lines = ["| model | budget | overall | " + " | ".join(DIMENSIONS) + " |", "|" + " --- |" * (len(DIMENSIONS) + 3)]
@@ -350,7 +350,7 @@ def budget_table(results: list) -> str:
             if key == "test" and r["settings"]["num_visual_tokens"] != budget:
                 continue
             e = r["evaluation"][key]
-            lines.append(f"| one checkpoint, budgets {'/'.join(map(str, BUDGET_SET))} (seed {r['seed']}) | {budget} | "
+            lines.append(f"| {VARIANT_LABELS[r['variant']]} (seed {r['seed']}) | {budget} | "
                          f"{100 * e['overall']:.1f} | " + " | ".join(f"{100 * e['per_dimension'][d]:.1f}" for d in DIMENSIONS)
                          + " |")
         fixed = [r for r in results if r["variant"] == "qmop" and r["settings"]["num_visual_tokens"] == budget]
@@ -409,13 +409,14 @@ def plot(table: dict, settings, path: str) -> None:
 
 
 def best_qmop_run(results: list):
-    """The run exported as the bundled checkpoint: the QMoP run trained with sampled budgets (one checkpoint for every
-    budget) with the best validation accuracy, or the best fixed-budget QMoP run when there is none."""
-    runs = [r for r in results if r["variant"] == "qmop_budgets" and "val" in r["evaluation"]]
-    runs = runs or [r for r in results if r["variant"] == "qmop" and "val" in r["evaluation"]]
-    if not runs:
-        return None
-    return max(runs, key=lambda r: (r["evaluation"]["val"]["overall"], -r["seed"]))
+    """The run exported as the bundled checkpoint: of the first variant in `EXPORTABLE` that ran (the outcome-trained
+    router with sampled budgets, then the mixture one with sampled budgets, then fixed-budget QMoP), the seed with
+    the best validation accuracy."""
+    for variant in EXPORTABLE:
+        runs = [r for r in results if r["variant"] == variant and "val" in r["evaluation"]]
+        if runs:
+            return max(runs, key=lambda r: (r["evaluation"]["val"]["overall"], -r["seed"]))
+    return None
 
 
 def draw_pictures(output: str, model_dir: str, data_dir: str) -> list:
