@@ -349,3 +349,17 @@ def test_acceptance_judges_the_outcome_router_against_its_own_question_blind_twi
                   "than the larger std"] is False
     assert not any(check.startswith("QMoP >=") for check in checks)  # no mixture-trained QMoP run in this table
     assert any(line.startswith(name) and "vs the best single branch (pooling)" in line for line in findings(table))
+
+
+def test_acceptance_flag_runs_what_the_acceptance_checks_read():
+    from qmop_tools.vtcbench.__main__ import parse
+    from qmop_tools.vtcbench.experiment import ACCEPTANCE_VARIANTS, VARIANTS
+    from qmop_tools.vtcbench.report import QMOP_RUNS
+
+    _, settings = parse(["--acceptance"])
+    assert settings.variants == list(ACCEPTANCE_VARIANTS) and settings.seeds == [0, 1, 2]
+    assert set(ACCEPTANCE_VARIANTS) <= set(VARIANTS)
+    assert set(QMOP_RUNS["qmop_outcome_all"]) - {"vision_router"} <= set(ACCEPTANCE_VARIANTS)
+    for conflicting in (["--acceptance", "--smoke"], ["--acceptance", "--variants", "pooling"]):
+        with pytest.raises(SystemExit):
+            parse(conflicting)

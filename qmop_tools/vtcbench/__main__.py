@@ -5,11 +5,12 @@ import logging
 import math
 import sys
 
-from .experiment import EXPORTABLE, VARIANTS, Settings
+from .experiment import ACCEPTANCE_VARIANTS, EXPORTABLE, VARIANTS, Settings
 from .pipeline import run
 
 
-def main(argv=None):
+def parse(argv=None) -> tuple:
+    """(arguments, Settings) of the command line, checked."""
     parser = argparse.ArgumentParser(
         prog="python -m qmop_tools.vtcbench",
         description="Mini VTCBench: procedural VQA data, tiny CLIP + LLM pre-training, QMoP and its baselines trained "
@@ -17,6 +18,9 @@ def main(argv=None):
     )
     parser.add_argument("--output", default="outputs/vtcbench", help="folder for everything (resumable)")
     parser.add_argument("--smoke", action="store_true", help="a tiny version that runs in about a minute (tests)")
+    parser.add_argument("--acceptance", action="store_true",
+                        help="only the variants the acceptance checks read (" + ", ".join(ACCEPTANCE_VARIANTS)
+                        + "), over the seeds; about 90 min on two CPU cores (estimated from measured run times)")
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), help="default: all")
     parser.add_argument("--seeds", nargs="+", type=int, help="default: 0 1 2")
     parser.add_argument("--budget", type=int, help="visual tokens per image (perfect square; default 36)")
@@ -30,7 +34,11 @@ def main(argv=None):
                         "e.g. assets/demo.png")
     parser.add_argument("--fresh", action="store_true", help="delete the output folder first")
     args = parser.parse_args(argv)
+    if args.acceptance and (args.smoke or args.variants):
+        parser.error("--acceptance picks the variants itself: drop --smoke / --variants")
     settings = Settings.smoke() if args.smoke else Settings()
+    if args.acceptance:
+        settings.variants = list(ACCEPTANCE_VARIANTS)
     for name in ("variants", "seeds", "budget", "workers"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
@@ -41,6 +49,11 @@ def main(argv=None):
         parser.error(f"--budget must be a perfect square between 1 and 576 (the 24x24 patch grid), got {settings.budget}")
     if settings.workers < 1 or not settings.seeds:
         parser.error("--workers must be >= 1 and --seeds must name at least one seed")
+    return args, settings
+
+
+def main(argv=None):
+    args, settings = parse(argv)
     logging.basicConfig(format="%(asctime)s %(name)s %(message)s", level=logging.INFO, stream=sys.stdout)
     logging.getLogger("transformers").setLevel(logging.WARNING)
     logging.getLogger("qmop_tools.train").setLevel(logging.WARNING)

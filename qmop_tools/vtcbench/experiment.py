@@ -99,6 +99,11 @@ VARIANTS = {
 # Variants trained with a budget drawn per batch from `BUDGET_SET` and evaluated at each; their seeds are
 # `Settings.budgets_seeds`.
 BUDGET_VARIANTS = ("qmop_budgets", "qmop_outcome_all_budgets")
+# What the acceptance checks of issue #11 read (`--acceptance`): the outcome-trained QMoP, its question-blind twin, the
+# three single branches, equal-weight fusion and the uncompressed model. Measured run times here (2-core CPU, seconds
+# per seed): 350 + 355 + 135 + 142 + 118 + 151 + 1885 (full576, 2026-11-22), so three seeds on two workers take about
+# 80 min after a 7-min foundation: an estimate from those times, not an end-to-end measurement.
+ACCEPTANCE_VARIANTS = ("qmop_outcome_all", "vision_outcome_all", "pooling", "resampler", "pruning", "uniform", "full576")
 # The variants a run may export as the bundled checkpoint, in order of preference (`report.best_qmop_run`).
 EXPORTABLE = ("qmop_outcome_all_budgets", "qmop_budgets", "qmop")
 VARIANT_LABELS = {
