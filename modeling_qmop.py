@@ -1854,9 +1854,11 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
             supervised = labels != -100 if labels is not None else F.pad(shift_labels[:, :-1] != -100, (1, 0))  # (B, T)
             kwargs["llm_pruning_query_mask"] = supervised.cumsum(1) == 0
         # A Mixture-of-Experts LLM's balancing loss when its router logits are asked for (call or text_config).
-        balance_llm = bool(kwargs.get("output_router_logits", getattr(self.config.text_config, "output_router_logits", False)))
-        if self.training and self.config.smoes_loss_coef > 0 and (labels is not None or shift_labels is not None):
-            # SMoES reads every layer's router logits and input hidden states.
+        moe = dict(balance=bool(kwargs.get("output_router_logits",
+                                           getattr(self.config.text_config, "output_router_logits", False))),
+                   smoes=self.training and self.config.smoes_loss_coef > 0
+                   and (labels is not None or shift_labels is not None))
+        if moe["smoes"]:  # SMoES reads every layer's router logits and input hidden states.
             kwargs["output_router_logits"] = True
             output_hidden_states = True
         model_inputs = dict(
@@ -1875,19 +1877,18 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        loss_inputs = dict(labels=labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
-                           balance_llm=balance_llm)
+        loss_inputs = dict(labels=labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch)
         router = self.model.projector.router
         if (self.training and router is not None and router.outcome and not router.uniform
                 and router.forced_branch is None and self.config.router_outcome_branches == "all"
                 and pixel_values is not None and pixel_values.shape[0] > 0
                 and (labels is not None or shift_labels is not None)):
-            output = self._forward_every_branch(model_inputs, keep, loss_inputs)
+            output = self._forward_every_branch(model_inputs, keep, loss_inputs, moe)
             return output if return_dict else output.to_tuple()
 
         outputs = self.model(**model_inputs)
         logits = self.lm_head(outputs.last_hidden_state[:, keep, :])  # (B, T', V)
-        llm_aux_loss, smoes_loss = self._moe_losses(outputs, model_inputs, loss_inputs)
+        llm_aux_loss, smoes_loss = self._moe_losses(outputs, model_inputs, **moe)
         loss, router_outcome_loss = self._loss(
             outputs, logits, input_ids, inputs_embeds, pixel_values, llm_aux_loss=llm_aux_loss,
             smoes_loss=smoes_loss, **loss_inputs
@@ -1912,11 +1913,6 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
         )
         return output if return_dict else output.to_tuple()
 
-    def _images_per_sample(self, outputs, input_ids, inputs_embeds, device) -> torch.Tensor:
-        """(B,) number of images in each sample, read from its placeholders."""
-        placeholders = self.model.image_placeholder_mask(input_ids, inputs_embeds).to(device)  # (B, T)
-        return placeholders.sum(dim=1) // outputs.image_hidden_states.shape[1]
-
     def _llm_aux_loss(self, outputs, attention_mask) -> Optional[torch.Tensor]:
         """A Mixture-of-Experts language model's load-balancing loss over its router logits, computed by its own
         module's `load_balancing_loss_func` (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE...); None for a dense model or
@@ -1926,7 +1922,7 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
             return None
         text_config = self.config.text_config
         balance = getattr(inspect.getmodule(type(self.model.language_model)), "load_balancing_loss_func", None)
-        num_experts = getattr(text_config, "num_local_experts", None) or getattr(text_config, "num_experts", None)
+        num_experts = self.config.num_llm_experts
         if balance is None or num_experts is None:
             return None
         # Padding is left out when every layer routed every position (mid-LLM pruning shortens the later layers).
@@ -1936,15 +1932,12 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
         return balance(router_logits, num_experts, text_config.num_experts_per_tok,
                        attention_mask if full_length else None)
 
-    def _moe_losses(self, outputs, model_inputs: dict, loss_inputs: dict) -> tuple:
-        """(llm_aux_loss, smoes_loss) of one language-model pass; each None where it does not apply."""
-        llm_aux_loss = None
-        if loss_inputs["balance_llm"]:
-            llm_aux_loss = self._llm_aux_loss(outputs, model_inputs["attention_mask"])
+    def _moe_losses(self, outputs, model_inputs: dict, balance: bool, smoes: bool) -> tuple:
+        """(llm_aux_loss, smoes_loss) of one language-model pass; each None where it does not apply (`balance`: the
+        LLM's router logits were asked for; `smoes`: SMoES applies to this call)."""
+        llm_aux_loss = self._llm_aux_loss(outputs, model_inputs["attention_mask"]) if balance else None
         smoes_loss = None
-        if (self.training and self.config.smoes_loss_coef > 0 and outputs.llm_router_logits
-                and outputs.hidden_states is not None
-                and (loss_inputs["labels"] is not None or loss_inputs["shift_labels"] is not None)):
+        if smoes and outputs.llm_router_logits and outputs.hidden_states is not None:
             visual = self.model.image_placeholder_mask(model_inputs["input_ids"], model_inputs["inputs_embeds"])  # (B, T)
             attention_mask = model_inputs["attention_mask"]
             valid = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else \
@@ -1953,7 +1946,7 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
         return llm_aux_loss, smoes_loss
 
     def _loss(self, outputs, logits, input_ids, inputs_embeds, pixel_values, labels, shift_labels, num_items_in_batch,
-              balance_llm=False, llm_aux_loss=None, smoes_loss=None):
+              llm_aux_loss=None, smoes_loss=None):
         """(loss, router_outcome_loss) of one language-model pass; (None, None) without labels."""
         if labels is None and shift_labels is None:
             return None, None
@@ -2001,7 +1994,7 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
                 loss = loss + self.config.router_outcome_loss_coef * router_outcome_loss.to(loss.device)
         return loss, router_outcome_loss
 
-    def _forward_every_branch(self, model_inputs: dict, keep, loss_inputs: dict) -> "QMoPCausalLMOutputWithPast":
+    def _forward_every_branch(self, model_inputs: dict, keep, loss_inputs: dict, moe: dict) -> "QMoPCausalLMOutputWithPast":
         """Outcome training with `router_outcome_branches="all"`: one language-model pass per branch, every image
         forced through it. `loss` and `router_outcome_loss` are the means over the passes (each pass regresses its
         branch's logit on its own per-sample losses). `logits` (per sample) and `image_hidden_states` /
@@ -2017,7 +2010,7 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
             finally:
                 router.forced_branch = None
             logits = self.lm_head(outputs.last_hidden_state[:, keep, :])  # (B, T', V)
-            llm_aux_loss, smoes_loss = self._moe_losses(outputs, model_inputs, loss_inputs)
+            llm_aux_loss, smoes_loss = self._moe_losses(outputs, model_inputs, **moe)
             loss, outcome_loss = self._loss(
                 outputs, logits, model_inputs["input_ids"], model_inputs["inputs_embeds"],
                 model_inputs["pixel_values"], llm_aux_loss=llm_aux_loss, smoes_loss=smoes_loss, **loss_inputs,
@@ -2032,9 +2025,8 @@ class QMoPForConditionalGeneration(QMoPPreTrainedModel, GenerationMixin):
         if first.kept_patch_indices is not None:
             kept_patch_indices = torch.stack([p[0].kept_patch_indices for p in passes])[choice, images]  # (N, M)
         all_logits = torch.stack([p[1] for p in passes])  # (nb, B, T', V)
-        images_per_sample = self._images_per_sample(
-            first, model_inputs["input_ids"], model_inputs["inputs_embeds"], choice.device
-        )  # (B,)
+        placeholders = self.model.image_placeholder_mask(model_inputs["input_ids"], model_inputs["inputs_embeds"])
+        images_per_sample = placeholders.to(choice.device).sum(dim=1) // first.image_hidden_states.shape[1]  # (B,)
         first_image = (images_per_sample.cumsum(0) - images_per_sample).clamp(max=max(len(choice) - 1, 0))  # (B,)
         sample_choice = torch.where(images_per_sample > 0, choice[first_image], 0).to(all_logits.device)  # (B,)
         logits = all_logits[sample_choice, torch.arange(all_logits.shape[1], device=all_logits.device)]  # (B, T', V)

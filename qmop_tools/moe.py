@@ -65,7 +65,7 @@ def modality_routing_statistics(model, batches: Iterable[dict], bin_size: Option
     experts = config.num_llm_experts
     if experts is None:
         raise ValueError(f"the language model ({config.text_config.model_type}) is not a Mixture-of-Experts model.")
-    bin_size = bin_size or config.smoes_bin_size or experts // 2
+    bin_size = bin_size or config.smoes_experts_per_bin
     if experts % bin_size or not 1 <= bin_size < experts:
         raise ValueError(f"bin_size={bin_size} must divide the {experts} experts into at least two bins.")
     top_k = config.text_config.num_experts_per_tok

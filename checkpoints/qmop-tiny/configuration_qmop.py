@@ -366,9 +366,14 @@ class QMoPConfig(PretrainedConfig):
         return getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None)
 
     @property
+    def smoes_experts_per_bin(self) -> int:
+        """Experts per SMoES bin: `smoes_bin_size`, else half the experts (two bins)."""
+        return self.smoes_bin_size or self.num_llm_experts // 2
+
+    @property
     def smoes_bins(self) -> int:
         """Number of SMoES expert bins."""
-        return self.num_llm_experts // (self.smoes_bin_size or self.num_llm_experts // 2)
+        return self.num_llm_experts // self.smoes_experts_per_bin
 
     @property
     def vision_feature_hidden_state_index(self) -> int:
@@ -579,7 +584,7 @@ class QMoPConfig(PretrainedConfig):
                 f"SMoES (`smoes_loss_coef`, `smoes_bin_size`) needs a Mixture-of-Experts language model; "
                 f"`text_config` ({self.text_config.model_type}) has no `num_local_experts` / `num_experts`."
             )
-        size = bin_size or experts // 2
+        size = self.smoes_experts_per_bin
         if not 1 <= size < experts or experts % size:
             raise ValueError(
                 f"`smoes_bin_size`={size} must divide the language model's {experts} experts into at least two bins."
