@@ -28,14 +28,8 @@ setup(
         "numpy",
     ],
     entry_points={
-        "console_scripts": [
-            "qmop-convert-llava = conversion.convert_llava_to_qmop:main",
-            "qmop-train = qmop_tools.train.run:main",
-            "qmop-bench = qmop_tools.bench.__main__:main",
-            "qmop-vtcbench = qmop_tools.vtcbench.__main__:main",
-            "qmop-router-diagnostics = qmop_tools.vtcbench.router_diagnostics:main",
-            "qmop-lmms-task = qmop_tools.lmms.task:main",
-        ],
+        # one command for every job: `qmop --help` (qmop_tools/cli.py; `python -m qmop_tools` is the same)
+        "console_scripts": ["qmop = qmop_tools.cli:main"],
         # lmms-eval finds `--model qmop` here (README, "Evaluating with lmms-eval")
         "lmms_eval.models": ["qmop = qmop_tools.lmms:manifest"],
         # vLLM loads this in each of its processes: it registers QMoP-LLaVA's architecture (qmop_tools/serve)

@@ -60,6 +60,6 @@ def require_qmop_checkpoint(path: str, argument: str, model_type=None) -> None:
         return
     hint = ""
     if model_type == "llava":
-        hint = (" It is a LLaVA checkpoint: convert it first, e.g. `python conversion/convert_llava_to_qmop.py "
+        hint = (" It is a LLaVA checkpoint: convert it first, e.g. `qmop convert "
                 f"--llava {path} --clip openai/clip-vit-large-patch14-336 --output qmop-checkpoint` (docs/conversion.md).")
     raise ValueError(f"{argument} {path!r} is a {model_type!r} checkpoint, not QMoP-LLaVA ('qmop_llava').{hint}")

@@ -1,10 +1,16 @@
-"""Answer one question about one image with a QMoP-LLaVA checkpoint and report what the projector did.
+"""qmop demo: answer questions about an image with a QMoP-LLaVA checkpoint; print the answers, router weights, kept
+patches and token counts, and write a picture of what the projector did.
 
-Used by `scripts/demo.py` (the README's main command). The default model is the trained tiny checkpoint committed
-under `checkpoints/qmop-tiny` (mini VTCBench, `python -m qmop_tools.vtcbench`); without it, a tiny checkpoint with
-random weights is built locally and the demo says that its answers are noise.
+    qmop demo [--image assets/demo.png] [--question "what letter is in the top left corner?"]...
+              [--model DIR_OR_HUB_ID] [--num-visual-tokens M] [--picture outputs/demo.png]
+
+Without --question, the bundled image's five questions (one per mini-VTCBench dimension) are asked. The default model
+is the trained tiny checkpoint committed under `checkpoints/qmop-tiny` (mini VTCBench, `qmop vtcbench`); without it, a
+tiny checkpoint with random weights is built locally and the demo says that its answers are noise. The Space
+(app.py) answers through the same functions.
 """
 
+import argparse
 import json
 import os
 
@@ -13,6 +19,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_IMAGE = os.path.join(REPO_ROOT, "assets", "demo.png")
 BUNDLED_CHECKPOINT = os.path.join(REPO_ROOT, "checkpoints", "qmop-tiny")
 RANDOM_TINY_CHECKPOINT = os.path.join(REPO_ROOT, ".cache", "qmop-tiny-random")
+DEFAULT_PICTURE = os.path.join("outputs", "demo.png")
 
 
 def default_model() -> tuple[str, bool]:
@@ -111,3 +118,30 @@ def format_report(result: dict, model_path: str, trained: bool, with_model: bool
         selected = "" if result["pruning_selected"] else " (the router did not select the pruning branch here)"
         lines.append(f"pruning:  keeps patches {result['kept_patches']}{selected}")
     return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="qmop demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image", default=DEFAULT_IMAGE, help="path or URL of the image")
+    parser.add_argument("--question", action="append", help="repeatable (default: the five bundled questions)")
+    parser.add_argument("--model", default=None, help="checkpoint folder or Hub id (default: the bundled tiny one)")
+    parser.add_argument("--num-visual-tokens", type=int, default=None, help="budget M (default: the checkpoint's)")
+    parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser.add_argument("--picture", default=DEFAULT_PICTURE, help="where to write the picture ('' for none)")
+    args = parser.parse_args(argv)
+    if args.model:  # before a random tiny checkpoint is built for nothing
+        check_arguments(args.model, args.image, args.num_visual_tokens, args.max_new_tokens, args.picture)
+    path, trained = (args.model, True) if args.model else default_model()
+    check_arguments(path, args.image, args.num_visual_tokens, args.max_new_tokens, args.picture)
+    model, processor = load(path)
+    print(format_model_line(path, trained) + "\n")
+    results = []
+    for question in args.question or DEFAULT_QUESTIONS:
+        result = answer_with(model, processor, args.image, question, args.num_visual_tokens, args.max_new_tokens)
+        print(format_report(result, path, trained, with_model=False) + "\n")
+        results.append(result)
+    if args.picture:
+        from qmop_tools.vtcbench.visualize import contact_sheet, render_analysis, save_png
+
+        save_png(contact_sheet([render_analysis(r) for r in results], columns=1 if len(results) == 1 else 2), args.picture)
+        print(f"picture:  {args.picture} (kept patches of the pruning branch over the image, router weights)")

@@ -5,11 +5,14 @@ Writes a random checkpoint once (sharded safetensors, ~14 GB in bf16 for the 7b 
 decode tokens/s, and asserts the placement: every module on a GPU, `Linear4bit` only inside the LLM's decoder
 layers, vision tower / text encoder / projector / lm_head unquantized.
 
-    python scripts/gpu_check.py --preset 7b            # a GPU machine
-    python scripts/gpu_check.py --preset tiny --device cpu   # the same code path on a CPU (tests use it)
+    qmop gpu-check --preset 7b                        # a GPU machine
+    qmop gpu-check --preset tiny --device cpu         # the same code path on a CPU (tests use it)
 """
 
+import argparse
+import json
 import os
+import platform
 import tempfile
 import time
 
@@ -102,3 +105,20 @@ def check(folder: str, mode: str, device: str, new_tokens: int = 32) -> dict:
         "linear4bit_modules": len(quantized),
         "hf_device_map_devices": sorted({str(v) for v in (getattr(model, "hf_device_map", None) or {}).values()}),
     }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="qmop gpu-check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=["7b", "tiny"], default="7b")
+    parser.add_argument("--folder", default=None, help="where the random checkpoint is written (reused if present)")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--modes", nargs="+", choices=["bf16", "nf4"], default=["bf16", "nf4"])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    args = parser.parse_args(argv)
+    import transformers
+
+    folder = args.folder or os.path.join(os.path.expanduser("~"), ".cache", f"qmop-{args.preset}-random")
+    build_random_checkpoint(args.preset, folder)
+    print(json.dumps({"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}))
+    for mode in args.modes:
+        print(json.dumps(check(folder, mode, args.device, args.new_tokens)))

@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 QMOP_SKIP_457=1 bash scripts/setup_env.sh
-exec .venv/bin/python scripts/demo.py "$@"
+exec .venv/bin/qmop demo "$@"

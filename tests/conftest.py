@@ -1,6 +1,7 @@
 """Shared test set-up: isolated HF cache, a fake Hub on 127.0.0.1 (started before huggingface_hub is imported),
 the repository root on sys.path, and tiny QMoP-LLaVA models built locally."""
 
+import io
 import os
 import sys
 import tempfile
@@ -74,3 +75,17 @@ def make_image(width=40, height=60, seed=0, mode="RGB"):
 @pytest.fixture
 def image():
     return make_image()
+
+
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal, where progress bars are drawn (qmop_tools/progress.py)."""
+
+    def isatty(self):
+        return True
+
+
+def as_stderr(monkeypatch, stream):
+    """Make `stream` sys.stderr. Call it in the test body: pytest's capture re-installs its own sys.stderr between
+    fixture set-up and the test."""
+    monkeypatch.setattr(sys, "stderr", stream)
+    return stream

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qmop_tools.bench import flops as F
-from qmop_tools.bench.__main__ import main
+from qmop_tools.bench.cli import main
 from qmop_tools.bench.measure import kv_bytes_formula
 from qmop_tools.bench.models import build_qmop, get_preset
 from qmop_tools.bench.report import write_atomic

@@ -22,9 +22,9 @@ def test_answer_reports_router_and_token_counts(tiny_checkpoint):
 def test_demo_script_runs(tiny_checkpoint, tmp_path):
     picture = tmp_path / "analysis.png"
     result = subprocess.run(
-        [sys.executable, os.path.join(REPO_ROOT, "scripts", "demo.py"), "--model", tiny_checkpoint, "--max-new-tokens", "3",
+        [sys.executable, "-m", "qmop_tools", "demo", "--model", tiny_checkpoint, "--max-new-tokens", "3",
          "--question", "What colour is the circle?", "--picture", str(picture)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "answer:" in result.stdout and "visual tokens per image instead of 64 patches" in result.stdout

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO_ROOT, make_image
+from conftest import REPO_ROOT, Terminal, as_stderr, make_image
 
 from qmop_tools.vtcbench.data import (ANSWERS, DIMENSIONS, GLYPHS, GRID, IMAGE_SIZE, KINDS, NUMBERS, PATCH_SIZE,
                                       _tag_box, draw_labels, draw_scene, generate_split, write_dataset)
-from qmop_tools.vtcbench.experiment import FeatureCache, normalise_answer
+from qmop_tools.vtcbench.experiment import FeatureCache, Settings, normalise_answer
 
 BUNDLED = os.path.join(REPO_ROOT, "checkpoints", "qmop-tiny")
 
@@ -147,7 +147,7 @@ def test_analysis_picture_shows_kept_patches_and_router(tiny):
 
 
 def test_command_line_rejects_bad_settings(capsys):
-    from qmop_tools.vtcbench.__main__ import main
+    from qmop_tools.vtcbench.cli import main
 
     for argv, message in ((["--budget", "40"], "perfect square"), (["--workers", "0"], "--workers"),
                           (["--variants", "pooling", "--export-checkpoint", "x"], "qmop")):
@@ -156,8 +156,8 @@ def test_command_line_rejects_bad_settings(capsys):
         assert message in capsys.readouterr().err
 
 
-def test_smoke_pipeline_end_to_end(tmp_path):
-    from qmop_tools.vtcbench.__main__ import main
+def test_smoke_pipeline_end_to_end(tmp_path, monkeypatch):
+    from qmop_tools.vtcbench.cli import main
 
     output, checkpoint = tmp_path / "vtc", tmp_path / "ckpt"
     summary = main(["--smoke", "--output", str(output), "--export-checkpoint", str(checkpoint)])
@@ -202,8 +202,16 @@ def test_smoke_pipeline_end_to_end(tmp_path):
     written = {path: os.path.getmtime(path) for path in
                [*output.glob("runs/*/result.json"), *output.glob("foundation/report-*.json"), output / "data" / "dataset.json",
                 output / "probes" / "reader-pool36.json"]}
+    # ...and shows its stages and runs on a terminal, and nothing of them under --quiet (tests/test_progress.py)
+    terminal = as_stderr(monkeypatch, Terminal())
     main(["--smoke", "--output", str(output)])
     assert written and all(os.path.getmtime(path) == mtime for path, mtime in written.items())
+    assert "mini VTCBench: 100%" in terminal.getvalue() and "5/5" in terminal.getvalue()
+    jobs = len(Settings.smoke().jobs())
+    assert "runs: 100%" in terminal.getvalue() and f"{jobs}/{jobs}" in terminal.getvalue()
+    terminal.seek(0), terminal.truncate()
+    main(["--smoke", "--output", str(output), "--quiet"])
+    assert terminal.getvalue() == ""
 
     # the reader probe trains on the same data and foundation, with 36 pooled or all 576 tokens per picture
     from qmop_tools.vtcbench.reader_probe import ProbeSettings, run_probe
@@ -352,7 +360,7 @@ def test_acceptance_judges_the_outcome_router_against_its_own_question_blind_twi
 
 
 def test_acceptance_flag_runs_what_the_acceptance_checks_read():
-    from qmop_tools.vtcbench.__main__ import parse
+    from qmop_tools.vtcbench.cli import parse
     from qmop_tools.vtcbench.experiment import ACCEPTANCE_VARIANTS, VARIANTS
     from qmop_tools.vtcbench.report import QMOP_RUNS
 

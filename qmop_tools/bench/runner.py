@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 import transformers
 
+from qmop_tools.progress import progress_bar
+
 from .flops import LLMPruning, check_match, llava_analytic_flops, paper_visual_llm_macs, qmop_analytic_flops
 from .measure import adapter_for, count_prefill_flops, kv_bytes_formula, median, run_once, weights_bytes
 from .models import (TEXT_BEFORE_IMAGE, DTYPES, build_llava, build_qmop, compute_dtype, get_preset, make_inputs, qmop_config,
@@ -131,7 +133,9 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def run_benchmark(settings: BenchSettings, log=print) -> dict:
+def run_benchmark(settings: BenchSettings, log=print, quiet: bool = False) -> dict:
+    """Every measurement of the preset; `log` gets a line per step, and on a terminal bars show the progress of the
+    FLOP counting and of each timed batch (none with `quiet`)."""
     preset = _resolve(settings)
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -163,7 +167,7 @@ def run_benchmark(settings: BenchSettings, log=print) -> dict:
     records = {v.name: _static_record(v, preset, kv_value_bytes, device) for v in variants}
 
     log("counting prefill FLOPs (batch 1)")
-    for variant in variants:
+    for variant in progress_bar(variants, desc="FLOPs", unit="model", quiet=quiet, leave=False):
         inputs = _inputs(variant, preset, 1, device, dtype, settings.seed)
         counted = count_prefill_flops(variant.adapter, inputs)
         if variant.kind == "qmop":
@@ -180,7 +184,7 @@ def run_benchmark(settings: BenchSettings, log=print) -> dict:
 
     if not meta:
         for batch_size in preset.batch_sizes:
-            _time_batch(variants, records, preset, batch_size, device, dtype, settings, log)
+            _time_batch(variants, records, preset, batch_size, device, dtype, settings, log, quiet)
 
     generate_decode = {}
     if not meta and preset.decode_tokens:
@@ -270,16 +274,20 @@ def _static_record(variant: Variant, preset, kv_value_bytes: int, device) -> dic
     )
 
 
-def _time_batch(variants, records, preset, batch_size, device, dtype, settings, log):
+def _time_batch(variants, records, preset, batch_size, device, dtype, settings, log, quiet: bool = False):
     log(f"timing batch {batch_size}: {preset.warmup} warm-up + {preset.repeats} repeats, interleaved")
     inputs = {v.name: _inputs(v, preset, batch_size, device, dtype, settings.seed) for v in variants}
     runs = {v.name: [] for v in variants}
+    bar = progress_bar(desc=f"batch {batch_size}", total=(preset.warmup + preset.repeats) * len(variants), unit="run",
+                       quiet=quiet, leave=False)
     for repeat in range(preset.warmup + preset.repeats):
         for variant in variants:
             with_components = settings.components and variant.kind == "qmop"
             result = run_once(variant.adapter, inputs[variant.name], preset.decode_tokens, with_components)
             if repeat >= preset.warmup:
                 runs[variant.name].append(result)
+            bar.update()
+    bar.close()
     for variant in variants:
         done = runs[variant.name]
         kv = done[0].kv_bytes

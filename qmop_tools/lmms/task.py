@@ -1,6 +1,6 @@
 """The mini VTCBench test split as a local lmms-eval task: a folder with the data and the task's YAML, no download.
 
-    python -m qmop_tools.lmms.task --output outputs/lmms-task [--images 40] [--seed 0] [--data DIR]
+    qmop lmms-task --output outputs/lmms-task [--images 40] [--seed 0] [--data DIR]
 
 writes `<output>/test.parquet` (one row per question: id, image, question, answer, dimension, in the order of the
 split's `test_vqa.json`) and `<output>/mini_vtcbench.yaml`; lmms-eval reads the folder with
@@ -102,7 +102,7 @@ def write_task(output_dir: str, data_dir: Optional[str] = None, images: int = 40
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="qmop lmms-task", description=__doc__.split("\n")[0])
     parser.add_argument("--output", required=True, help="task folder to write (pass it to lmms-eval's --include_path)")
     parser.add_argument("--images", type=int, default=40, help="test pictures to draw (5 questions each)")
     parser.add_argument("--seed", type=int, default=0, help="data seed of the mini VTCBench")

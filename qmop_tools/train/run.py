@@ -1,9 +1,9 @@
 """Train QMoP-LLaVA: one function from parsed arguments to a finished Hub folder.
 
-    python scripts/train_qmop.py --model_name_or_path CKPT --stage 1 --data_path data.json --image_folder images \\
+    qmop train --model_name_or_path CKPT --stage 1 --data_path data.json --image_folder images \\
         --output_dir out [any transformers.TrainingArguments flag]
 
-Multi-process: `torchrun --nproc_per_node N scripts/train_qmop.py ...` or `accelerate launch ...`; DeepSpeed with
+Multi-process: `torchrun --nproc_per_node N -m qmop_tools train ...` or `accelerate launch ...`; DeepSpeed with
 `--deepspeed configs/zero2.json` (or zero3.json); FSDP with `accelerate launch --config_file configs/fsdp.yaml`.
 """
 
@@ -217,7 +217,7 @@ def _card_metrics(metrics: dict) -> dict:
 
 
 def parse_args(argv=None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog="qmop train")
     if argv is not None and len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
         path = os.path.abspath(argv[0])
         if path.endswith(".json"):

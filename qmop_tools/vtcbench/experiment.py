@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from qmop_tools.bench.report import write_atomic
+from qmop_tools.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -531,19 +532,32 @@ def _worker_init(threads: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def run_jobs(output: str, settings: Settings, jobs: list, threads_per_worker: int = 1) -> list:
-    """Run (variant, seed) jobs, longest first (576 tokens, longer training), in `settings.workers` processes."""
+def run_jobs(output: str, settings: Settings, jobs: list, threads_per_worker: int = 1, quiet: bool = False) -> list:
+    """Run (variant, seed) jobs, longest first (576 tokens, longer training), in `settings.workers` processes; a bar
+    counts finished runs (none with `quiet`). Results come back in the order of the sorted jobs."""
     jobs = sorted(jobs, key=lambda job: (job[0] not in ("full576", *BUDGET_VARIANTS), job))
+    bar = progress_bar(total=len(jobs), desc="runs", unit="run", quiet=quiet)
     if settings.workers <= 1:
         _worker_init(max(1, threads_per_worker))
-        return [run_job(output, variant, seed, settings) for variant, seed in jobs]
+        results = []
+        for variant, seed in jobs:
+            bar.set_postfix_str(f"{variant} seed {seed}")
+            results.append(run_job(output, variant, seed, settings))
+            bar.update()
+        bar.close()
+        return results
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(settings.workers, mp_context=context, initializer=_worker_init,
                              initargs=(threads_per_worker,)) as pool:
-        futures = [pool.submit(run_job, output, variant, seed, settings) for variant, seed in jobs]
+        futures = {pool.submit(run_job, output, variant, seed, settings): (variant, seed) for variant, seed in jobs}
+        for future in as_completed(futures):
+            variant, seed = futures[future]
+            bar.set_postfix_str(f"{variant} seed {seed} done")
+            bar.update()
+        bar.close()
         return [future.result() for future in futures]
 
 

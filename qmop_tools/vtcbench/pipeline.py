@@ -1,6 +1,6 @@
 """One command from nothing to the mini VTCBench's results: data, foundation, all runs, table, plot, pictures.
 
-    python -m qmop_tools.vtcbench --output outputs/vtcbench [--smoke] [--export-checkpoint checkpoints/qmop-tiny]
+    qmop vtcbench --output outputs/vtcbench [--smoke] [--export-checkpoint checkpoints/qmop-tiny]
                                   [--export-demo-image assets/demo.png]
 
 Every stage leaves its output on disk and is skipped when run again with the same settings (delete the folder, or
@@ -15,6 +15,7 @@ import shutil
 import time
 
 from qmop_tools.bench.report import write_atomic
+from qmop_tools.progress import progress_bar
 
 from .experiment import Settings, run_jobs, settings_dict
 
@@ -129,7 +130,9 @@ def prepare_foundation(output: str, settings: Settings, parts=("tokenizers", "la
 
 
 def run(output: str, settings: Settings, fresh: bool = False, export_checkpoint=None, export_demo=None,
-        threads_per_worker=None) -> dict:
+        threads_per_worker=None, quiet: bool = False) -> dict:
+    """Every stage in order. On a terminal, one bar follows the stages and one the (variant, seed) runs; `quiet`
+    draws none (the log lines remain the record)."""
     from .report import write_report
 
     output = os.path.abspath(output)
@@ -138,25 +141,41 @@ def run(output: str, settings: Settings, fresh: bool = False, export_checkpoint=
     os.makedirs(output, exist_ok=True)
     # A finished run is reused when its own settings (`Settings.job_key`) are unchanged; see `run_job`.
     _write_json(os.path.join(output, "settings.json"), settings_dict(settings))
+    stages = ["data", "foundation"] + (["reader probe"] if settings.reader_probe_steps > 0 else []) + ["runs", "report"]
+    bar = progress_bar(total=len(stages), desc="mini VTCBench", unit="stage", quiet=quiet)
+
+    def stage_done() -> None:
+        bar.update()
+        if bar.n < len(stages):
+            bar.set_postfix_str(stages[bar.n])
+
+    bar.set_postfix_str(stages[0])
     start = time.time()
     timings = {}
     prepare_data(output, settings)
     timings["data"] = time.time() - start
+    stage_done()
     foundation = prepare_foundation(output, settings)
     timings["foundation"] = time.time() - start - timings["data"]
-    if settings.reader_probe_steps > 0 and foundation:
-        from .reader_probe import ProbeSettings, reader_probe_once
+    stage_done()
+    if settings.reader_probe_steps > 0:
+        if foundation:
+            from .reader_probe import ProbeSettings, reader_probe_once
 
-        probe_start = time.time()
-        reader_probe_once(output, ProbeSettings(tokens="pool36", steps=settings.reader_probe_steps,
-                                                batch_size=min(32, settings.batch_size),
-                                                eval_every=max(1, settings.reader_probe_steps // 6)))
-        timings["reader_probe"] = time.time() - probe_start
+            probe_start = time.time()
+            reader_probe_once(output, ProbeSettings(tokens="pool36", steps=settings.reader_probe_steps,
+                                                    batch_size=min(32, settings.batch_size),
+                                                    eval_every=max(1, settings.reader_probe_steps // 6)))
+            timings["reader_probe"] = time.time() - probe_start
+        stage_done()
     jobs = settings.jobs()
     threads = threads_per_worker or max(1, (os.cpu_count() or 1) // max(1, settings.workers))
-    results = run_jobs(output, settings, jobs, threads_per_worker=threads)
+    results = run_jobs(output, settings, jobs, threads_per_worker=threads, quiet=quiet)
     timings["runs"] = time.time() - start - sum(timings.values())
+    stage_done()
     summary = write_report(output, settings, foundation, results, timings, export_checkpoint_to=export_checkpoint,
                            export_demo_to=export_demo)
+    stage_done()
+    bar.close()
     logger.info("done in %.0f s; results in %s", time.time() - start, os.path.join(output, "results.md"))
     return summary

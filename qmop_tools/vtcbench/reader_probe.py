@@ -240,7 +240,7 @@ def main(argv=None):
     for part in ("data", "foundation/clip", "foundation/llm", "foundation/processor"):
         if not os.path.isdir(os.path.join(args.output, part)):
             parser.error(f"{os.path.join(args.output, part)} is missing: build the data and foundation first "
-                         "(python -m qmop_tools.vtcbench --output ... builds them)")
+                         "(qmop vtcbench --output ... builds them)")
     settings = ProbeSettings(**{name: getattr(args, name) for name in asdict(ProbeSettings())})
     logging.basicConfig(format="%(asctime)s %(name)s %(message)s", level=logging.INFO, stream=sys.stdout)
     logging.getLogger("transformers").setLevel(logging.WARNING)

@@ -557,7 +557,7 @@ def model_card(settings, table, summary, md_lines) -> str:
         "# qmop-tiny: a QMoP-LLaVA trained on the mini VTCBench",
         "",
         f"A tiny QMoP-LLaVA ({settings.budget} visual tokens of 576, three branches, query-guided router) trained in two "
-        "stages on procedurally generated pictures (`python -m qmop_tools.vtcbench`), to answer short questions "
+        "stages on procedurally generated pictures (`qmop vtcbench`), to answer short questions "
         "about such pictures: background colour, the letter on the tag, which half the cross is in, how many "
         "shapes there are, background texture. It knows nothing else. Test accuracy per dimension: "
         + ", ".join(f"{d} {100 * v:.1f}% (chance {100 * CHANCE[d]:.1f}%)" for d, v in best["per_dimension"].items())

@@ -1,6 +1,6 @@
 """Router diagnostic: does the Query Guided Router read the question, or only the picture?
 
-    python -m qmop_tools.vtcbench.router_diagnostics --model DIR --data JSON --image-folder DIR \
+    qmop router --model DIR --data JSON --image-folder DIR \
         [--pictures 100] [--questions N] [--type-field dimension] [--output out.json] [--markdown out.md] [--quiet]
 
 For a grid of P pictures × Q questions the router is evaluated on every (picture, question) cell without running the
@@ -599,7 +599,7 @@ def _is_hub_id(name: str) -> bool:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m qmop_tools.vtcbench.router_diagnostics",
+        prog="qmop router",
         description="How much of the QMoP router's decision comes from the question, how much from the picture: "
         "variance shares, routed branch per question type, saturation, mutual information, flip rates.",
     )

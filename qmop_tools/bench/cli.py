@@ -1,8 +1,10 @@
-"""python -m qmop_tools.bench --preset cpu --output outputs/bench   (see docs/benchmark.md)"""
+"""qmop bench --preset cpu --output outputs/bench   (GPU: --preset 7b --device cuda [--quantization nf4]; see
+docs/benchmark.md). The measuring is in runner.py, the report in report.py."""
 
 import argparse
 
 from qmop_tools.checks import check_output_folder
+from qmop_tools.progress import library_bars
 
 from .report import write_outputs
 from .runner import BenchSettings, run_benchmark
@@ -10,6 +12,7 @@ from .runner import BenchSettings, run_benchmark
 
 def parse_args(argv=None) -> BenchSettings:
     parser = argparse.ArgumentParser(
+        prog="qmop bench",
         description="QMoP-LLaVA vs LLaVA-1.5 side by side: prefill FLOPs (counted and analytic), KV cache, time to "
                     "first token, decode tokens/s, peak memory, largest batch in a memory budget.")
     parser.add_argument("--preset", default="cpu", choices=["7b", "cpu", "smoke"])
@@ -42,15 +45,17 @@ def parse_args(argv=None) -> BenchSettings:
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of that comparison")
     parser.add_argument("--output", default="outputs/bench", help="folder for efficiency.{md,json,png}")
     parser.add_argument("--no-plot", dest="plot", action="store_false")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or step lines; only the report")
     args = vars(parser.parse_args(argv))
-    output, plot = args.pop("output"), args.pop("plot")
-    return BenchSettings(**args), output, plot
+    output, plot, quiet = args.pop("output"), args.pop("plot"), args.pop("quiet")
+    return BenchSettings(**args), output, plot, quiet
 
 
 def main(argv=None):
-    settings, output, plot = parse_args(argv)
+    settings, output, plot, quiet = parse_args(argv)
     check_output_folder(output, "--output")  # before hours of measuring, not after
-    results = run_benchmark(settings)
+    with library_bars(enabled=not quiet):
+        results = run_benchmark(settings, log=(lambda line: None) if quiet else print, quiet=quiet)
     paths = write_outputs(results, output, plot=plot)
     with open(paths["markdown"]) as file:
         print(file.read())

@@ -1,9 +1,11 @@
-"""python -m qmop_tools.vtcbench: the mini VTCBench from nothing to results (see `pipeline.py`)."""
+"""qmop vtcbench: the mini VTCBench from nothing to results (see `pipeline.py`)."""
 
 import argparse
 import logging
 import math
 import sys
+
+from qmop_tools.progress import library_bars
 
 from .experiment import ACCEPTANCE_VARIANTS, EXPORTABLE, VARIANTS, Settings
 from .pipeline import run
@@ -12,7 +14,7 @@ from .pipeline import run
 def parse(argv=None) -> tuple:
     """(arguments, Settings) of the command line, checked."""
     parser = argparse.ArgumentParser(
-        prog="python -m qmop_tools.vtcbench",
+        prog="qmop vtcbench",
         description="Mini VTCBench: procedural VQA data, tiny CLIP + LLM pre-training, QMoP and its baselines trained "
         "in two stages over several seeds, accuracy per question dimension, a plot and pictures of what was kept.",
     )
@@ -33,6 +35,7 @@ def parse(argv=None) -> tuple:
                         help="copy a test picture the best QMoP run answers right here, with its questions (.json), "
                         "e.g. assets/demo.png")
     parser.add_argument("--fresh", action="store_true", help="delete the output folder first")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars; only warnings and the results table")
     args = parser.parse_args(argv)
     if args.acceptance and (args.smoke or args.variants):
         parser.error("--acceptance picks the variants itself: drop --smoke / --variants")
@@ -54,11 +57,13 @@ def parse(argv=None) -> tuple:
 
 def main(argv=None):
     args, settings = parse(argv)
-    logging.basicConfig(format="%(asctime)s %(name)s %(message)s", level=logging.INFO, stream=sys.stdout)
+    logging.basicConfig(format="%(asctime)s %(name)s %(message)s", level=logging.WARNING if args.quiet else logging.INFO,
+                        stream=sys.stdout)
     logging.getLogger("transformers").setLevel(logging.WARNING)
     logging.getLogger("qmop_tools.train").setLevel(logging.WARNING)
-    summary = run(args.output, settings, fresh=args.fresh, export_checkpoint=args.export_checkpoint,
-                  export_demo=args.export_demo_image)
+    with library_bars(enabled=not args.quiet):
+        summary = run(args.output, settings, fresh=args.fresh, export_checkpoint=args.export_checkpoint,
+                      export_demo=args.export_demo_image, quiet=args.quiet)
     print(open(f"{args.output}/results.md").read())
     return summary
 
