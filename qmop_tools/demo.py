@@ -27,7 +27,7 @@ def default_model() -> tuple[str, bool]:
     if os.path.exists(os.path.join(BUNDLED_CHECKPOINT, "config.json")):
         return BUNDLED_CHECKPOINT, True
     if not os.path.exists(os.path.join(RANDOM_TINY_CHECKPOINT, "config.json")):
-        from conversion.tiny import save_tiny_checkpoint
+        from qmop_tools.testing.tiny import save_tiny_checkpoint
 
         save_tiny_checkpoint(RANDOM_TINY_CHECKPOINT, num_visual_tokens=16)
     return RANDOM_TINY_CHECKPOINT, False

@@ -29,7 +29,7 @@ def build_random_checkpoint(preset: str, folder: str, dtype=torch.bfloat16) -> s
     import sys
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from conversion.tiny import build_config, build_processor
+    from qmop_tools.testing.tiny import build_config, build_processor
 
     from configuration_qmop import QMoPConfig
     from modeling_qmop import QMoPForConditionalGeneration

@@ -51,7 +51,7 @@ def fake_hub():
 @pytest.fixture(scope="session")
 def tiny():
     """(model, processor): tiny random QMoP-LLaVA, all three branches, budget 16 of 64 patches (eval mode)."""
-    from conversion.tiny import build_tiny
+    from qmop_tools.testing.tiny import build_tiny
 
     return build_tiny(num_visual_tokens=16)
 
@@ -59,7 +59,7 @@ def tiny():
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A saved tiny checkpoint folder (weights, config, processor, code), built once per session."""
-    from conversion.tiny import save_tiny_checkpoint
+    from qmop_tools.testing.tiny import save_tiny_checkpoint
 
     return save_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "qmop-tiny-ckpt"), num_visual_tokens=16)
 

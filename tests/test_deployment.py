@@ -104,7 +104,7 @@ def _bnb_config(**kwargs):
 @pytest.fixture(scope="module")
 def bnb_checkpoint(tmp_path_factory):
     """Width 64: bitsandbytes' CPU 4-bit kernels fail on the 32-wide tiny model's 32->16 projections."""
-    from conversion.tiny import save_tiny_checkpoint
+    from qmop_tools.testing.tiny import save_tiny_checkpoint
 
     return save_tiny_checkpoint(str(tmp_path_factory.mktemp("bnb") / "qmop-tiny-bnb"), num_visual_tokens=16, width=64)
 

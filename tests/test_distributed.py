@@ -15,7 +15,7 @@ from conftest import REPO_ROOT
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
-from conversion.tiny import build_tiny, save_tiny_checkpoint
+from qmop_tools.testing.tiny import build_tiny, save_tiny_checkpoint
 from test_training import BUDGET, free_port, write_dataset
 
 DRIVER = os.path.join(REPO_ROOT, "tests", "distributed_train_driver.py")

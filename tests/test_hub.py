@@ -66,7 +66,7 @@ def test_checkpoint_loads_in_the_other_transformers_version(tiny_checkpoint):
 
 
 def test_push_to_fake_hub_and_reload(fake_hub):
-    from conversion.tiny import build_tiny
+    from qmop_tools.testing.tiny import build_tiny
 
     model, processor = build_tiny(num_visual_tokens=16, seed=3)
     repo = "me/qmop-tiny-push"
@@ -83,7 +83,7 @@ def test_push_to_fake_hub_and_reload(fake_hub):
 
 
 def test_save_pretrained_push_to_hub_flag(fake_hub, tmp_path):
-    from conversion.tiny import build_tiny
+    from qmop_tools.testing.tiny import build_tiny
 
     _, processor = build_tiny(num_visual_tokens=16)
     processor.save_pretrained(tmp_path / "proc", push_to_hub=True, repo_id="me/qmop-proc-only", token="fake-token")

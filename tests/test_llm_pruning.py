@@ -11,7 +11,7 @@ import torch
 from conftest import make_image
 
 from configuration_qmop import QMoPConfig
-from conversion.tiny import build_config, build_model, build_processor, save_tiny_checkpoint
+from qmop_tools.testing.tiny import build_config, build_model, build_processor, save_tiny_checkpoint
 from modeling_qmop import QMoPForConditionalGeneration
 
 PROMPTS = [

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from conversion.tiny import build_tiny
+from qmop_tools.testing.tiny import build_tiny
 from modeling_qmop import QMoPForConditionalGeneration, pool_patch_grid, router_temperature_at
 
 PROMPT = "USER: <image>\nWhat colour is the circle? ASSISTANT:"
@@ -375,7 +375,7 @@ def test_bfloat16_model_runs(image):
 
 
 def test_qwen2_language_model(image):
-    from conversion.tiny import build_config, build_model, build_processor
+    from qmop_tools.testing.tiny import build_config, build_model, build_processor
 
     processor = build_processor(num_visual_tokens=16)
     config = build_config(processor)

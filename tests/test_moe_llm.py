@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import make_image
-from conversion.tiny import TINY_MOE, build_config, build_model, build_processor
+from qmop_tools.testing.tiny import TINY_MOE, build_config, build_model, build_processor
 
 PROMPT = "USER: <image>\nWhat is it? ASSISTANT:"
 
@@ -133,7 +133,7 @@ def test_4bit_quantizes_the_moe_language_model_only(model_type, tmp_path):
     """Width 64 (bitsandbytes' CPU 4-bit kernels fail on narrower projections, as in test_deployment.py)."""
     from transformers import BitsAndBytesConfig
 
-    from conversion.tiny import save_pretrained_atomically
+    from qmop_tools.files import save_pretrained_atomically
     from modeling_qmop import QMoPForConditionalGeneration
 
     import transformers

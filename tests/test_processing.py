@@ -12,7 +12,7 @@ PROMPT = "USER: <image>\nWhat colour is the circle? ASSISTANT:"
 
 @pytest.fixture(scope="module")
 def processor():
-    from conversion.tiny import build_processor
+    from qmop_tools.testing.tiny import build_processor
 
     return build_processor(num_visual_tokens=16)
 
@@ -169,7 +169,7 @@ def test_save_and_load_round_trip(processor, image, tmp_path):
 
 
 def test_processor_needs_image_token():
-    from conversion.tiny import build_processor
+    from qmop_tools.testing.tiny import build_processor
 
     base = build_processor()
     with pytest.raises(ValueError, match="image placeholder"):

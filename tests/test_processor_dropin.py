@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import make_image
 
-from conversion.tiny import build_processor
+from qmop_tools.testing.tiny import build_processor
 from processing_qmop import QMoPProcessor
 
 PROMPT = "USER: <image>\nWhat colour is the circle? ASSISTANT:"

@@ -17,7 +17,7 @@ from conftest import make_image
 from PIL import Image
 
 from configuration_qmop import QMoPConfig
-from conversion.tiny import build_config, build_processor
+from qmop_tools.testing.tiny import build_config, build_processor
 from modeling_qmop import QMoPForConditionalGeneration
 
 PROMPT = "USER: <image>\nWhat is shown? ASSISTANT:"
@@ -436,7 +436,7 @@ def test_processor_folder_without_any_config(tiny_checkpoint, tmp_path):
 def test_offloaded_vision_tower_generates_the_same_tokens(tmp_path, settings):
     """The pruning scores use the feature layer's q/k through hooked module calls, so a vision tower on disk works
     (before: "Keep model.vision_tower on a device")."""
-    from conversion.tiny import save_tiny_checkpoint
+    from qmop_tools.testing.tiny import save_tiny_checkpoint
     from processing_qmop import QMoPProcessor
 
     folder = save_tiny_checkpoint(str(tmp_path / "ckpt"), num_visual_tokens=BUDGET, **settings)
@@ -456,7 +456,7 @@ def test_offloaded_vision_tower_generates_the_same_tokens(tmp_path, settings):
 def test_4bit_cpu_save_before_any_forward_keeps_outputs(tmp_path):
     """The README's upstream note: on CPU, saving after a forward changes a 4-bit model's outputs (bitsandbytes
     repacks the weights lossily); saving right after loading does not."""
-    from conversion.tiny import save_tiny_checkpoint
+    from qmop_tools.testing.tiny import save_tiny_checkpoint
     from processing_qmop import QMoPProcessor
 
     folder = save_tiny_checkpoint(str(tmp_path / "ckpt"), num_visual_tokens=BUDGET, width=64)  # CPU kernels need >32

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import make_image
 
-from conversion.tiny import build_tiny
+from qmop_tools.testing.tiny import build_tiny
 from qmop_tools.vtcbench import router_diagnostics as rd
 
 QUESTIONS = [

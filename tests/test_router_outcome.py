@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_image
-from conversion.tiny import build_tiny
+from qmop_tools.testing.tiny import build_tiny
 from modeling_qmop import QueryGuidedRouter, outcome_regression_loss, per_sample_lm_loss
 from qmop_tools.train.trainer import router_loss
 

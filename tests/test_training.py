@@ -14,7 +14,7 @@ from conftest import REPO_ROOT, make_image
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from conversion.tiny import build_processor, save_tiny_checkpoint
+from qmop_tools.testing.tiny import build_processor, save_tiny_checkpoint
 from qmop_tools.train import IGNORE_INDEX, LazyLLaVADataset, QMoPDataCollator, main, parse_conversations
 
 BUDGET = 4  # visual tokens per image: short sequences keep every run fast

@@ -1,5 +1,5 @@
 """transformers' own common processor tests (ProcessorTesterMixin) against QMoPProcessor, with the tiny components of
-conversion/tiny.py. The mixin comes from the installed release's source distribution (tests/transformers_tests.py).
+qmop_tools/testing/tiny.py. The mixin comes from the installed release's source distribution (tests/transformers_tests.py).
 
 Every test the mixin holds runs unless listed below with its reason.
 """
@@ -12,7 +12,7 @@ import unittest
 
 from transformers import AutoImageProcessor, AutoTokenizer
 
-from conversion.tiny import build_processor
+from qmop_tools.testing.tiny import build_processor
 from processing_qmop import QUERY_TOKENIZER_SUBFOLDER, QMoPProcessor
 from transformers_tests import load_transformers_tests
 

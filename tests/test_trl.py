@@ -9,7 +9,7 @@ from conftest import make_image
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from conversion.tiny import build_config, build_model, build_processor
+from qmop_tools.testing.tiny import build_config, build_model, build_processor
 from modeling_qmop import TRANSFORMERS_V5, router_temperature_at
 from qmop_tools.train import configure_trainable, get_template, lora_target_pattern, router_loss
 from qmop_tools.train.sft import QMoPSFTTrainer

@@ -111,7 +111,7 @@ def _runs(num_requests: int) -> list:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Checkpoints, images and the vLLM outputs of every offline case (one child process)."""
-    from conversion.tiny import save_tiny_checkpoint
+    from qmop_tools.testing.tiny import save_tiny_checkpoint
 
     work = tmp_path_factory.mktemp("vllm")
     images = str(work / "images")
@@ -122,7 +122,7 @@ def setup(tmp_path_factory):
     llm_pruned = save_tiny_checkpoint(str(work / "llm_pruning"), **TINY, **LLM_PRUNING)
     if OTHER_PYTHON:  # saved by the other transformers version (4.57 when this run is on 5.x)
         folder = str(work / "saved_by_other_version")
-        code = f"from conversion.tiny import save_tiny_checkpoint; save_tiny_checkpoint({folder!r}, **{TINY!r})"
+        code = f"from qmop_tools.testing.tiny import save_tiny_checkpoint; save_tiny_checkpoint({folder!r}, **{TINY!r})"
         subprocess.run([OTHER_PYTHON, "-c", code], cwd=REPO_ROOT, check=True, capture_output=True, timeout=300)
         checkpoints["saved_by_other_version"] = folder
     checkpoints["bundled"] = shutil.copytree(os.path.join(REPO_ROOT, "checkpoints", "qmop-tiny"), str(work / "bundled"))

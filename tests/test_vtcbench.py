@@ -88,7 +88,7 @@ def test_normalise_answer():
 
 
 def test_feature_cache_is_exact():
-    from conversion.tiny import build_tiny
+    from qmop_tools.testing.tiny import build_tiny
 
     model, processor = build_tiny()  # its own model: the cache patches the instance
     inputs = processor(images=[make_image(seed=0), make_image(seed=1)], text=["<image>\nwhat?", "<image>\nwhy?"],

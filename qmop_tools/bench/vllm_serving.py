@@ -33,8 +33,9 @@ QUESTIONS = ["What is in the picture?", "How many objects are there?", "What col
 
 def build_serving_checkpoint(output: str, preset: str = "cpu", seed: int = 0) -> str:
     """A complete random checkpoint folder (weights, config, processor, code) with `preset`'s shapes, at the largest
-    budget, and the tiny local tokenizers of conversion.tiny (the LLM's vocabulary is theirs)."""
-    from conversion.tiny import build_model, build_processor, save_pretrained_atomically
+    budget, and the tiny local tokenizers of qmop_tools.testing.tiny (the LLM's vocabulary is theirs)."""
+    from qmop_tools.files import save_pretrained_atomically
+    from qmop_tools.testing.tiny import build_model, build_processor
     from transformers import CLIPTextConfig, CLIPVisionConfig, LlamaConfig
 
     from configuration_qmop import QMoPConfig

@@ -377,7 +377,7 @@ def write_dataset(output_dir: str, sizes: dict, seed: int = 0) -> dict:
     """Write images/{split}/NNNNN.png and, per split, `{split}.json` (scenes, questions, captions) plus the LLaVA
     training files `{split}_captions.json` (stage 1) and `{split}_vqa.json` (stage 2). Written to a temporary folder
     and moved into place. Returns {split: number of images}."""
-    from conversion.tiny import atomic_folder
+    from qmop_tools.files import atomic_folder
 
     with atomic_folder(output_dir) as tmp:
         for split, size in sizes.items():
@@ -420,7 +420,7 @@ def write_downsampled(data_dir: str, folder: str, side: int) -> None:
     IMAGE_SIZE (nearest): the information of a side-pixel picture on the tower's usual grid. With side = 6 * sqrt(M),
     the tower's patches pooled to M tokens carry what M patches of the small picture would (the downsampling baseline
     of VTC-Bench). Written to a temporary folder and moved into place."""
-    from conversion.tiny import atomic_folder
+    from qmop_tools.files import atomic_folder
 
     source = os.path.join(data_dir, "images")
     with atomic_folder(os.path.join(data_dir, folder)) as tmp:

@@ -55,7 +55,8 @@ def prepare_foundation(output: str, settings: Settings, parts=("tokenizers", "la
     recipe does not retrain the LLM, and the language and vision parts can be built by two processes at once):
     "tokenizers" = tokenizers and processor; "language" = the text-pre-trained LLM; "vision" = the CLIP vision tower
     and text encoder (`towers.pretrain_clip`). Train split only."""
-    from conversion.tiny import build_processor, save_pretrained_atomically
+    from qmop_tools.files import save_pretrained_atomically
+    from qmop_tools.testing.tiny import build_processor
 
     from .data import DATA_VERSION, IMAGE_SIZE, PATCH_SIZE, corpus, generate_split
     from .towers import FOUNDATION_RECIPE, TowerShapes, pretrain_clip, pretrain_llm, tower_probe_report

@@ -6,7 +6,7 @@ import os
 import shutil
 import statistics
 
-from conversion.tiny import atomic_folder
+from qmop_tools.files import atomic_folder
 from qmop_tools.bench.report import write_atomic
 
 from .data import CHANCE, DIMENSIONS

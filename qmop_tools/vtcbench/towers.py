@@ -1,6 +1,6 @@
 """The mini VTCBench's frozen foundation, trained here because no weights can be downloaded.
 
-- Tokenizers (LLM and CLIP-style) trained on the dataset's text (`conversion.tiny.build_processor(corpus=...)`).
+- Tokenizers (LLM and CLIP-style) trained on the dataset's text (`qmop_tools.testing.tiny.build_processor(corpus=...)`).
 - A tiny CLIP (ViT on the 24 x 24 patch grid + text transformer) pre-trained on the train split, then frozen: its
   vision tower becomes QMoP's vision tower, its text transformer the router's text encoder, as QMoP freezes OpenAI's
   CLIP. Three losses, each standing in for a property real CLIP has and a 300-step contrastive run does not
@@ -334,7 +334,8 @@ def pretrain_llm(tokenizer, lines: list, shapes: TowerShapes, steps: int, batch_
 def base_checkpoint(output: str, processor, clip: CLIPModel, llm: LlamaForCausalLM, seed: int, **qmop_settings) -> str:
     """A QMoP-LLaVA folder: the frozen CLIP towers and the pre-trained LLM, a projector initialised with `seed`."""
     from configuration_qmop import QMoPConfig
-    from conversion.tiny import build_model, save_pretrained_atomically
+    from qmop_tools.files import save_pretrained_atomically
+    from qmop_tools.testing.tiny import build_model
 
     config = QMoPConfig(
         vision_config=clip.config.vision_config.to_dict(),

@@ -1,6 +1,6 @@
 """Tiny QMoP-LLaVA checkpoints built locally (nothing is downloaded): for tests and the demo.
 
-    python -m conversion.tiny --output /tmp/qmop-tiny [--num-visual-tokens 16] [--branches pooling pruning]
+    qmop tiny --output /tmp/qmop-tiny [--num-visual-tokens 16] [--branches pooling pruning]
 
 Tokenizers are byte-level BPE models trained in milliseconds on a small built-in corpus: an LLM tokenizer with
 `<s>`, `</s>`, `<unk>`, `<pad>` and `<image>`, and a CLIP-style query tokenizer (`<|startoftext|>`,
@@ -9,13 +9,10 @@ CLIP text and Llama, all 32 wide with 2 layers.
 """
 
 import argparse
-import contextlib
 import os
-import shutil
 import sys
-import tempfile
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
@@ -26,6 +23,7 @@ from transformers import AutoConfig, CLIPImageProcessor, CLIPTextConfig, CLIPVis
 from configuration_qmop import QMoPConfig  # noqa: E402
 from modeling_qmop import QMoPForConditionalGeneration  # noqa: E402
 from processing_qmop import QMoPProcessor  # noqa: E402
+from qmop_tools.files import save_pretrained_atomically  # noqa: E402
 
 CORPUS = """
 a chat between a curious user and an artificial intelligence assistant. the assistant gives helpful answers.
@@ -177,32 +175,6 @@ def build_tiny(num_visual_tokens: int = 16, seed: int = 0, processor_kwargs=None
     return build_model(build_config(processor, **config_kwargs), seed=seed), processor
 
 
-@contextlib.contextmanager
-def atomic_folder(output: str):
-    """Yield a temporary folder beside `output`; when the block succeeds it replaces `output`, otherwise it is
-    removed. Nothing half-written ever stands at `output`."""
-    output = os.path.abspath(output)
-    parent = os.path.dirname(output)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(output)}.tmp-")
-    try:
-        yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes the folder private; the result is an ordinary folder
-        if os.path.exists(output):
-            shutil.rmtree(output)
-        os.replace(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def save_pretrained_atomically(output: str, *objects) -> str:
-    """`save_pretrained` every object (model, processor, config...) into one folder, atomically."""
-    with atomic_folder(output) as tmp:
-        for obj in objects:
-            obj.save_pretrained(tmp)
-    return os.path.abspath(output)
-
-
 def save_tiny_checkpoint(output: str, **kwargs) -> str:
     """Write a complete checkpoint folder (weights, config, processor, code) atomically."""
     model, processor = build_tiny(**kwargs)
@@ -210,7 +182,7 @@ def save_tiny_checkpoint(output: str, **kwargs) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="qmop tiny", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True)
     parser.add_argument("--num-visual-tokens", type=int, default=16)
     parser.add_argument("--branches", nargs="+", default=["pooling", "resampler", "pruning"])
