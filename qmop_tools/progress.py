@@ -17,13 +17,17 @@ def progress_bar(iterable=None, *, desc: str, total=None, unit: str = "it", quie
 
 
 @contextlib.contextmanager
-def library_bars(enabled: bool):
-    """transformers' own bars (loading weights, ...) on or off for the block, as they were afterwards."""
+def library_bars(quiet: bool):
+    """The same policy for transformers' own bars (loading weights, writing shards...), which do not look for a
+    terminal themselves: off for the block under `quiet` or when stderr is not a terminal, then as they were;
+    otherwise left as the user set them."""
     from transformers.utils import logging as hf_logging
 
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    if not (quiet or not sys.stderr.isatty()) or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
-        (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()
+        hf_logging.enable_progress_bar()

@@ -1,11 +1,17 @@
-"""conversion/llava_to_qmop.py: tiny LLaVA-1.5 checkpoints (built with transformers' own LlavaForConditionalGeneration
+"""The converter (conversion/): tiny LLaVA-1.5 checkpoints (built with transformers' own LlavaForConditionalGeneration
 and CLIPModel) in the llava-hf and the original layouts are converted, verified, reloaded, interrupted and pushed."""
 
+import fcntl
 import json
 import os
+import pty
+import re
 import signal
+import struct
 import subprocess
 import sys
+import termios
+import threading
 import time
 
 import pytest
@@ -13,8 +19,13 @@ import torch
 
 from conftest import REPO_ROOT
 
-from conversion import llava_to_qmop as conv
-from conversion.tiny import _train_bpe, build_config, build_processor
+from conversion import DEFAULT_ATOL, ConversionError, ConversionSettings, convert
+from conversion.assemble import assemble_qmop
+from conversion.converter import PAUSE_ENV
+from conversion.keys import CLIP_TEXT_RULES, LLAVA_HF_RULES, ORIGINAL_RULES, KeyRule, expert_keys, map_key, map_keys
+from conversion.sources import LLAVA_HF, ORIGINAL
+from qmop_tools.testing.tiny import _train_bpe, build_config, build_processor
+from conversion.verify import verification_image
 
 NUM_PATCHES = 64  # tiny CLIP: 48 px, patch 6
 
@@ -106,7 +117,7 @@ def _settings(src, name, **kwargs):
     values = dict(llava=src["hf_dir"], clip=src["clip_dir"], output=str(src["root"] / "out" / name), dtype="float32",
                   max_shard_size="100KB", verify_new_tokens=4)
     values.update(kwargs)
-    return conv.ConversionSettings(**values)
+    return ConversionSettings(**values)
 
 
 def _reload(folder):
@@ -127,7 +138,7 @@ def test_rules_map_every_layout_and_reject_unknown_keys():
         "language_model.lm_head.weight": "lm_head.weight",
         "vision_tower.vision_model.embeddings.position_ids": None,
     }
-    assert conv.map_keys(hf_keys, conv.LLAVA_HF_RULES, "llava-hf") == hf_keys
+    assert map_keys(hf_keys, LLAVA_HF_RULES, "llava-hf") == hf_keys
     original = {
         "model.layers.0.self_attn.rotary_emb.inv_freq": None,
         "model.layers.10.mlp.up_proj.weight": "model.language_model.layers.10.mlp.up_proj.weight",
@@ -135,19 +146,19 @@ def test_rules_map_every_layout_and_reject_unknown_keys():
         "model.mm_projector.2.bias": "@projector.linear_2.bias",
         "model.vision_tower.vision_tower.vision_model.post_layernorm.bias": "model.vision_tower.post_layernorm.bias",
     }
-    assert conv.map_keys(original, conv.ORIGINAL_RULES, "original") == original
+    assert map_keys(original, ORIGINAL_RULES, "original") == original
     clip = {"text_model.final_layer_norm.weight": "model.text_encoder.final_layer_norm.weight",
             "encoder.layers.1.mlp.fc2.bias": "model.text_encoder.encoder.layers.1.mlp.fc2.bias", "logit_scale": None}
-    assert conv.map_keys(clip, conv.CLIP_TEXT_RULES, "clip") == clip
-    assert conv.expert_keys("@projector.linear_1.weight", ["pooling", "pruning"]) == [
+    assert map_keys(clip, CLIP_TEXT_RULES, "clip") == clip
+    assert expert_keys("@projector.linear_1.weight", ["pooling", "pruning"]) == [
         "model.projector.pooling_branch.expert.linear_1.weight", "model.projector.pruning_branch.expert.linear_1.weight"]
 
-    with pytest.raises(conv.ConversionError, match="2 key.*model.mm_projector.1.weight.*xlm.layers.0"):
-        conv.map_keys(["model.mm_projector.1.weight", "xlm.layers.0", "lm_head.weight"], conv.ORIGINAL_RULES, "x")
-    with pytest.raises(conv.ConversionError, match="several rules"):
-        conv.map_key("a.b", (conv.KeyRule(r"^a\.(?P<x>.+)$", "{x}"), conv.KeyRule(r"^a\.b$", None)))
+    with pytest.raises(ConversionError, match="2 key.*model.mm_projector.1.weight.*xlm.layers.0"):
+        map_keys(["model.mm_projector.1.weight", "xlm.layers.0", "lm_head.weight"], ORIGINAL_RULES, "x")
+    with pytest.raises(ConversionError, match="several rules"):
+        map_key("a.b", (KeyRule(r"^a\.(?P<x>.+)$", "{x}"), KeyRule(r"^a\.b$", None)))
     with pytest.raises(ValueError, match="anchored"):
-        conv.KeyRule(r"model\.", None)
+        KeyRule(r"model\.", None)
 
 
 def test_strict_load_reports_every_missing_and_unexpected_key(sources):
@@ -155,8 +166,8 @@ def test_strict_load_reports_every_missing_and_unexpected_key(sources):
     tensors = {f"model.text_encoder.{k}": v for k, v in sources["clip"].text_model.state_dict().items()
                if "position_ids" not in k}
     tensors["model.bogus.weight"] = torch.zeros(1)
-    with pytest.raises(conv.ConversionError) as error:
-        conv.assemble_qmop(qconfig, tensors, torch.float32, seed=0)
+    with pytest.raises(ConversionError) as error:
+        assemble_qmop(qconfig, tensors, torch.float32, seed=0)
     message = str(error.value)
     assert "unexpected (1): model.bogus.weight" in message
     assert "model.language_model.embed_tokens.weight" in message and "lm_head.weight" in message
@@ -169,8 +180,8 @@ def test_convert_llava_hf_layout_matches_llava_and_reloads(sources):
     from transformers import LlavaForConditionalGeneration
 
     settings = _settings(sources, "hf-576-pooling", num_visual_tokens=NUM_PATCHES, branches=("pooling",))
-    report = conv.convert(settings)
-    assert report.layout == conv.LLAVA_HF and report.reference_tokens_equal
+    report = convert(settings)
+    assert report.layout == LLAVA_HF and report.reference_tokens_equal
     assert report.reference_max_abs_diff <= 1e-5 and report.reload_max_abs_diff <= 1e-5
     assert report.fresh_keys == []  # pooling only: nothing QMoP adds is untrained
 
@@ -194,7 +205,7 @@ def test_convert_llava_hf_layout_matches_llava_and_reloads(sources):
 
     # Independent check: the reloaded folder against the llava-hf model the test itself built.
     model, processor = _reload(out)
-    image = conv.verification_image(48)
+    image = verification_image(48)
     inputs = processor(images=image, text="USER: <image>\nWhat colour is the square? ASSISTANT:")
     llava = LlavaForConditionalGeneration.from_pretrained(sources["hf_dir"]).eval()
     with torch.no_grad():
@@ -208,8 +219,8 @@ def test_convert_llava_hf_layout_matches_llava_and_reloads(sources):
 def test_convert_original_layout_adds_image_token_and_compresses(sources):
     settings = _settings(sources, "orig-16-all", llava=sources["orig_dir"], num_visual_tokens=16, dtype="auto",
                          max_shard_size="5GB")
-    report = conv.convert(settings)
-    assert report.layout == conv.ORIGINAL and report.dtype == "float32"
+    report = convert(settings)
+    assert report.layout == ORIGINAL and report.dtype == "float32"
     assert report.reference_max_abs_diff <= 1e-5 and report.reference_tokens_equal and report.reload_max_abs_diff <= 1e-5
     assert any(k.startswith("model.projector.router.") for k in report.fresh_keys)
     assert any(k.startswith("model.projector.resampler_branch.layers.") for k in report.fresh_keys)
@@ -231,33 +242,32 @@ def test_convert_original_layout_adds_image_token_and_compresses(sources):
     torch.testing.assert_close(model.model.vision_tower.encoder.layers[1].mlp.fc1.weight.detach(),
                                clip_vision["encoder.layers.1.mlp.fc1.weight"], rtol=0, atol=0)
 
-    inputs = processor(images=conv.verification_image(48), text="USER: <image>\nWhat is it? ASSISTANT:")
+    inputs = processor(images=verification_image(48), text="USER: <image>\nWhat is it? ASSISTANT:")
     assert int((inputs["input_ids"] == old_vocab).sum()) == 16
     out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
 
 
 def test_bad_inputs_are_named(sources):
-    with pytest.raises(conv.ConversionError, match="neither a llava-hf"):
-        conv.convert(_settings(sources, "bad-1", llava=sources["clip_dir"]))
-    with pytest.raises(conv.ConversionError, match="CLIPModel or CLIPTextModel"):
-        conv.convert(_settings(sources, "bad-2", clip=sources["hf_dir"]))
+    with pytest.raises(ConversionError, match="neither a llava-hf"):
+        convert(_settings(sources, "bad-1", llava=sources["clip_dir"]))
+    with pytest.raises(ConversionError, match="CLIPModel or CLIPTextModel"):
+        convert(_settings(sources, "bad-2", clip=sources["hf_dir"]))
     existing = sources["root"] / "out" / "exists"
     existing.mkdir(parents=True)
-    with pytest.raises(conv.ConversionError, match="already exists"):
-        conv.convert(_settings(sources, "exists"))
+    with pytest.raises(ConversionError, match="already exists"):
+        convert(_settings(sources, "exists"))
     with pytest.raises(ValueError, match="perfect square"):
-        conv.convert(_settings(sources, "bad-3", num_visual_tokens=15))
+        convert(_settings(sources, "bad-3", num_visual_tokens=15))
 
 
 def test_killed_conversion_leaves_no_complete_output(sources):
     parent = sources["root"] / "killed"
-    script = os.path.join(REPO_ROOT, "conversion", "convert_llava_to_qmop.py")
     for stage, sig in (("saved", signal.SIGKILL), ("verified", signal.SIGTERM)):
         output = parent / f"qmop-{stage}"
-        env = dict(os.environ, **{conv.PAUSE_ENV: stage})
+        env = dict(os.environ, **{PAUSE_ENV: stage})
         proc = subprocess.Popen(
-            [sys.executable, script, "--llava", sources["hf_dir"], "--clip", sources["clip_dir"], "--output", str(output),
+            [sys.executable, "-m", "conversion", "--llava", sources["hf_dir"], "--clip", sources["clip_dir"], "--output", str(output),
              "--num-visual-tokens", "16", "--dtype", "float32", "--verify-new-tokens", "2"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO_ROOT,
         )
@@ -282,11 +292,56 @@ def test_killed_conversion_leaves_no_complete_output(sources):
             assert not [p for p in os.listdir(parent) if f"qmop-{stage}.incomplete-" in p]
 
 
+def _read_all(fd: int, chunks: list) -> None:
+    """Read a pseudo-terminal until its other end is closed (Linux raises EIO then)."""
+    while True:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            return
+        if not data:
+            return
+        chunks.append(data)
+
+
+@pytest.mark.parametrize("quiet", [False, True], ids=["terminal", "quiet"])
+def test_progress_goes_to_stderr_and_quiet_silences_it(sources, quiet):
+    """With stderr on a terminal, `qmop convert` writes step lines and progress bars there (reading the tensors,
+    transformers' loading and saving) and nothing of them to stdout; with --quiet there are none at all."""
+    primary, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # 24 rows, 120 columns
+    output = sources["root"] / "out" / f"progress-{'quiet' if quiet else 'terminal'}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "conversion", "--llava", sources["hf_dir"], "--clip", sources["clip_dir"],
+         "--output", str(output), "--num-visual-tokens", "16", "--dtype", "float32", "--verify-new-tokens", "2",
+         *(["--quiet"] if quiet else [])],
+        stdout=subprocess.PIPE, stderr=terminal, text=True, cwd=REPO_ROOT,
+    )
+    os.close(terminal)
+    chunks = []
+    reader = threading.Thread(target=_read_all, args=(primary, chunks))
+    reader.start()
+    stdout, _ = proc.communicate(timeout=300)
+    reader.join(timeout=60)
+    os.close(primary)
+    stderr = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, stderr[-3000:]
+    bar = re.compile(r"\d+%\|")  # tqdm's "100%|█████| 30/30"
+    assert "reference check" in stdout and f"wrote {output}" in stdout
+    assert not bar.search(stdout) and "step 1/" not in stdout
+    if quiet:
+        assert not bar.search(stderr) and "step " not in stderr, stderr
+    else:
+        assert "step 1/7: " in stderr and "step 7/7: reload check" in stderr, stderr
+        assert re.search(r"reading LLaVA \(llava-hf\): +100%\|", stderr), stderr
+        assert re.search(r"reading CLIP: +100%\|", stderr), stderr
+
+
 def test_push_to_fake_hub_and_reload_uploaded_copy(sources, fake_hub):
     settings = _settings(sources, "pushed", num_visual_tokens=16, branches=("pooling", "pruning"),
                          push_to_hub="me/qmop-tiny-converted", token="x", private=True,
                          base_model="llava-hf/llava-1.5-7b-hf")
-    report = conv.convert(settings)
+    report = convert(settings)
     assert report.pushed_to == "me/qmop-tiny-converted"
     uploaded = os.path.join(fake_hub.store, "me", "qmop-tiny-converted")
     assert set(os.listdir(report.output)) <= set(os.listdir(uploaded))
@@ -295,7 +350,7 @@ def test_push_to_fake_hub_and_reload_uploaded_copy(sources, fake_hub):
     assert "--branches pooling pruning" in card
     model, processor = _reload(uploaded)
     assert model.config.branches == ["pooling", "pruning"]
-    inputs = processor(images=conv.verification_image(48), text="USER: <image>\nWhere is the dog? ASSISTANT:")
+    inputs = processor(images=verification_image(48), text="USER: <image>\nWhere is the dog? ASSISTANT:")
     out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
 
@@ -308,19 +363,19 @@ def test_convert_real_llava_1_5_7b(llava, tmp_path):
     """Network + about 16 GB of RAM (a GPU makes the seven verification forwards fast): the 7B conversion at M=576,
     pooling only, must reproduce LLaVA in float16 within the default half-precision tolerance."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    settings = conv.ConversionSettings(
+    settings = ConversionSettings(
         llava=llava, clip=os.environ.get("QMOP_CLIP", "openai/clip-vit-large-patch14-336"), output=str(tmp_path / "qmop"),
         num_visual_tokens=576, branches=("pooling",), dtype="float16", device=device,
     )
-    report = conv.convert(settings)
-    assert report.reference_tokens_equal and report.reference_max_abs_diff <= conv.DEFAULT_ATOL[torch.float16]
-    assert report.reload_max_abs_diff <= conv.DEFAULT_ATOL[torch.float16]
+    report = convert(settings)
+    assert report.reference_tokens_equal and report.reference_max_abs_diff <= DEFAULT_ATOL[torch.float16]
+    assert report.reload_max_abs_diff <= DEFAULT_ATOL[torch.float16]
 
 
 def test_half_precision_conversion_and_cli_arguments(sources):
     from safetensors import safe_open
 
-    from conversion.convert_llava_to_qmop import build_parser
+    from conversion.cli import build_parser
 
     args = build_parser().parse_args(["--llava", "a", "--clip", "b", "--output", "c", "--config-override", "router_top_k=1",
                                       "--config-override", 'pruning_score="question_relevance"', "--no-pad-to-square"])
@@ -334,9 +389,9 @@ def test_half_precision_conversion_and_cli_arguments(sources):
                          overwrite=True)
     os.makedirs(settings.output)
     open(os.path.join(settings.output, "stale.txt"), "w").close()
-    report = conv.convert(settings)
+    report = convert(settings)
     assert not os.path.exists(os.path.join(report.output, "stale.txt"))  # --overwrite replaced the old folder
-    assert report.dtype == "bfloat16" and report.reference_max_abs_diff <= conv.DEFAULT_ATOL[torch.bfloat16]
+    assert report.dtype == "bfloat16" and report.reference_max_abs_diff <= DEFAULT_ATOL[torch.bfloat16]
     assert any(".question_proj." in k for k in report.fresh_keys)
     with safe_open(os.path.join(report.output, "model.safetensors"), "pt") as f:
         assert f.get_tensor("model.projector.router.linear_1.weight").dtype == torch.bfloat16

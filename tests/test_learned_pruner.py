@@ -9,7 +9,7 @@ from test_conversion import _settings as conversion_settings
 from test_conversion import sources  # noqa: F401  (the tiny LLaVA + CLIP sources fixture)
 
 from configuration_qmop import QMoPConfig
-from conversion.tiny import build_tiny
+from qmop_tools.testing.tiny import build_tiny
 from modeling_qmop import QMoPForConditionalGeneration
 from qmop_tools.bench import flops as F
 from qmop_tools.bench.measure import adapter_for, count_prefill_flops
@@ -114,11 +114,11 @@ def test_counted_flops_equal_the_analytic_count(recycle):
 def test_conversion_initialises_the_scorer(sources):  # noqa: F811
     from transformers import AutoModelForImageTextToText
 
-    from conversion import llava_to_qmop as conv
+    from conversion import convert
 
     settings = conversion_settings(sources, "learned-pruner", num_visual_tokens=4,
                                    config_overrides=dict(pruning_score="learned"))
-    report = conv.convert(settings)
+    report = convert(settings)
     scorer_keys = sorted(k for k in report.fresh_keys if ".pruning_branch.scorer." in k)
     assert len(scorer_keys) == 3, scorer_keys  # freshly initialised, seeded, and reported as such
     model = AutoModelForImageTextToText.from_pretrained(report.output, trust_remote_code=True)

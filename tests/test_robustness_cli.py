@@ -19,12 +19,12 @@ from safetensors.torch import load_file
 from test_conversion import _settings, sources  # noqa: F401  (module fixture: tiny llava-hf + CLIP folders)
 from test_training import BUDGET, write_dataset
 
-import conversion.llava_to_qmop as conv
-from conversion.tiny import save_tiny_checkpoint
+from conversion import ConversionError, convert, converter
+from qmop_tools.testing.tiny import save_tiny_checkpoint
 from qmop_tools.train import main as train_main
 from qmop_tools.train.resume import checkpoint_problem, last_complete_checkpoint, resolve_resume
 
-CONVERTER = os.path.join(REPO_ROOT, "conversion", "convert_llava_to_qmop.py")
+CONVERTER = [sys.executable, "-m", "conversion"]  # `qmop convert`
 
 
 def _tree(folder):
@@ -56,14 +56,14 @@ def test_output_never_overlaps_a_source(sources, sources_copy, where, fragment):
     output = {"llava": sources_copy, "inside-llava": os.path.join(sources_copy, "qmop"),
               "contains-clip": os.path.dirname(sources["clip_dir"])}[where]
     settings = _settings(sources, "unused", llava=sources_copy, output=output, overwrite=True)
-    _raises(conv.ConversionError, fragment, conv.convert, settings)
+    _raises(ConversionError, fragment, convert, settings)
     assert _tree(sources_copy) == before  # the source is untouched
 
 
 def test_output_through_a_symlink_to_the_source_is_refused(sources, sources_copy, tmp_path):  # noqa: F811
     link = tmp_path / "link-to-source"
     link.symlink_to(sources_copy)
-    _raises(conv.ConversionError, "is the --llava checkpoint", conv.convert,
+    _raises(ConversionError, "is the --llava checkpoint", convert,
             _settings(sources, "unused", llava=sources_copy, output=str(link), overwrite=True))
     assert os.path.isfile(os.path.join(sources_copy, "config.json"))
 
@@ -71,21 +71,21 @@ def test_output_through_a_symlink_to_the_source_is_refused(sources, sources_copy
 @pytest.mark.parametrize(
     "changes, error, fragment",
     [
-        (dict(max_shard_size="5XB"), conv.ConversionError, "--max-shard-size '5XB' is not a size"),
-        (dict(max_shard_size="0GB"), conv.ConversionError, "--max-shard-size '0GB' must be at least 1 byte"),
-        (dict(max_shard_size="GB"), conv.ConversionError, "is not a size"),
-        (dict(config_overrides={"router_topk": 1}), conv.ConversionError, "router_topk: not a QMoPConfig field. Did you mean 'router_top_k'?"),
-        (dict(config_overrides={"colour": 1}), conv.ConversionError, "--config-override colour: not a QMoPConfig field."),
-        (dict(config_overrides={"num_visual_tokens": 4}), conv.ConversionError, "num_visual_tokens: set by the converter from --num-visual-tokens"),
-        (dict(config_overrides={"vision_config": {}}), conv.ConversionError, "vision_config: set by the converter"),
-        (dict(config_overrides={"router_top_k": "1"}), conv.ConversionError, "`router_top_k` must be an integer, got '1'"),
-        (dict(config_overrides={"router_top_k": 5}), conv.ConversionError, "`router_top_k`=5 must be between 1 and"),
-        (dict(config_overrides={"pruning_score": "largest"}), conv.ConversionError, "`pruning_score` must be one of"),
-        (dict(dtype="float64"), conv.ConversionError, "--dtype must be one of"),
+        (dict(max_shard_size="5XB"), ConversionError, "--max-shard-size '5XB' is not a size"),
+        (dict(max_shard_size="0GB"), ConversionError, "--max-shard-size '0GB' must be at least 1 byte"),
+        (dict(max_shard_size="GB"), ConversionError, "is not a size"),
+        (dict(config_overrides={"router_topk": 1}), ConversionError, "router_topk: not a QMoPConfig field. Did you mean 'router_top_k'?"),
+        (dict(config_overrides={"colour": 1}), ConversionError, "--config-override colour: not a QMoPConfig field."),
+        (dict(config_overrides={"num_visual_tokens": 4}), ConversionError, "num_visual_tokens: set by the converter from --num-visual-tokens"),
+        (dict(config_overrides={"vision_config": {}}), ConversionError, "vision_config: set by the converter"),
+        (dict(config_overrides={"router_top_k": "1"}), ConversionError, "`router_top_k` must be an integer, got '1'"),
+        (dict(config_overrides={"router_top_k": 5}), ConversionError, "`router_top_k`=5 must be between 1 and"),
+        (dict(config_overrides={"pruning_score": "largest"}), ConversionError, "`pruning_score` must be one of"),
+        (dict(dtype="float64"), ConversionError, "--dtype must be one of"),
         (dict(num_visual_tokens=0), ValueError, "--num-visual-tokens must be a positive perfect square (e.g. 64, 144), got 0"),
         (dict(num_visual_tokens=15), ValueError, "perfect square"),
-        (dict(verify_new_tokens=0), conv.ConversionError, "--verify-new-tokens must be >= 1"),
-        (dict(atol=-1.0), conv.ConversionError, "--atol must be >= 0"),
+        (dict(verify_new_tokens=0), ConversionError, "--verify-new-tokens must be >= 1"),
+        (dict(atol=-1.0), ConversionError, "--atol must be >= 0"),
     ],
     ids=["shard-unit", "shard-zero", "shard-no-number", "override-misspelt", "override-unknown", "override-budget",
          "override-subconfig", "override-string", "override-top-k", "override-choice", "dtype", "budget-0",
@@ -95,28 +95,28 @@ def test_bad_settings_fail_before_any_work(sources, tmp_path, monkeypatch, chang
     def no_work(*args, **kwargs):
         raise AssertionError("the sources were read before the settings were checked")
 
-    monkeypatch.setattr(conv, "load_sources", no_work)
-    _raises(error, fragment, conv.convert, _settings(sources, "unused", output=str(tmp_path / "out"), **changes))
+    monkeypatch.setattr(converter, "load_sources", no_work)
+    _raises(error, fragment, convert, _settings(sources, "unused", output=str(tmp_path / "out"), **changes))
     assert not (tmp_path / "out").exists()
 
 
 def test_output_below_a_regular_file(sources, tmp_path, monkeypatch):  # noqa: F811
-    monkeypatch.setattr(conv, "load_sources", None)  # never reached
+    monkeypatch.setattr(converter, "load_sources", None)  # never reached
     (tmp_path / "notes.txt").write_text("mine")
-    _raises(conv.ConversionError, "is below " + str(tmp_path / "notes.txt") + ", which is a file", conv.convert,
+    _raises(ConversionError, "is below " + str(tmp_path / "notes.txt") + ", which is a file", convert,
             _settings(sources, "unused", output=str(tmp_path / "notes.txt" / "sub" / "qmop")))
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_existing_file_at_output_is_kept(sources, tmp_path):  # noqa: F811
     (tmp_path / "qmop").write_text("mine")
-    _raises(conv.ConversionError, "already exists; pass --overwrite", conv.convert,
+    _raises(ConversionError, "already exists; pass --overwrite", convert,
             _settings(sources, "unused", output=str(tmp_path / "qmop")))
     assert (tmp_path / "qmop").read_text() == "mine"
 
 
 def test_cli_reports_bad_shard_size_with_status_1(sources, tmp_path, capsys):  # noqa: F811
-    from conversion.convert_llava_to_qmop import main
+    from conversion.cli import main
 
     status = main(["--llava", sources["hf_dir"], "--clip", sources["clip_dir"], "--output", str(tmp_path / "out"),
                    "--max-shard-size", "5XB"])
@@ -126,7 +126,7 @@ def test_cli_reports_bad_shard_size_with_status_1(sources, tmp_path, capsys):  #
 
 
 def test_cli_rejects_a_malformed_override(sources, tmp_path, capsys):  # noqa: F811
-    from conversion.convert_llava_to_qmop import main
+    from conversion.cli import main
 
     with pytest.raises(SystemExit) as raised:
         main(["--llava", sources["hf_dir"], "--clip", sources["clip_dir"], "--output", str(tmp_path / "o"),
@@ -142,7 +142,7 @@ def test_source_without_tokenizer(sources, tmp_path, missing):  # noqa: F811
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"):
         if (folder / name).exists():
             os.remove(folder / name)
-    _raises(conv.ConversionError, f"--{missing} {folder} has no tokenizer", conv.convert,
+    _raises(ConversionError, f"--{missing} {folder} has no tokenizer", convert,
             _settings(sources, "unused", output=str(tmp_path / "out"), **{missing: str(folder)}))
     assert not (tmp_path / "out").exists()
 
@@ -153,7 +153,7 @@ def test_truncated_safetensors_is_named(sources, tmp_path, keep_bytes):  # noqa:
     weights = folder / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[:keep_bytes])
-    _raises(conv.ConversionError, f"{weights} is not a readable weight file (truncated or corrupt?", conv.convert,
+    _raises(ConversionError, f"{weights} is not a readable weight file (truncated or corrupt?", convert,
             _settings(sources, "unused", llava=str(folder), output=str(tmp_path / "out")))
     assert not (tmp_path / "out").exists()
 
@@ -167,8 +167,8 @@ def test_folder_appearing_at_output_during_the_run_is_left_alone(sources, tmp_pa
             output.mkdir()
             (output / "theirs.txt").write_text("not yours")
 
-    monkeypatch.setattr(conv, "_pause_if_requested", another_process_writes_there)
-    _raises(conv.ConversionError, f"--output {output} appeared while converting", conv.convert,
+    monkeypatch.setattr(converter, "_pause_if_requested", another_process_writes_there)
+    _raises(ConversionError, f"--output {output} appeared while converting", convert,
             _settings(sources, "unused", output=str(output), num_visual_tokens=16))
     assert _tree(output) == {"theirs.txt": b"not yours"}
     kept = [p for p in os.listdir(tmp_path) if p.startswith("qmop.converted-")]
@@ -185,10 +185,10 @@ def _default_sigint() -> None:
 
 def _convert_until(sources, output, stage, *extra):  # noqa: F811
     proc = subprocess.Popen(
-        [sys.executable, CONVERTER, "--llava", sources["hf_dir"], "--clip", sources["clip_dir"], "--output", str(output),
+        [*CONVERTER, "--llava", sources["hf_dir"], "--clip", sources["clip_dir"], "--output", str(output),
          "--num-visual-tokens", "16", "--dtype", "float32", "--verify-new-tokens", "2", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT,
-        env=dict(os.environ, **{conv.PAUSE_ENV: stage}), preexec_fn=_default_sigint,
+        env=dict(os.environ, **{converter.PAUSE_ENV: stage}), preexec_fn=_default_sigint,
     )
     lines, deadline = [], time.time() + 180
     while time.time() < deadline:
@@ -314,7 +314,7 @@ def test_incomplete_checkpoints_are_recognised(tmp_path, damage, fragment):
 
 
 def test_string_turns_among_good_samples_are_skipped_and_counted(train_space):
-    from conversion.tiny import build_processor
+    from qmop_tools.testing.tiny import build_processor
     from qmop_tools.train import LazyLLaVADataset
 
     path = train_space["root"] / "mixed.json"
@@ -394,11 +394,7 @@ def test_trainer_killed_while_saving_resumes_from_the_last_complete_checkpoint(t
          "picture-is-folder"],
 )
 def test_demo_arguments_fail_before_loading(train_space, tmp_path, monkeypatch, argv, error, fragment):
-    sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
-    try:
-        import demo as demo_script
-    finally:
-        sys.path.remove(os.path.join(REPO_ROOT, "scripts"))
+    from qmop_tools import demo as demo_script
 
     monkeypatch.setattr(demo_script, "load", None)  # never reached
     _raises(error, fragment, demo_script.main, argv(train_space, tmp_path))
@@ -429,7 +425,7 @@ def test_demo_load_names_a_llava_checkpoint(train_space):
 )
 def test_benchmark_arguments_fail_before_measuring(tmp_path, monkeypatch, argv, fragment):
     import qmop_tools.bench.runner as runner
-    from qmop_tools.bench.__main__ import main
+    from qmop_tools.bench.cli import main
 
     monkeypatch.setattr(runner, "build_llava", None)  # never reached
     paths = {"file": str(tmp_path / "results.json"), "folder": str(tmp_path)}

@@ -13,7 +13,7 @@ from test_conversion import _settings as conversion_settings
 from test_conversion import sources  # noqa: F401  (the tiny LLaVA + CLIP sources fixture)
 
 from configuration_qmop import QMoPConfig
-from conversion.tiny import build_processor, build_tiny, save_tiny_checkpoint
+from qmop_tools.testing.tiny import build_processor, build_tiny, save_tiny_checkpoint
 from modeling_qmop import QMoPForConditionalGeneration, pool_patch_grid, select_patches
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
@@ -79,7 +79,7 @@ def test_config_round_trip(tmp_path):
     ],
 )
 def test_bad_config_raises(kwargs, message):
-    from conversion.tiny import build_config
+    from qmop_tools.testing.tiny import build_config
 
     with pytest.raises((ValueError, TypeError), match=message):
         build_config(build_processor(num_visual_tokens=16), **kwargs)
@@ -369,11 +369,11 @@ def test_smoke_benchmark_times_the_tower_pruning_variants_on_cpu():
 def test_conversion_initialises_the_question_mlp(sources):  # noqa: F811
     from transformers import AutoModelForImageTextToText
 
-    from conversion import llava_to_qmop as conv
+    from conversion import convert
 
     settings = conversion_settings(sources, "tower-qg-vtc", num_visual_tokens=4,
                                    config_overrides=dict(tower_pruning_schedule="qg_vtc"))
-    report = conv.convert(settings)
+    report = convert(settings)
     pruner_keys = [k for k in report.fresh_keys if ".tower_pruner.question_proj." in k]
     assert len(pruner_keys) == 4  # freshly initialised, seeded, and reported as such
     config = json.loads(open(os.path.join(report.output, "config.json")).read())

@@ -54,7 +54,7 @@ def parse_args(argv=None) -> BenchSettings:
 def main(argv=None):
     settings, output, plot, quiet = parse_args(argv)
     check_output_folder(output, "--output")  # before hours of measuring, not after
-    with library_bars(enabled=not quiet):
+    with library_bars(quiet=quiet):
         results = run_benchmark(settings, log=(lambda line: None) if quiet else print, quiet=quiet)
     paths = write_outputs(results, output, plot=plot)
     with open(paths["markdown"]) as file:

@@ -61,7 +61,7 @@ def main(argv=None):
                         stream=sys.stdout)
     logging.getLogger("transformers").setLevel(logging.WARNING)
     logging.getLogger("qmop_tools.train").setLevel(logging.WARNING)
-    with library_bars(enabled=not args.quiet):
+    with library_bars(quiet=args.quiet):
         summary = run(args.output, settings, fresh=args.fresh, export_checkpoint=args.export_checkpoint,
                       export_demo=args.export_demo_image, quiet=args.quiet)
     print(open(f"{args.output}/results.md").read())

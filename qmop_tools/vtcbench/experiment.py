@@ -257,8 +257,6 @@ _WORKER_CACHE = FeatureCache()
 
 # ===================================================================================== one job
 def _training_arguments(output_dir: str, settings: Settings, stage: int, seed: int):
-    import dataclasses
-
     from transformers import TrainingArguments
 
     # transformers 5 folds warmup_ratio into warmup_steps (a float below 1 is a ratio); 4.57 has both.

@@ -2,35 +2,32 @@
 
 Example (the 7B model; about 20 GB of RAM and 31 GB of disk in float16, computed in docs/conversion.md):
 
-    python conversion/convert_llava_to_qmop.py \\
+    qmop convert \\
         --llava llava-hf/llava-1.5-7b-hf --clip openai/clip-vit-large-patch14-336 \\
         --output checkpoints/qmop-llava-1.5-7b-144 --num-visual-tokens 144 \\
         --branches pooling resampler pruning --dtype float16 [--push-to-hub me/qmop-llava-1.5-7b --private]
 
 The original layout works the same way (its CLIP tower is taken from --clip, or --vision-tower):
 
-    python conversion/convert_llava_to_qmop.py --llava liuhaotian/llava-v1.5-7b \\
+    qmop convert --llava liuhaotian/llava-v1.5-7b \\
         --clip openai/clip-vit-large-patch14-336 --output checkpoints/qmop-from-original
 
 Before anything is written, the converted weights with --num-visual-tokens <patches> --branches pooling must
 reproduce transformers' LlavaForConditionalGeneration (max abs logit difference printed), and the requested model
 runs a forward and a short generation; the saved folder is reloaded through Auto* (trust_remote_code) and checked
-again before it is moved into place.
+again before it is moved into place. Step lines and progress bars go to stderr (bars only on a terminal); the
+check results and the final JSON report go to stdout. `python -m conversion` is the same command.
 """
 
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
-
-from configuration_qmop import BRANCH_ORDER  # noqa: E402
-from conversion.llava_to_qmop import DTYPES, ConversionError, ConversionSettings, convert  # noqa: E402
+from configuration_qmop import BRANCH_ORDER
+from conversion.converter import convert
+from conversion.settings import DTYPES, ConversionError, ConversionSettings
 
 
 def _override(text: str):
@@ -44,7 +41,8 @@ def _override(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="qmop convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--llava", required=True, help="llava-hf folder/Hub id, or an original LLaVA-1.5 folder/Hub id")
     parser.add_argument("--clip", required=True, help="CLIP checkpoint whose text tower and tokenizer read the question")
     parser.add_argument("--vision-tower", help="CLIP vision checkpoint when --llava has none (default: --clip)")
@@ -66,12 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
     parser.add_argument("--token", help="Hub token (default: the logged-in one)")
     parser.add_argument("--base-model", help="base_model for the model card (default: --llava and --clip Hub ids)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no step lines or progress bars (bars are drawn only when stderr is a terminal); "
+                             "results, warnings and errors are still printed")
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     # SIGTERM runs the clean-up of the temporary folder like Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     settings = ConversionSettings(
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
         config_overrides=dict(args.config_override), pad_to_square=args.pad_to_square,
         max_shard_size=args.max_shard_size, seed=args.seed, device=args.device, atol=args.atol,
         verify_new_tokens=args.verify_new_tokens, overwrite=args.overwrite, push_to_hub=args.push_to_hub,
-        private=args.private, token=args.token, base_model=args.base_model,
+        private=args.private, token=args.token, base_model=args.base_model, quiet=args.quiet,
     )
     try:
         report = convert(settings)
@@ -89,7 +90,3 @@ def main(argv=None) -> int:
         return 1
     print(json.dumps({k: v for k, v in vars(report).items() if k != "fresh_keys"}, indent=2))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
