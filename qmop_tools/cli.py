@@ -31,6 +31,8 @@ COMMANDS = {
     "bench-vllm": Command("qmop_tools.bench.vllm_serving", "serving benchmark through vLLM at several budgets "
                                                            "(needs vLLM)"),
     "vtcbench": Command("qmop_tools.vtcbench.cli", "the mini VTCBench from nothing to results (resumable)"),
+    "reader-probe": Command("qmop_tools.vtcbench.reader_probe", "can an LLM of the mini VTCBench's size read a "
+                                                                "question dimension from the tower's tokens at all?"),
     "router": Command("qmop_tools.vtcbench.router_diagnostics", "does the router read the question? variance "
                                                                 "shares, branch per question type, saturation, MI"),
     "serve": Command("qmop_tools.serve.cli", "serve a checkpoint with vLLM's OpenAI-compatible server (needs vLLM)"),

@@ -12,7 +12,7 @@ and the pre-trained LLM on `<s> [visual tokens] \\nUSER: question ASSISTANT:` ->
 with cross-entropy on that token only. Accuracy is the argmax over the whole vocabulary on the validation split, per
 dimension, every `eval_every` steps. No router, no generation, no stage 1: an upper-bound reader, not a variant.
 
-    python -m qmop_tools.vtcbench.reader_probe --output outputs/vtcbench --tokens pool36 --steps 1500
+    qmop reader-probe --output outputs/vtcbench --tokens pool36 --steps 1500
 """
 
 import argparse
@@ -231,7 +231,7 @@ def reader_probe_once(output: str, settings: ProbeSettings) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m qmop_tools.vtcbench.reader_probe", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="qmop reader-probe", description=__doc__.split("\n")[0])
     parser.add_argument("--output", default="outputs/vtcbench", help="the benchmark folder (data and foundation built)")
     for name, default in asdict(ProbeSettings()).items():
         parser.add_argument(f"--{name}", type=type(default), default=default,
