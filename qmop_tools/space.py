@@ -139,6 +139,10 @@ def export_space(output_dir: str, model: Optional[str] = None, overwrite: bool =
         if os.path.isdir(source) and _inside(os.path.realpath(source), os.path.realpath(output_dir)):
             raise ValueError(f"output folder {output_dir!r} holds {source!r}, which the export copies: choose "
                              "another folder.")
+    missing = [relative for relative in SPACE_FILES if not os.path.isfile(os.path.join(REPO_ROOT, relative))]
+    if missing:
+        raise FileNotFoundError(f"{', '.join(missing)} missing under {REPO_ROOT}: export a Space from a checkout of "
+                                "this repository (`pip install -e .` from the checkout).")
     gradio_version = tested_gradio_version()
 
     with atomic_folder(output_dir) as staging:  # built beside, moved into place when complete
@@ -217,7 +221,7 @@ def main(argv: Optional[list] = None) -> None:
         if args.push_to_hub is not None:
             check_hub_id(args.push_to_hub, "--push-to-hub")
         folder = export_space(args.output_dir, args.model, args.overwrite)
-    except (ValueError, FileExistsError) as error:
+    except (ValueError, FileExistsError, FileNotFoundError) as error:
         parser.error(str(error))
     print(f"wrote the Space to {folder}; run it there with `python app.py`")
     if args.push_to_hub is not None:
@@ -228,7 +232,11 @@ def _load_app():
     """app.py (the Space's entry point, at the repository root, outside this package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("app", os.path.join(REPO_ROOT, "app.py"))
+    path = os.path.join(REPO_ROOT, "app.py")
+    if not os.path.isfile(path):
+        raise SystemExit(f"qmop space: {path} is missing: the app lives at the root of a checkout of this repository "
+                         "(install it with `pip install -e .` from the checkout).")
+    spec = importlib.util.spec_from_file_location("app", path)
     app = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(app)
     return app

@@ -203,6 +203,18 @@ def test_command_line_export_and_argument_checks(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["space"]
 
 
+def test_outside_a_checkout_export_and_run_say_what_is_missing(tmp_path, monkeypatch, capsys):
+    """A non-editable install has no app.py or assets beside the package: a clear message, nothing written."""
+    monkeypatch.setattr(space, "REPO_ROOT", str(tmp_path / "site-packages"))
+    with pytest.raises(SystemExit) as stopped:
+        space.main(["export", str(tmp_path / "space")])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and "app.py" in err and "missing under" in err
+    assert not (tmp_path / "space").exists()
+    with pytest.raises(SystemExit, match="app.py is missing"):
+        space.main(["run"])
+
+
 def test_command_line_run_hands_its_options_to_the_app(capsys):
     pytest.importorskip("gradio", reason=NO_GRADIO)
     with pytest.raises(SystemExit) as stopped:
