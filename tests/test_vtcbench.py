@@ -259,7 +259,7 @@ def test_demo_answers_the_bundled_questions(tmp_path):
     import sys
 
     picture = tmp_path / "demo.png"
-    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "scripts", "demo.py"), "--picture", str(picture)],
+    result = subprocess.run([sys.executable, "-m", "qmop_tools", "demo", "--picture", str(picture)],
                             capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     spec = json.load(open(os.path.join(REPO_ROOT, "assets", "demo.json")))
