@@ -287,6 +287,7 @@ def test_exported_space_answers_in_a_headless_browser(tmp_path):
     from importlib.metadata import version
 
     from selenium import webdriver
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -320,7 +321,8 @@ def test_exported_space_answers_in_a_headless_browser(tmp_path):
             options.add_argument(argument)
         options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # every request the page makes
         driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-        wait = WebDriverWait(driver, 60)
+        # gradio re-renders outputs while a condition reads them: a stale element is retried, not a failure
+        wait = WebDriverWait(driver, 60, ignored_exceptions=(StaleElementReferenceException,))
         driver.get(base)
 
         def css(selector):
@@ -349,7 +351,7 @@ def test_exported_space_answers_in_a_headless_browser(tmp_path):
         budget = css("#budget input[type=number]")  # 60 is no perfect square: snapped to 64 when typed
         budget.send_keys(Keys.CONTROL, "a")  # a modifier holds until the call ends
         budget.send_keys("60", Keys.TAB)
-        wait.until(lambda d: budget.get_attribute("value") == "64")
+        wait.until(lambda d: css("#budget input[type=number]").get_attribute("value") == "64")
         css("#ask").click()
         wait.until(lambda d: "64" in [cell.text for cell in d.find_elements(By.CSS_SELECTOR, "#tokens td")])
 
