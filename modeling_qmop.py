@@ -372,9 +372,11 @@ def pool_patch_grid(
         return _pool_kept_patches(patches, side, positions, grid)
     num_images, num_patches, channels = patches.shape
     grid = math.isqrt(num_patches)
-    x = patches.transpose(1, 2).reshape(num_images, channels, grid, grid)  # (N, C, √P, √P)
-    x = F.adaptive_avg_pool2d(x, side)  # (N, C, side, side)
-    return x.flatten(2).transpose(1, 2)  # (N, side², C)
+    # Channels-last (a view of the raster-ordered patches, no copy): the same sums as NCHW, an order of magnitude
+    # faster on CPU than pooling a transposed copy.
+    x = patches.reshape(num_images, grid, grid, channels).permute(0, 3, 1, 2)  # (N, C, √P, √P), channels-last
+    x = F.adaptive_avg_pool2d(x, side)  # (N, C, side, side), channels-last
+    return x.permute(0, 2, 3, 1).reshape(num_images, side * side, channels)  # (N, side², C)
 
 
 def _pool_kept_patches(patches: torch.Tensor, side: int, positions: torch.Tensor, grid: int) -> torch.Tensor:
