@@ -4,14 +4,10 @@ untrained, the verification numbers, the `qmop convert` command that reproduces 
 
 import json
 import os
-import re
 
 from configuration_qmop import QMoPConfig
 from conversion.settings import ConversionSettings
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name)) and not os.path.exists(name)
+from qmop_tools.checks import looks_like_hub_id
 
 
 MODEL_CARD_TAGS = ("qmop", "llava", "visual-token-compression", "mixture-of-projectors", "custom_code")
@@ -34,7 +30,7 @@ def conversion_command(settings: ConversionSettings) -> str:
 def model_card(settings: ConversionSettings, config: QMoPConfig, summary: dict, fresh_keys) -> str:
     """README.md with Hub metadata (pipeline_tag, library_name, base_model, tags), budget, branches, provenance,
     verification results, usage and citation. `summary`: layout, dtype and the two max abs diffs."""
-    base = [settings.base_model] if settings.base_model else [n for n in (settings.llava, settings.clip) if _looks_like_hub_id(n)]
+    base = [settings.base_model] if settings.base_model else [n for n in (settings.llava, settings.clip) if looks_like_hub_id(n)]
     front_matter = ["pipeline_tag: image-text-to-text", "library_name: transformers"]
     if base:
         front_matter += ["base_model:"] + [f"- {b}" for b in base]

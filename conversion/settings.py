@@ -3,7 +3,6 @@ failed check raises (`ConversionError`), and the checks that need no checkpoint:
 location, `--max-shard-size` and `--config-override`. They all run before anything is downloaded, read or written.
 """
 
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -12,6 +11,7 @@ from typing import Optional
 import torch
 
 from configuration_qmop import BRANCH_ORDER, QMoPConfig
+from qmop_tools.checks import is_square_budget
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Reference check tolerance on max |logit difference| when --atol is not given. Both models run the same
@@ -159,7 +159,7 @@ def validate_settings(settings: ConversionSettings) -> None:
     if settings.dtype != "auto" and settings.dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of {['auto', *DTYPES]}, got {settings.dtype!r}.")
     budget = settings.num_visual_tokens
-    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1 or math.isqrt(budget) ** 2 != budget:
+    if not is_square_budget(budget):
         raise ValueError(f"--num-visual-tokens must be a positive perfect square (e.g. 64, 144), got {budget!r}.")
     parse_shard_size(settings.max_shard_size)
     if settings.verify_new_tokens < 1:

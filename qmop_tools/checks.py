@@ -2,7 +2,27 @@
 written, each error naming the argument, the value and what is expected."""
 
 import json
+import math
 import os
+
+
+def is_square_budget(value) -> bool:
+    """A visual-token budget M: a positive integer (not a bool) that is a perfect square (the pooled grid is √M×√M)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1 and math.isqrt(value) ** 2 == value
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """`name` is an OWNER/NAME repository id as huggingface_hub validates it, and not a local path (its first part is
+    no existing folder here)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.count("/") != 1 or os.path.exists(name.split("/")[0]):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def nearest_existing_ancestor(path: str) -> str:

@@ -50,14 +50,12 @@ DEFAULT_QUESTIONS = _default_questions()
 
 def check_arguments(model_path: str, image, num_visual_tokens, max_new_tokens: int, picture: str = "") -> None:
     """The demo's arguments, before any model is loaded."""
-    import math
-
-    from qmop_tools.checks import check_output_file, require_qmop_checkpoint
+    from qmop_tools.checks import check_output_file, is_square_budget, require_qmop_checkpoint
 
     require_qmop_checkpoint(model_path, "--model")
     if isinstance(image, str) and not image.startswith(("http://", "https://")) and not os.path.isfile(image):
         raise FileNotFoundError(f"--image {image!r} is not an existing file or an http(s) URL.")
-    if num_visual_tokens is not None and (num_visual_tokens < 1 or math.isqrt(num_visual_tokens) ** 2 != num_visual_tokens):
+    if num_visual_tokens is not None and not is_square_budget(num_visual_tokens):
         raise ValueError(f"--num-visual-tokens must be a positive perfect square (e.g. 16, 36, 144), got {num_visual_tokens}.")
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}.")

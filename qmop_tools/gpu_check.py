@@ -26,10 +26,7 @@ PRESETS = {
 
 def build_random_checkpoint(preset: str, folder: str, dtype=torch.bfloat16) -> str:
     """Write a random-weight checkpoint for `preset` into `folder` (skipped if it is already complete)."""
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from qmop_tools.testing.tiny import build_config, build_processor
+    from qmop_tools.testing.tiny import build_config, build_processor  # first: it puts the remote-code files on the path
 
     from configuration_qmop import QMoPConfig
     from modeling_qmop import QMoPForConditionalGeneration

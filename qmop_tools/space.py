@@ -64,7 +64,6 @@ language model reads instead of the uncompressed image.
 Model: `{model}`{model_note}. Written by `qmop space export` (qmop_tools/space.py).
 """
 SHORT_DESCRIPTION = "LLaVA-1.5 that compresses visual tokens by the question"  # the Hub allows 60 characters
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 # ---------------------------------------------------------------------------------------------- the app's helpers
@@ -120,7 +119,7 @@ def export_space(output_dir: str, model: Optional[str] = None, overwrite: bool =
     it); default the bundled trained tiny checkpoint. Everything is written to a temporary folder beside
     `output_dir` and moved into place at the end, so a failure leaves nothing half-written. An existing non-empty
     `output_dir` is an error unless `overwrite=True`, which replaces it."""
-    from qmop_tools.checks import check_output_folder, require_qmop_checkpoint
+    from qmop_tools.checks import check_output_folder, looks_like_hub_id, require_qmop_checkpoint
     from qmop_tools.demo import default_model
     from qmop_tools.files import atomic_folder
 
@@ -132,7 +131,7 @@ def export_space(output_dir: str, model: Optional[str] = None, overwrite: bool =
     trained = True
     if model is None:
         model, trained = default_model()
-    if not os.path.isdir(model) and not HUB_ID.match(model):
+    if not os.path.isdir(model) and not looks_like_hub_id(model):
         raise ValueError(f"--model {model!r} is neither a checkpoint folder nor a Hub id (owner/name).")
     require_qmop_checkpoint(model, "--model")
     for source in (REPO_ROOT, model):  # a folder replaced by the export must not hold what it copies
@@ -186,7 +185,9 @@ def push_space(folder: str, repo_id: str, private: bool = False) -> str:
 
 
 def check_hub_id(repo_id: str, argument: str) -> None:
-    if not HUB_ID.match(repo_id):
+    from qmop_tools.checks import looks_like_hub_id
+
+    if not looks_like_hub_id(repo_id):
         raise ValueError(f"{argument} {repo_id!r} is not a Hub repository id: expected OWNER/NAME "
                          "(letters, digits, '.', '_', '-').")
 

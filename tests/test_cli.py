@@ -115,3 +115,13 @@ def test_removed_shims_stay_removed():
     for path in ("scripts/demo.py", "scripts/train_qmop.py", "scripts/gpu_check.py", "benchmarks/efficiency.py",
                  "conversion/convert_llava_to_qmop.py"):
         assert not os.path.exists(os.path.join(REPO_ROOT, path)), path
+
+
+def test_tiny_writes_a_checkpoint_and_never_replaces_a_folder_with_files(tmp_path):
+    code, out, _ = run_cli(["tiny", "--output", str(tmp_path / "tiny"), "--num-visual-tokens", "4"])
+    assert code == 0 and os.path.isfile(tmp_path / "tiny" / "config.json")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    code, _, err = run_cli(["tiny", "--output", str(tmp_path / "mine")])
+    assert code == 2 and "exists and is not empty" in err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"

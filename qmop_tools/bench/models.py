@@ -9,7 +9,6 @@ materialise in the requested dtype directly on the device.
 """
 
 import contextlib
-import math
 import os
 import sys
 import tempfile
@@ -25,6 +24,7 @@ if REPO_ROOT not in sys.path:  # the remote-code modules live at the repository 
 
 from configuration_qmop import CLIP_L_336_VISION, CLIP_L_TEXT, VICUNA_7B, QMoPConfig  # noqa: E402
 from modeling_qmop import QMoPForConditionalGeneration  # noqa: E402
+from qmop_tools.checks import is_square_budget  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -317,6 +317,6 @@ def compute_dtype(model) -> torch.dtype:
 
 def square_budgets(budgets, num_patches: int) -> list:
     for budget in budgets:
-        if math.isqrt(budget) ** 2 != budget or not 0 < budget <= num_patches:
+        if not is_square_budget(budget) or budget > num_patches:
             raise ValueError(f"budget {budget} must be a perfect square in 1..{num_patches} (the patch grid).")
     return list(budgets)

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 import transformers
 
+from qmop_tools.checks import is_square_budget
 from qmop_tools.progress import progress_bar
 
 from .flops import LLMPruning, check_match, llava_analytic_flops, paper_visual_llm_macs, qmop_analytic_flops
@@ -87,9 +88,7 @@ def _resolve(settings: BenchSettings):
 
 def _check_early(settings: BenchSettings, preset) -> None:
     """Settings that would otherwise fail after the models are built."""
-    import math
-
-    bad = [b for b in preset.budgets if not isinstance(b, int) or b < 1 or math.isqrt(b) ** 2 != b]
+    bad = [b for b in preset.budgets if not is_square_budget(b)]
     if bad:
         raise ValueError(f"--budgets {bad} are not positive perfect squares (e.g. 64, 144).")
     for name, least in (("prompt_tokens", 2), ("query_tokens", 1)):  # the prompt holds BOS and some text

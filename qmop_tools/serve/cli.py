@@ -14,12 +14,11 @@ import argparse
 import importlib.metadata
 import importlib.util
 import json
-import math
 import os
 import shlex
 import sys
 
-from qmop_tools.checks import require_qmop_checkpoint
+from qmop_tools.checks import is_square_budget, require_qmop_checkpoint
 
 PLUGIN_GROUP = "vllm.general_plugins"
 PLUGIN_NAME = "qmop"
@@ -58,8 +57,7 @@ def main(argv=None) -> int:
     parser.add_argument("--print-command", action="store_true", help="print the vLLM command instead of running it")
     parser.epilog = "Every other option goes to vLLM's server unchanged (see `vllm serve --help`)."
     args, extra = parser.parse_known_args(argv)
-    if args.num_visual_tokens is not None and (args.num_visual_tokens < 1
-                                               or math.isqrt(args.num_visual_tokens) ** 2 != args.num_visual_tokens):
+    if args.num_visual_tokens is not None and not is_square_budget(args.num_visual_tokens):
         parser.error(f"--num-visual-tokens must be a positive perfect square, got {args.num_visual_tokens}")
     if "--mm-processor-kwargs" in extra and args.num_visual_tokens is not None:
         parser.error("give the budget either as --num-visual-tokens or inside --mm-processor-kwargs, not both")

@@ -188,6 +188,8 @@ def main(argv=None):
     parser.add_argument("--branches", nargs="+", default=["pooling", "resampler", "pruning"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if os.path.isdir(args.output) and os.listdir(args.output):  # the write replaces the folder: never a user's files
+        parser.error(f"--output {args.output!r} exists and is not empty; choose a new folder.")
     path = save_tiny_checkpoint(args.output, num_visual_tokens=args.num_visual_tokens, branches=args.branches, seed=args.seed)
     print(path)
 

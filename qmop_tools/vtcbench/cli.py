@@ -2,9 +2,9 @@
 
 import argparse
 import logging
-import math
 import sys
 
+from qmop_tools.checks import is_square_budget
 from qmop_tools.progress import library_bars
 
 from .experiment import ACCEPTANCE_VARIANTS, EXPORTABLE, VARIANTS, Settings
@@ -47,8 +47,7 @@ def parse(argv=None) -> tuple:
             setattr(settings, name, getattr(args, name))
     if not set(EXPORTABLE) & set(settings.variants) and (args.export_checkpoint or args.export_demo_image):
         parser.error(f"--export-checkpoint and --export-demo-image need one of the variants {', '.join(EXPORTABLE)}")
-    side = math.isqrt(settings.budget) if settings.budget > 0 else 0
-    if side * side != settings.budget or not 1 <= settings.budget <= 576:
+    if not is_square_budget(settings.budget) or settings.budget > 576:
         parser.error(f"--budget must be a perfect square between 1 and 576 (the 24x24 patch grid), got {settings.budget}")
     if settings.workers < 1 or not settings.seeds:
         parser.error("--workers must be >= 1 and --seeds must name at least one seed")

@@ -34,7 +34,6 @@ import logging
 import math
 import os
 import random
-import re
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
@@ -44,6 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qmop_tools.bench.report import write_atomic
+from qmop_tools.checks import looks_like_hub_id
 
 logger = logging.getLogger(__name__)
 SATURATION_THRESHOLD = 0.99
@@ -593,10 +593,6 @@ def diagnose_from_data(
 
 
 # ===================================================================================== command line
-def _is_hub_id(name: str) -> bool:
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not os.path.exists(name.split("/")[0])
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="qmop router",
@@ -619,7 +615,7 @@ def main(argv=None) -> int:
     if os.path.exists(args.model):
         if not os.path.isfile(os.path.join(args.model, "config.json")):
             parser.error(f"--model {args.model} is not a checkpoint folder (no config.json)")
-    elif not _is_hub_id(args.model):
+    elif not looks_like_hub_id(args.model):
         parser.error(f"--model {args.model}: no such folder")
     if not os.path.isfile(args.data):
         parser.error(f"--data {args.data}: no such file")
