@@ -11,12 +11,12 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, free_port, run_launcher
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
 from qmop_tools.testing.tiny import build_tiny, save_tiny_checkpoint
-from test_training import BUDGET, free_port, write_dataset
+from test_training import BUDGET, write_dataset
 
 DRIVER = os.path.join(REPO_ROOT, "tests", "distributed_train_driver.py")
 FSDP_CONFIG = os.path.join(REPO_ROOT, "configs", "fsdp.yaml")
@@ -49,12 +49,13 @@ def train_args(workspace, output_name, *extra, base=None):
 
 
 def launch(workspace, launcher, args, name, env=None):
-    """Run the driver under `launcher` (a command prefix); returns (completed process, report or None)."""
+    """Run the driver under `launcher` (a command prefix) into the folder `name`; returns (completed process, report
+    or None). A launch whose rank hit torch's rare native abort runs once more (conftest.run_launcher)."""
     result_path = workspace["root"] / f"{name}.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT, QMOP_RESULT=str(result_path), **(env or {}))
     try:
-        completed = subprocess.run([*launcher, DRIVER, *args], capture_output=True, text=True, env=env,
-                                   cwd=REPO_ROOT, timeout=TIMEOUT_S)
+        completed = run_launcher([*launcher, DRIVER, *args], env=env, timeout=TIMEOUT_S,
+                                 fresh_paths=[result_path, workspace["root"] / name])
     except subprocess.TimeoutExpired as error:
         stderr = error.stderr.decode(errors="replace") if isinstance(error.stderr, bytes) else (error.stderr or "")
         pytest.fail(f"{name}: no result after {TIMEOUT_S} s (a hung collective?)\n{stderr[-3000:]}")

@@ -3,14 +3,13 @@ LoRA / QLoRA, loss going down, resume, 2-process DDP, outputs reloading in a fre
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
-from conftest import REPO_ROOT, make_image
+from conftest import REPO_ROOT, free_port, make_image, run_launcher
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -75,12 +74,6 @@ def train(workspace, output_name, *extra, callbacks=None, stage=1):
 
 def train_logs(result):
     return [entry for entry in result.trainer.state.log_history if "loss" in entry]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_python(code, timeout=240):
@@ -374,7 +367,8 @@ def test_two_process_ddp_run_agrees_with_itself(workspace, tmp_path):
         "--save_strategy", "no", "--report_to", "none", "--use_cpu", "--ddp_backend", "gloo", "--disable_tqdm", "true",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
-    completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    completed = run_launcher(command, env=env, timeout=300,
+                             fresh_paths=[output, *(tmp_path / f"rank{r}.json" for r in (0, 1))])
     assert completed.returncode == 0, completed.stderr[-4000:]
     ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
