@@ -3,7 +3,6 @@ committed tiny checkpoint's accuracy on a fixed test slice."""
 
 import json
 import os
-import re
 
 import pytest
 import torch
@@ -156,7 +155,7 @@ def test_command_line_rejects_bad_settings(capsys):
         assert message in capsys.readouterr().err
 
 
-def test_smoke_pipeline_end_to_end(tmp_path, monkeypatch):
+def test_smoke_pipeline_end_to_end(tmp_path, monkeypatch, capfd):
     from qmop_tools.vtcbench.cli import main
 
     output, checkpoint = tmp_path / "vtc", tmp_path / "ckpt"
@@ -212,6 +211,18 @@ def test_smoke_pipeline_end_to_end(tmp_path, monkeypatch):
     terminal.seek(0), terminal.truncate()
     main(["--smoke", "--output", str(output), "--quiet"])
     assert terminal.getvalue() == ""
+    # ...also from worker processes, which start with nothing of the parent's set-up: two runs trained again by two
+    # spawned workers print no bar (transformers' "Writing model shards"...), no log line and no trainer log
+    for name in ("qmop-s0", "downsample-s0"):
+        (output / "runs" / name / "result.json").unlink()
+    capfd.readouterr()
+    main(["--smoke", "--output", str(output), "--quiet", "--workers", "2"])
+    printed = capfd.readouterr()
+    assert all(os.path.exists(output / "runs" / name / "result.json") for name in ("qmop-s0", "downsample-s0"))
+    assert terminal.getvalue() == "" and "it/s]" not in printed.err, printed.err[-2000:]
+    assert "qmop-s0 done in" not in printed.err + printed.out  # the workers' info lines
+    assert "train metrics" not in printed.out and "'loss'" not in printed.out, printed.out[:2000]
+    assert "| variant" in printed.out  # the results table, as always
 
     # the reader probe trains on the same data and foundation, with 36 pooled or all 576 tokens per picture
     from qmop_tools.vtcbench.reader_probe import ProbeSettings, run_probe
