@@ -16,11 +16,6 @@ def progress_bar(iterable=None, *, desc: str, total=None, unit: str = "it", quie
                 disable=True if quiet else None)
 
 
-def bars_wanted(quiet: bool) -> bool:
-    """The policy in one place: bars on a terminal, none under `quiet` or in a log."""
-    return not quiet and sys.stderr.isatty()
-
-
 @contextlib.contextmanager
 def library_bars(quiet: bool):
     """The same policy for transformers' own bars (loading weights, writing shards...), which do not look for a
@@ -28,8 +23,7 @@ def library_bars(quiet: bool):
     otherwise left as the user set them."""
     from transformers.utils import logging as hf_logging
 
-    off = not bars_wanted(quiet)
-    if not off or not hf_logging.is_progress_bar_enabled():
+    if not (quiet or not sys.stderr.isatty()) or not hf_logging.is_progress_bar_enabled():
         yield
         return
     hf_logging.disable_progress_bar()

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from qmop_tools.bench.report import write_atomic
-from qmop_tools.progress import bars_wanted, progress_bar
+from qmop_tools.progress import library_bars, progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -524,28 +524,22 @@ def summarise_predictions(predictions: list, branches: list) -> dict:
 
 
 # ===================================================================================== worker processes
-def _worker_init(threads: int, quiet: bool = False, bars: Optional[bool] = None) -> None:
-    """Threads and logging of a process that runs jobs. A spawned worker starts with nothing of its parent's set-up,
-    so it is handed the parent's policy (`progress.library_bars`): `bars=False` turns transformers' own bars
-    (loading weights, writing shards) off there; None leaves them as they are (the in-process path, where the parent
-    already chose)."""
+def _worker_init(threads: int, quiet: bool = False) -> None:
     torch.set_num_threads(threads)
     logging.basicConfig(format="%(asctime)s %(processName)s %(message)s", level=logging.WARNING if quiet else logging.INFO)
     for noisy in ("transformers", "qmop_tools.train"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if bars is False:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
 
 
 def _run_job(output: str, variant: str, seed: int, settings: Settings, quiet: bool) -> dict:
-    """`run_job`; under `quiet` what the trainer prints (its log dicts, "train metrics") goes nowhere: the result is
-    returned and written to the run's folder all the same."""
-    if not quiet:
-        return run_job(output, variant, seed, settings)
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
-        return run_job(output, variant, seed, settings)
+    """`run_job` under the command's output policy, which a spawned worker does not inherit: transformers' bars as
+    `library_bars` says, and under `quiet` what the trainer prints (its log dicts, "train metrics") goes nowhere (the
+    result is returned and written to the run's folder all the same)."""
+    with library_bars(quiet):
+        if not quiet:
+            return run_job(output, variant, seed, settings)
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+            return run_job(output, variant, seed, settings)
 
 
 def run_jobs(output: str, settings: Settings, jobs: list, threads_per_worker: int = 1, quiet: bool = False) -> list:
@@ -567,7 +561,7 @@ def run_jobs(output: str, settings: Settings, jobs: list, threads_per_worker: in
 
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(settings.workers, mp_context=context, initializer=_worker_init,
-                             initargs=(threads_per_worker, quiet, bars_wanted(quiet))) as pool:
+                             initargs=(threads_per_worker, quiet)) as pool:
         futures = {pool.submit(_run_job, output, variant, seed, settings, quiet): (variant, seed)
                    for variant, seed in jobs}
         for future in as_completed(futures):
