@@ -23,7 +23,8 @@ def library_bars(quiet: bool):
     otherwise left as the user set them."""
     from transformers.utils import logging as hf_logging
 
-    if not (quiet or not sys.stderr.isatty()) or not hf_logging.is_progress_bar_enabled():
+    off = quiet or not sys.stderr.isatty()
+    if not off or not hf_logging.is_progress_bar_enabled():
         yield
         return
     hf_logging.disable_progress_bar()

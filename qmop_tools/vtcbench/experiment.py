@@ -526,7 +526,8 @@ def summarise_predictions(predictions: list, branches: list) -> dict:
 # ===================================================================================== worker processes
 def _worker_init(threads: int, quiet: bool = False) -> None:
     torch.set_num_threads(threads)
-    logging.basicConfig(format="%(asctime)s %(processName)s %(message)s", level=logging.WARNING if quiet else logging.INFO)
+    logging.basicConfig(format="%(asctime)s %(processName)s %(message)s",
+                        level=logging.WARNING if quiet else logging.INFO)
     for noisy in ("transformers", "qmop_tools.train"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
