@@ -4,6 +4,7 @@ committed tiny checkpoint's accuracy on a fixed test slice."""
 import json
 import os
 
+import numpy
 import pytest
 import torch
 from PIL import Image
@@ -64,6 +65,26 @@ def test_label_map_names_what_covers_each_patch():
     assert (rows.float().mean() < GRID / 2) == ("top" in scene.tag_corner)
     assert (cols.float().mean() < GRID / 2) == ("left" in scene.tag_corner)
     assert labels["row"][5][7] == 5 and labels["column"][5][7] == 7
+    # one centre patch per shape (what a count is read from), each on the shape
+    centres = torch.tensor(labels["centre"])
+    assert int(centres.sum()) == len(scene.shapes) and set(centres.flatten().tolist()) == {0, 1}
+    for shape in scene.shapes:
+        assert centres[shape.y // PATCH_SIZE, shape.x // PATCH_SIZE] == 1
+    assert (kinds[centres == 1] == KINDS.index("shape")).all()
+
+
+def test_every_shape_covers_the_same_area():
+    """A count is an area: each of the four shapes on a plain picture covers the circle's pixels within 20% (the
+    rounding of 16-pixel-wide polygons to pixels; before data version 6 a triangle covered 57% of the circle)."""
+    from qmop_tools.vtcbench.data import BACKGROUNDS, SHAPES, Scene, Shape
+
+    areas = {}
+    for name in SHAPES:
+        scene = Scene("white", "plain", [Shape(name, "red", 72, 72)], (20, 72), "top left", "e", "blue")
+        window = draw_scene(scene).crop((52, 52, 93, 93))  # the shape alone: the cross and tag are far away
+        pixels = torch.tensor(numpy.asarray(window))  # (41, 41, 3)
+        areas[name] = int((pixels != torch.tensor(BACKGROUNDS["white"], dtype=torch.uint8)).any(-1).sum())  # fill and outline
+    assert max(areas.values()) <= 1.2 * min(areas.values()), areas
 
 
 def test_write_dataset_writes_llava_files_and_rejects_bad_sizes(tmp_path):
@@ -78,6 +99,22 @@ def test_write_dataset_writes_llava_files_and_rejects_bad_sizes(tmp_path):
     with pytest.raises(ValueError, match="Unknown split"):
         generate_split("dev", 2)
     assert not os.path.exists(tmp_path / "bad")
+
+
+def test_stage2_weights_repeat_a_dimensions_questions(tmp_path):
+    from qmop_tools.vtcbench.experiment import weighted_vqa
+
+    write_dataset(str(tmp_path / "data"), {"train": 4}, seed=0)
+    source = str(tmp_path / "data" / "train_vqa.json")
+    assert weighted_vqa(str(tmp_path / "data"), "") == source and weighted_vqa(str(tmp_path / "data"), "counting=1") == source
+    path = weighted_vqa(str(tmp_path / "data"), "counting=3,local=2")
+    assert path.endswith("train_vqa-countingx3-localx2.json")
+    plain, weighted = json.load(open(source)), json.load(open(path))
+    count = lambda samples, dimension: sum(s["dimension"] == dimension for s in samples)
+    assert (count(weighted, "counting"), count(weighted, "local"), count(weighted, "global")) == (12, 8, 4)
+    assert len(weighted) == len(plain) + 4 * 2 + 4 and {s["id"] for s in weighted} == {s["id"] for s in plain}
+    with pytest.raises(ValueError, match="colour"):
+        weighted_vqa(str(tmp_path / "data"), "colour=2")
 
 
 def test_normalise_answer():
@@ -149,7 +186,10 @@ def test_command_line_rejects_bad_settings(capsys):
     from qmop_tools.vtcbench.cli import main
 
     for argv, message in ((["--budget", "40"], "perfect square"), (["--workers", "0"], "--workers"),
-                          (["--variants", "pooling", "--export-checkpoint", "x"], "qmop")):
+                          (["--variants", "pooling", "--export-checkpoint", "x"], "qmop"),
+                          (["--stage2-weights", "colour=2"], "unknown dimensions ['colour']"),
+                          (["--stage2-weights", "counting=0"], "counting=0"),
+                          (["--stage2-weights", "counting"], "dimension=N")):
         with pytest.raises(SystemExit):
             main(argv)
         assert message in capsys.readouterr().err
@@ -176,7 +216,7 @@ def test_smoke_pipeline_end_to_end(tmp_path, monkeypatch, capfd):
         assert (f"| QMoP, router trained by outcome through every branch, one checkpoint for budgets 16/36/64/144 "
                 f"(seed 0) | {budget} |") in table
     small = Image.open(output / "data" / "images_downsampled" / "test" / "00000.png")
-    assert small.size == (IMAGE_SIZE, IMAGE_SIZE) and len(set(small.getdata())) <= 36 * 36  # 36 x 36 px of content
+    assert small.size == (IMAGE_SIZE, IMAGE_SIZE) and len(numpy.unique(numpy.asarray(small).reshape(-1, 3), axis=0)) <= 36 * 36  # 36 x 36 px of content
     results = json.load(open(output / "results.json"))
     run = next(r for r in results["runs"] if r["variant"] == "qmop")
     assert run["stage1"]["steps"] > 0 and run["stage2"]["steps"] > 0
@@ -241,12 +281,18 @@ def test_smoke_pipeline_end_to_end(tmp_path, monkeypatch, capfd):
     alone = run_probe(str(output), ProbeSettings(steps=2, batch_size=8, eval_every=2, dimensions="spatial"))
     assert set(alone["curve"][-1]["val_accuracy"]) == {"spatial"}
     assert (output / "probes" / "reader-pool36-spatial.json").exists()
+    # a weighted schedule draws a dimension's questions that many times more often; its own report file
+    weighted = run_probe(str(output), ProbeSettings(steps=2, batch_size=8, eval_every=2, weights="counting=3"))
+    assert set(weighted["curve"][-1]["val_accuracy"]) == set(DIMENSIONS)
+    assert (output / "probes" / "reader-pool36-countingx3.json").exists()
     table = reader_probe_table(str(output))
-    assert "| pool36 (36 tokens) | spatial |" in table and "| pool36 (36 tokens) | all |" in table
+    assert "| pool36 (36 tokens) | spatial |" in table and "| pool36 (36 tokens) | all, weighted counting=3 |" in table and "| pool36 (36 tokens) | all |" in table
     with pytest.raises(ValueError, match="tokens"):
         ProbeSettings(tokens="pool16")
     with pytest.raises(ValueError, match="dimensions"):
         ProbeSettings(dimensions="spatial,colour")
+    with pytest.raises(ValueError, match="dimensions"):
+        ProbeSettings(weights="colour=2")
 
 
 def test_bundled_checkpoint_accuracy_on_a_fixed_test_slice(tmp_path):

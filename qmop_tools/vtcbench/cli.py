@@ -7,8 +7,10 @@ import sys
 from qmop_tools.checks import is_square_budget
 from qmop_tools.progress import library_bars
 
+from .data import DIMENSIONS
 from .experiment import ACCEPTANCE_VARIANTS, EXPORTABLE, VARIANTS, Settings
 from .pipeline import run
+from .reader_probe import parse_weights
 
 
 def parse(argv=None) -> tuple:
@@ -22,11 +24,14 @@ def parse(argv=None) -> tuple:
     parser.add_argument("--smoke", action="store_true", help="a tiny version that runs in about a minute (tests)")
     parser.add_argument("--acceptance", action="store_true",
                         help="only the variants the acceptance checks read (" + ", ".join(ACCEPTANCE_VARIANTS)
-                        + "), over the seeds; 58 min from nothing on two idle CPU cores (measured)")
+                        + "), over the seeds; about 90 min from nothing on two idle CPU cores (83 min measured after the foundation)")
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), help="default: all")
     parser.add_argument("--seeds", nargs="+", type=int, help="default: 0 1 2")
     parser.add_argument("--budget", type=int, help="visual tokens per image (perfect square; default 36)")
     parser.add_argument("--workers", type=int, help="training processes in parallel (default 2)")
+    parser.add_argument("--stage2-weights", metavar="DIM=N[,DIM=N]",
+                        help="times each question of a dimension is seen per stage-2 epoch, others once (default "
+                        f"{Settings().stage2_weights or 'none'}); every variant gets the same schedule")
     parser.add_argument("--export-checkpoint", metavar="DIR",
                         help="copy the best QMoP run by val accuracy of the first of "
                         f"{', '.join(EXPORTABLE)} that ran here, "
@@ -42,13 +47,19 @@ def parse(argv=None) -> tuple:
     settings = Settings.smoke() if args.smoke else Settings()
     if args.acceptance:
         settings.variants = list(ACCEPTANCE_VARIANTS)
-    for name in ("variants", "seeds", "budget", "workers"):
+    for name in ("variants", "seeds", "budget", "workers", "stage2_weights"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     if not set(EXPORTABLE) & set(settings.variants) and (args.export_checkpoint or args.export_demo_image):
         parser.error(f"--export-checkpoint and --export-demo-image need one of the variants {', '.join(EXPORTABLE)}")
     if not is_square_budget(settings.budget) or settings.budget > 576:
         parser.error(f"--budget must be a perfect square between 1 and 576 (the 24x24 patch grid), got {settings.budget}")
+    try:
+        unknown = sorted(set(parse_weights(settings.stage2_weights)) - set(DIMENSIONS))
+    except ValueError as error:
+        parser.error(f"--stage2-weights: {error}")
+    if unknown:
+        parser.error(f"--stage2-weights names unknown dimensions {unknown}; choose from {', '.join(DIMENSIONS)}")
     if settings.workers < 1 or not settings.seeds:
         parser.error("--workers must be >= 1 and --seeds must name at least one seed")
     return args, settings

@@ -4,7 +4,7 @@ Every scene is a function of (split, index, seed) only, so the same seed gives t
 A 144 x 144 picture on a 6-pixel patch grid gives LLaVA's 24 x 24 = 576 patches. A scene has
 
 - a background colour (6) under a texture (5: plain, striped, dotted, checkered, grainy);
-- 1 to 4 small shapes (circle, square, triangle, diamond; 8 colours; all the same size), away from the corners;
+- 1 to 4 small shapes (circle, square, triangle, diamond; 8 colours; all of one area), away from the corners;
 - one cross (a thin black-and-white "+") clearly inside one half of the picture on both axes;
 - one tag in one corner: a 15 x 21 pixel letter (8 letters) in a 21 x 27 pixel coloured box (6 colours).
 
@@ -33,19 +33,31 @@ and the tiny LLM found it only after about 35,000 spatial questions on their own
 the LLM already attends to for the local question, is located in 250 steps. Pooling keeps where the tag is and loses
 what it says: spatial is now the coarse "where" and local the fine "what" of the same object.
 
+Version 6 is built to make counting countable (docs/vtcbench.md, "The counting gate"). Through version 5 every
+variant, 576 tokens included, answered "how many shapes" at chance, and so did a tower head asked for the count on
+every patch (27%, chance 25%): a three-layer tower does not learn to total the picture. What it learns at once is
+local: whether a patch holds a shape's centre (98% of patches right, held out), one patch per shape, so a count
+becomes the number of such patches. The label map now has that `centre` map; shapes are drawn larger (radius 8, from
+7) and of one area (a triangle, square and diamond cover what the circle does; before, a triangle covered 57% of it),
+so the shape area a pooled token carries grows with the count alone. In the reader probe an LLM reading all 576
+tokens then learns the count (88% after 400 steps of counting alone), but not within the benchmark's mixed schedule
+(37% after its 750 steps) unless stage 2 shows counting questions more often (`experiment.Settings.stage2_weights`:
+67.5% with counting x3 in the probe, 66.3 ± 7.5 for the 576-token model in the benchmark).
+
 `draw_labels` draws, next to each picture, a per-patch map of what is there (kind, colour, letter, ...): the
 foundation tower is pre-trained on it (dense supervision, `towers.py`), as CLIP is pre-trained on captions that
 name those facts. Questions and answers are never shown to the tower.
 """
 
 import json
+import math
 import os
 import random
 from dataclasses import asdict, dataclass, field
 
 from PIL import Image, ImageDraw
 
-DATA_VERSION = 5  # bump when scenes, questions or drawing change: cached data on disk is then regenerated
+DATA_VERSION = 6  # bump when scenes, questions or drawing change: cached data on disk is then regenerated
 IMAGE_SIZE = 144
 PATCH_SIZE = 6
 GRID = IMAGE_SIZE // PATCH_SIZE  # 24 patches a side
@@ -88,7 +100,11 @@ GLYPHS = {
 GLYPH_SCALE = 3  # 15 x 21 pixel letters: 3-pixel strokes, about 3 x 4 patches (the diagnosis's D2)
 TAG_MARGIN = 3  # box border around the glyph, in pixels
 CORNER_ZONE = 36  # shapes and the cross stay out of the 36 x 36 corners, where the tag lives
-SHAPE_RADIUS = 7  # every shape the same size: a count is an area
+SHAPE_RADIUS = 8  # every shape the same area (`EQUAL_AREA`): a count is an area
+# Each shape's drawn half-size over SHAPE_RADIUS, so that every shape covers the circle's area (pi r^2): a square
+# of side 2 x 0.886 r, a triangle of base 2 x 1.321 r and height 1.8 x 1.321 r, a diamond of diagonal 2 x 1.253 r.
+EQUAL_AREA = {"circle": 1.0, "square": math.pi**0.5 / 2, "triangle": (math.pi / 1.8) ** 0.5,
+              "diamond": (math.pi / 2) ** 0.5}
 CROSS_ARM = 6  # the cross spans 13 x 13 pixels
 HALF_MARGIN = 14  # the cross's centre is at least this far from the middle lines
 
@@ -174,7 +190,7 @@ def make_scene(rng: random.Random) -> Scene:
         background = rng.choice(tuple(BACKGROUNDS))
         colours = [c for c in OBJECT_COLOURS if c != background]
         count = rng.randint(1, 4)
-        r = SHAPE_RADIUS
+        r = math.ceil(SHAPE_RADIUS * max(EQUAL_AREA.values()))  # the reach of the largest drawn shape
         placed = []  # (x, y, reach) of everything drawn so far
         cx = rng.choice((rng.randint(12, IMAGE_SIZE // 2 - HALF_MARGIN), rng.randint(IMAGE_SIZE // 2 + HALF_MARGIN, 131)))
         cy = rng.choice((rng.randint(12, IMAGE_SIZE // 2 - HALF_MARGIN), rng.randint(IMAGE_SIZE // 2 + HALF_MARGIN, 131)))
@@ -233,12 +249,11 @@ def _draw_objects(draw: ImageDraw.ImageDraw, scene: Scene, fills: dict) -> None:
     for s in scene.shapes:
         fill = fills["shape"](s)
         outline = fills["shape_outline"](s)
-        r, x, y = s.radius, s.x, s.y
+        r, x, y = s.radius * EQUAL_AREA[s.shape], s.x, s.y
         if s.shape == "circle":
             draw.ellipse([x - r, y - r, x + r, y + r], fill=fill, outline=outline)
         elif s.shape == "square":
-            q = int(r * 0.85)
-            draw.rectangle([x - q, y - q, x + q, y + q], fill=fill, outline=outline)
+            draw.rectangle([x - r, y - r, x + r, y + r], fill=fill, outline=outline)
         elif s.shape == "triangle":
             draw.polygon([(x, y - r), (x + r, y + r * 0.8), (x - r, y + r * 0.8)], fill=fill, outline=outline)
         else:
@@ -302,7 +317,8 @@ def draw_labels(scene: Scene) -> dict:
 
     kind (KINDS: the object covering most of the patch, a tag or cross winning from a quarter of it), shape_colour
     (index in OBJECT_COLOURS, shape patches), letter (index in GLYPHS, tag patches), background and texture
-    (background patches), row and column (every patch)."""
+    (background patches), row and column (every patch), centre (1 on the patch holding a shape's centre, 0 on every
+    other patch)."""
     kind_map = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
     colour_map = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 255)
     shape_colour = {s.colour: OBJECT_COLOURS_INDEX[s.colour] for s in scene.shapes}
@@ -317,6 +333,9 @@ def draw_labels(scene: Scene) -> dict:
     area = PATCH_SIZE * PATCH_SIZE
     labels = {name: [[-1] * GRID for _ in range(GRID)] for name in
               ("kind", "shape_colour", "letter", "background", "texture", "row", "column")}
+    labels["centre"] = [[0] * GRID for _ in range(GRID)]
+    for s in scene.shapes:
+        labels["centre"][s.y // PATCH_SIZE][s.x // PATCH_SIZE] = 1
     for row in range(GRID):
         for col in range(GRID):
             counts = [0] * len(KINDS)

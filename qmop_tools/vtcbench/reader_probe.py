@@ -43,13 +43,16 @@ class ProbeSettings:
     # Train and score only these dimensions (comma-separated, e.g. "spatial"); empty = all five. One dimension alone
     # tells whether the LLM can learn it at all, apart from how many of its questions a mixed schedule gives it.
     dimensions: str = ""
+    # How many times each question of a dimension appears per pass over the train split, e.g. "counting=3" (others
+    # 1): the benchmark's `Settings.stage2_weights`, tried here first.
+    weights: str = ""
 
     def __post_init__(self):
         from .data import DIMENSIONS
 
         if self.tokens not in REDUCTIONS:
             raise ValueError(f"`tokens` must be one of {REDUCTIONS}, got {self.tokens!r}.")
-        unknown = sorted(set(self.dimension_list()) - set(DIMENSIONS))
+        unknown = sorted((set(self.dimension_list()) | set(self.weight_map())) - set(DIMENSIONS))
         if unknown:
             raise ValueError(f"`dimensions` has unknown {unknown}; choose from {DIMENSIONS}.")
         for name in ("steps", "batch_size", "eval_every"):
@@ -61,9 +64,24 @@ class ProbeSettings:
     def dimension_list(self) -> list:
         return [d.strip() for d in self.dimensions.split(",") if d.strip()]
 
+    def weight_map(self) -> dict:
+        return parse_weights(self.weights)
+
     def result_name(self) -> str:
-        """`reader-<tokens>[-<dimensions>].json` under `<output>/probes`."""
-        return "-".join(["reader", self.tokens, *self.dimension_list()]) + ".json"
+        """`reader-<tokens>[-<dimensions>][-<dimension>x<weight>...].json` under `<output>/probes`."""
+        weighted = [f"{d}x{w}" for d, w in sorted(self.weight_map().items())]
+        return "-".join(["reader", self.tokens, *self.dimension_list(), *weighted]) + ".json"
+
+
+def parse_weights(text: str) -> dict:
+    """"counting=3,local=2" -> {"counting": 3, "local": 2}; each weight a whole number >= 1."""
+    weights = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        if not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"a weight is `dimension=N` with a whole N >= 1, got {part!r}.")
+        weights[name.strip()] = int(value)
+    return weights
 
 @torch.no_grad()
 def tower_tokens(clip_dir: str, processor, data_dir: str, split: str, feature_layer: int = -2) -> torch.Tensor:
@@ -186,12 +204,14 @@ def run_probe(output: str, settings: ProbeSettings) -> dict:
         reader.train()
         return {d: round(100 * sum(v) / len(v), 1) for d, v in sorted(hits.items())}
 
+    weights = settings.weight_map()
+    epoch = [i for i, item in enumerate(train) for _ in range(weights.get(item[3], 1))]
     rng = random.Random(settings.seed)
     order, losses, curve, start = [], [], [], time.time()
     reader.train()
     for step in range(settings.steps):
         if len(order) < settings.batch_size:
-            order += rng.sample(range(len(train)), len(train))
+            order += rng.sample(epoch, len(epoch))
         batch, order = [train[i] for i in order[:settings.batch_size]], order[settings.batch_size:]
         for group in optimizer.param_groups:
             group["lr"] = _cosine_lr(step, settings.steps, settings.lr, warmup=max(1, settings.steps // 20))

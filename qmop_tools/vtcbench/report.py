@@ -213,7 +213,8 @@ def reader_probe_table(output: str) -> str:
             probe = json.load(f)
         last, settings = probe["curve"][-1], probe["settings"]
         cells = [f"{last['val_accuracy'][d]:.1f}" if d in last["val_accuracy"] else "-" for d in DIMENSIONS]
-        rows.append(f"| {settings['tokens']} ({probe['tokens_per_picture']} tokens) | {settings.get('dimensions') or 'all'} "
+        trained_on = (settings.get("dimensions") or "all") + (f", weighted {settings['weights']}" if settings.get("weights") else "")
+        rows.append(f"| {settings['tokens']} ({probe['tokens_per_picture']} tokens) | {trained_on} "
                     f"| {settings['lr']:g} | {last['step']} | " + " | ".join(cells) + " |")
     if not rows:
         return ""
