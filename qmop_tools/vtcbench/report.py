@@ -404,7 +404,7 @@ def plot(table: dict, settings, path: str) -> None:
     ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.08), frameon=False)
     fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")  # long labels: the legend is not cut off
     plt.close(fig)
     write_atomic(path, buffer.getvalue(), binary=True)
 
