@@ -83,7 +83,8 @@ def test_every_shape_covers_the_same_area():
         scene = Scene("white", "plain", [Shape(name, "red", 72, 72)], (20, 72), "top left", "e", "blue")
         window = draw_scene(scene).crop((52, 52, 93, 93))  # the shape alone: the cross and tag are far away
         pixels = torch.tensor(numpy.asarray(window))  # (41, 41, 3)
-        areas[name] = int((pixels != torch.tensor(BACKGROUNDS["white"], dtype=torch.uint8)).any(-1).sum())  # fill and outline
+        background = torch.tensor(BACKGROUNDS["white"], dtype=torch.uint8)
+        areas[name] = int((pixels != background).any(-1).sum())  # fill and outline
     assert max(areas.values()) <= 1.2 * min(areas.values()), areas
 
 
@@ -106,7 +107,8 @@ def test_stage2_weights_repeat_a_dimensions_questions(tmp_path):
 
     write_dataset(str(tmp_path / "data"), {"train": 4}, seed=0)
     source = str(tmp_path / "data" / "train_vqa.json")
-    assert weighted_vqa(str(tmp_path / "data"), "") == source and weighted_vqa(str(tmp_path / "data"), "counting=1") == source
+    assert weighted_vqa(str(tmp_path / "data"), "") == source
+    assert weighted_vqa(str(tmp_path / "data"), "counting=1") == source
     path = weighted_vqa(str(tmp_path / "data"), "counting=3,local=2")
     assert path.endswith("train_vqa-countingx3-localx2.json")
     plain, weighted = json.load(open(source)), json.load(open(path))
@@ -216,7 +218,8 @@ def test_smoke_pipeline_end_to_end(tmp_path, monkeypatch, capfd):
         assert (f"| QMoP, router trained by outcome through every branch, one checkpoint for budgets 16/36/64/144 "
                 f"(seed 0) | {budget} |") in table
     small = Image.open(output / "data" / "images_downsampled" / "test" / "00000.png")
-    assert small.size == (IMAGE_SIZE, IMAGE_SIZE) and len(numpy.unique(numpy.asarray(small).reshape(-1, 3), axis=0)) <= 36 * 36  # 36 x 36 px of content
+    colours = numpy.unique(numpy.asarray(small).reshape(-1, 3), axis=0)
+    assert small.size == (IMAGE_SIZE, IMAGE_SIZE) and len(colours) <= 36 * 36  # 36 x 36 px of content
     results = json.load(open(output / "results.json"))
     run = next(r for r in results["runs"] if r["variant"] == "qmop")
     assert run["stage1"]["steps"] > 0 and run["stage2"]["steps"] > 0
@@ -286,7 +289,8 @@ def test_smoke_pipeline_end_to_end(tmp_path, monkeypatch, capfd):
     assert set(weighted["curve"][-1]["val_accuracy"]) == set(DIMENSIONS)
     assert (output / "probes" / "reader-pool36-countingx3.json").exists()
     table = reader_probe_table(str(output))
-    assert "| pool36 (36 tokens) | spatial |" in table and "| pool36 (36 tokens) | all, weighted counting=3 |" in table and "| pool36 (36 tokens) | all |" in table
+    assert "| pool36 (36 tokens) | spatial |" in table and "| pool36 (36 tokens) | all |" in table
+    assert "| pool36 (36 tokens) | all, weighted counting=3 |" in table
     with pytest.raises(ValueError, match="tokens"):
         ProbeSettings(tokens="pool16")
     with pytest.raises(ValueError, match="dimensions"):

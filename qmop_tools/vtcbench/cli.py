@@ -7,10 +7,9 @@ import sys
 from qmop_tools.checks import is_square_budget
 from qmop_tools.progress import library_bars
 
-from .data import DIMENSIONS
+from .data import parse_dimension_weights
 from .experiment import ACCEPTANCE_VARIANTS, EXPORTABLE, VARIANTS, Settings
 from .pipeline import run
-from .reader_probe import parse_weights
 
 
 def parse(argv=None) -> tuple:
@@ -24,7 +23,8 @@ def parse(argv=None) -> tuple:
     parser.add_argument("--smoke", action="store_true", help="a tiny version that runs in about a minute (tests)")
     parser.add_argument("--acceptance", action="store_true",
                         help="only the variants the acceptance checks read (" + ", ".join(ACCEPTANCE_VARIANTS)
-                        + "), over the seeds; about 90 min from nothing on two idle CPU cores (83 min measured after the foundation)")
+                        + "), over the seeds; about 90 min from nothing on two idle CPU cores (83 min measured after "
+                        "the foundation)")
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), help="default: all")
     parser.add_argument("--seeds", nargs="+", type=int, help="default: 0 1 2")
     parser.add_argument("--budget", type=int, help="visual tokens per image (perfect square; default 36)")
@@ -55,11 +55,9 @@ def parse(argv=None) -> tuple:
     if not is_square_budget(settings.budget) or settings.budget > 576:
         parser.error(f"--budget must be a perfect square between 1 and 576 (the 24x24 patch grid), got {settings.budget}")
     try:
-        unknown = sorted(set(parse_weights(settings.stage2_weights)) - set(DIMENSIONS))
+        parse_dimension_weights(settings.stage2_weights)
     except ValueError as error:
         parser.error(f"--stage2-weights: {error}")
-    if unknown:
-        parser.error(f"--stage2-weights names unknown dimensions {unknown}; choose from {', '.join(DIMENSIONS)}")
     if settings.workers < 1 or not settings.seeds:
         parser.error("--workers must be >= 1 and --seeds must name at least one seed")
     return args, settings

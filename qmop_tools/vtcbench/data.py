@@ -123,6 +123,24 @@ ANSWERS = {
     "counting": NUMBERS,
     "style": TEXTURES,
 }
+
+
+def parse_dimension_weights(text: str) -> dict:
+    """"counting=3,local=2" -> {"counting": 3, "local": 2}: how often each dimension's questions are drawn (others
+    once; `experiment.Settings.stage2_weights`, the reader probe's `weights`). Each name a dimension, each weight a
+    whole number >= 1."""
+    weights = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        if not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"a weight is `dimension=N` with a whole N >= 1, got {part!r}.")
+        weights[name.strip()] = int(value)
+    unknown = sorted(set(weights) - set(DIMENSIONS))
+    if unknown:
+        raise ValueError(f"the weights name unknown dimensions {unknown}; choose from {DIMENSIONS}.")
+    return weights
+
+
 # What a uniform guess among the answers a question allows gets right.
 CHANCE = {"global": 1 / 6, "local": 1 / 8, "spatial": 1 / 2, "counting": 1 / 4, "style": 1 / 5}
 

@@ -290,17 +290,12 @@ def weighted_vqa(data_dir: str, weights: str) -> str:
     """The stage-2 training file: `train_vqa.json` itself without weights, else `train_vqa-<dimension>x<N>....json`
     next to it with each question of a weighted dimension written N times in a row (the trainer shuffles), written
     once (atomically) and reused."""
-    from .reader_probe import parse_weights
+    from .data import parse_dimension_weights
 
-    parsed = parse_weights(weights)
+    parsed = parse_dimension_weights(weights)
     source = os.path.join(data_dir, "train_vqa.json")
-    if not parsed or all(n == 1 for n in parsed.values()):
+    if all(n == 1 for n in parsed.values()):
         return source
-    from .data import DIMENSIONS
-
-    unknown = sorted(set(parsed) - set(DIMENSIONS))
-    if unknown:
-        raise ValueError(f"`stage2_weights` names unknown dimensions {unknown}; choose from {DIMENSIONS}.")
     target = os.path.join(data_dir, "train_vqa-" + "-".join(f"{d}x{n}" for d, n in sorted(parsed.items())) + ".json")
     if os.path.exists(target) and os.path.getmtime(target) >= os.path.getmtime(source):
         return target

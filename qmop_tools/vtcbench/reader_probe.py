@@ -52,7 +52,8 @@ class ProbeSettings:
 
         if self.tokens not in REDUCTIONS:
             raise ValueError(f"`tokens` must be one of {REDUCTIONS}, got {self.tokens!r}.")
-        unknown = sorted((set(self.dimension_list()) | set(self.weight_map())) - set(DIMENSIONS))
+        self.weight_map()  # raises on a bad weight
+        unknown = sorted(set(self.dimension_list()) - set(DIMENSIONS))
         if unknown:
             raise ValueError(f"`dimensions` has unknown {unknown}; choose from {DIMENSIONS}.")
         for name in ("steps", "batch_size", "eval_every"):
@@ -65,23 +66,15 @@ class ProbeSettings:
         return [d.strip() for d in self.dimensions.split(",") if d.strip()]
 
     def weight_map(self) -> dict:
-        return parse_weights(self.weights)
+        from .data import parse_dimension_weights
+
+        return parse_dimension_weights(self.weights)
 
     def result_name(self) -> str:
         """`reader-<tokens>[-<dimensions>][-<dimension>x<weight>...].json` under `<output>/probes`."""
         weighted = [f"{d}x{w}" for d, w in sorted(self.weight_map().items())]
         return "-".join(["reader", self.tokens, *self.dimension_list(), *weighted]) + ".json"
 
-
-def parse_weights(text: str) -> dict:
-    """"counting=3,local=2" -> {"counting": 3, "local": 2}; each weight a whole number >= 1."""
-    weights = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, _, value = part.partition("=")
-        if not value.strip().isdigit() or int(value) < 1:
-            raise ValueError(f"a weight is `dimension=N` with a whole N >= 1, got {part!r}.")
-        weights[name.strip()] = int(value)
-    return weights
 
 @torch.no_grad()
 def tower_tokens(clip_dir: str, processor, data_dir: str, split: str, feature_layer: int = -2) -> torch.Tensor:

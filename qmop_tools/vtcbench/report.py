@@ -213,7 +213,9 @@ def reader_probe_table(output: str) -> str:
             probe = json.load(f)
         last, settings = probe["curve"][-1], probe["settings"]
         cells = [f"{last['val_accuracy'][d]:.1f}" if d in last["val_accuracy"] else "-" for d in DIMENSIONS]
-        trained_on = (settings.get("dimensions") or "all") + (f", weighted {settings['weights']}" if settings.get("weights") else "")
+        trained_on = settings.get("dimensions") or "all"
+        if settings.get("weights"):
+            trained_on += f", weighted {settings['weights']}"
         rows.append(f"| {settings['tokens']} ({probe['tokens_per_picture']} tokens) | {trained_on} "
                     f"| {settings['lr']:g} | {last['step']} | " + " | ".join(cells) + " |")
     if not rows:

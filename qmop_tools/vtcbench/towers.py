@@ -41,7 +41,8 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 logger = logging.getLogger(__name__)
 
 
-FOUNDATION_RECIPE = "dense-balanced+centre+salience+lit/4"  # bump when the pre-training changes: the foundation is rebuilt
+# Bump when the pre-training changes: the foundation is rebuilt.
+FOUNDATION_RECIPE = "dense-balanced+centre+salience+lit/4"
 
 
 @dataclass(frozen=True)
