@@ -288,9 +288,13 @@ def test_smoke_pipeline_end_to_end(tmp_path, monkeypatch, capfd):
     weighted = run_probe(str(output), ProbeSettings(steps=2, batch_size=8, eval_every=2, weights="counting=3"))
     assert set(weighted["curve"][-1]["val_accuracy"]) == set(DIMENSIONS)
     assert (output / "probes" / "reader-pool36-countingx3.json").exists()
+    # another seed: its own file next to seed 0's, not written over it
+    run_probe(str(output), ProbeSettings(steps=2, batch_size=8, eval_every=2, weights="counting=3", seed=1))
+    assert (output / "probes" / "reader-pool36-countingx3-s1.json").exists()
     table = reader_probe_table(str(output))
     assert "| pool36 (36 tokens) | spatial |" in table and "| pool36 (36 tokens) | all |" in table
     assert "| pool36 (36 tokens) | all, weighted counting=3 |" in table
+    assert "| pool36 (36 tokens) | all, weighted counting=3, seed 1 |" in table
     with pytest.raises(ValueError, match="tokens"):
         ProbeSettings(tokens="pool16")
     with pytest.raises(ValueError, match="dimensions"):

@@ -887,18 +887,22 @@ class QMoPProjector(nn.Module):
             rows = selected.nonzero().flatten()  # (n,)
             if rows.numel() == 0:
                 continue
+            # When every image chose this branch (always at batch 1) its inputs are used as they are: no gathered
+            # copies, and a plain add instead of index_add.
+            every = rows.numel() == num_images
             out, kept = self._run_branch(
                 name,
-                patches[rows],  # (n, P, Cv)
+                _select_rows(patches, rows, every),  # (n, P, Cv)
                 num_tokens,
-                None if pruning_scores is None else pruning_scores[rows],
-                None if patch_attention is None else patch_attention[rows],
-                None if patch_positions is None else patch_positions[rows],
+                _select_rows(pruning_scores, rows, every),
+                _select_rows(patch_attention, rows, every),
+                _select_rows(patch_positions, rows, every),
             )
             if kept is not None:
-                kept_patch_indices[rows] = kept
-            gate = weights[rows, column].to(out.dtype)[:, None, None]  # (n, 1, 1)
-            fused = fused.index_add(0, rows, (gate * out).to(fused.dtype))  # (N, M, D)
+                kept_patch_indices = kept if every else kept_patch_indices.index_copy(0, rows, kept)  # (N, M)
+            gate = _select_rows(weights[:, column], rows, every).to(out.dtype)[:, None, None]  # (n, 1, 1)
+            contribution = (gate * out).to(fused.dtype)  # (n, M, D)
+            fused = fused + contribution if every else fused.index_add(0, rows, contribution)  # (N, M, D)
         fused = _poison_unroutable_images(fused, weights)
         return QMoPProjectorOutput(
             image_features=fused,
@@ -909,6 +913,11 @@ class QMoPProjector(nn.Module):
             aux_loss=aux_loss,
             router_z_loss=z_loss,
         )
+
+
+def _select_rows(x: Optional[torch.Tensor], rows: torch.Tensor, every: bool) -> Optional[torch.Tensor]:
+    """The routed path's rows `rows` of `x` (None stays None); `x` itself when `every` row is selected."""
+    return x if x is None or every else x[rows]
 
 
 def _poison_unroutable_images(fused: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -71,9 +71,11 @@ class ProbeSettings:
         return parse_dimension_weights(self.weights)
 
     def result_name(self) -> str:
-        """`reader-<tokens>[-<dimensions>][-<dimension>x<weight>...].json` under `<output>/probes`."""
+        """`reader-<tokens>[-<dimensions>][-<dimension>x<weight>...][-s<seed>].json` under `<output>/probes` (the
+        seed only when it is not 0: probes of several seeds sit side by side)."""
         weighted = [f"{d}x{w}" for d, w in sorted(self.weight_map().items())]
-        return "-".join(["reader", self.tokens, *self.dimension_list(), *weighted]) + ".json"
+        seed = [f"s{self.seed}"] if self.seed else []
+        return "-".join(["reader", self.tokens, *self.dimension_list(), *weighted, *seed]) + ".json"
 
 
 @torch.no_grad()

@@ -216,6 +216,8 @@ def reader_probe_table(output: str) -> str:
         trained_on = settings.get("dimensions") or "all"
         if settings.get("weights"):
             trained_on += f", weighted {settings['weights']}"
+        if settings.get("seed"):
+            trained_on += f", seed {settings['seed']}"
         rows.append(f"| {settings['tokens']} ({probe['tokens_per_picture']} tokens) | {trained_on} "
                     f"| {settings['lr']:g} | {last['step']} | " + " | ".join(cells) + " |")
     if not rows:
