@@ -73,6 +73,56 @@ def test_label_map_names_what_covers_each_patch():
     assert (kinds[centres == 1] == KINDS.index("shape")).all()
 
 
+def test_pair_layout_puts_tag_and_decoy_in_one_pooling_cell():
+    """Layout "pair": the tag and a decoy with another letter share the corner's 24 x 24 pooling cell at M = 36, meet
+    on a patch border (each patch shows one box), and the label maps name each box's own letter and tell them apart;
+    layout "tag" is version 6 as before."""
+    from qmop_tools.vtcbench.data import DECOY_COLOUR, _decoy_box, data_version, dataset_marker, kinds, make_scene
+    from qmop_tools.vtcbench.towers import dense_heads, picture_heads
+
+    cell = 24  # IMAGE_SIZE / sqrt(36)
+    scenes = generate_split("train", 40, seed=0, layout="pair")
+    assert {s.decoy_side for s in scenes} == {"left", "right"}
+    for scene in scenes:
+        assert scene.decoy_letter in GLYPHS and scene.decoy_letter != scene.tag_letter
+        assert f"the letter {scene.decoy_letter} on a grey box" in scene.caption()
+        tag, decoy = _tag_box(scene), _decoy_box(scene)
+        assert tag[1:] == decoy[1:] and abs(tag[0] - decoy[0]) == tag[2]  # side by side, one row
+        left, top = min(tag[0], decoy[0]), tag[1]
+        assert left // cell == (left + 2 * tag[2] - 1) // cell and top // cell == (top + tag[3] - 1) // cell
+        assert max(tag[0], decoy[0]) % PATCH_SIZE == 0  # they meet on a patch border
+        assert (tag[0] < decoy[0]) == (scene.decoy_side == "right")
+        labels = draw_labels(scene)
+        kind, letter = torch.tensor(labels["kind"]), torch.tensor(labels["letter"])
+        assert set(letter[kind == KINDS.index("tag")].tolist()) == {list(GLYPHS).index(scene.tag_letter)}
+        assert set(letter[kind == KINDS.index("decoy")].tolist()) == {list(GLYPHS).index(scene.decoy_letter)}
+        assert (kind == KINDS.index("decoy")).sum() >= 4
+        # what the picture shows where the tag is: the tag's colour, not the decoy's grey
+        image = draw_scene(scene)  # a box's first pixel is its margin, never ink
+        assert image.getpixel(tag[:2]) != image.getpixel(decoy[:2]) == DECOY_COLOUR
+    # "tag" draws exactly what it drew before layouts existed: no decoy, no extra random draws
+    plain = generate_split("train", 5, seed=0)
+    assert [s.caption() for s in plain] == [s.caption() for s in generate_split("train", 5, seed=0, layout="tag")]
+    assert all(s.decoy_letter == "" and "grey box" not in s.caption() for s in plain)
+    assert all((torch.tensor(draw_labels(s)["kind"]) < 4).all() for s in plain)
+    assert data_version("tag") == dataset_marker(0, {})["version"] != data_version("pair")
+    assert kinds("tag") == KINDS[:4] and dense_heads("pair")["kind"] == 5 == dense_heads("tag")["kind"] + 1
+    assert "letter" in picture_heads("tag") and "letter" not in picture_heads("pair")
+    with pytest.raises(ValueError, match="Unknown data layout"):
+        make_scene(__import__("random").Random(0), "pairs")
+
+
+def test_data_layout_setting_keys_the_runs():
+    from qmop_tools.vtcbench.cli import parse
+
+    _, settings = parse(["--data-layout", "pair"])
+    assert settings.data_layout == "pair" and settings.job_key("pooling")["data_version"] == "6-pair"
+    default = Settings().job_key("pooling")
+    assert default["data_version"] == 6 and "data_layout" not in default  # runs from before the setting stay valid
+    with pytest.raises(SystemExit):
+        parse(["--data-layout", "pairs"])
+
+
 def test_every_shape_covers_the_same_area():
     """A count is an area: each of the four shapes on a plain picture covers the circle's pixels within 20% (the
     rounding of 16-pixel-wide polygons to pixels; before data version 6 a triangle covered 57% of the circle)."""

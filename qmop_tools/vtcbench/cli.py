@@ -7,7 +7,7 @@ import sys
 from qmop_tools.checks import is_square_budget
 from qmop_tools.progress import library_bars
 
-from .data import parse_dimension_weights
+from .data import LAYOUTS, parse_dimension_weights
 from .experiment import ACCEPTANCE_VARIANTS, EXPORTABLE, VARIANTS, Settings
 from .pipeline import run
 
@@ -32,6 +32,9 @@ def parse(argv=None) -> tuple:
     parser.add_argument("--stage2-weights", metavar="DIM=N[,DIM=N]",
                         help="times each question of a dimension is seen per stage-2 epoch, others once (default "
                         f"{Settings().stage2_weights or 'none'}); every variant gets the same schedule")
+    parser.add_argument("--data-layout", choices=LAYOUTS,
+                        help="tag (default): data version 6; pair: a decoy letter next to the tag in one pooling cell "
+                        "(docs/vtcbench.md, \"Data layout pair\")")
     parser.add_argument("--export-checkpoint", metavar="DIR",
                         help="copy the best QMoP run by val accuracy of the first of "
                         f"{', '.join(EXPORTABLE)} that ran here, "
@@ -47,7 +50,7 @@ def parse(argv=None) -> tuple:
     settings = Settings.smoke() if args.smoke else Settings()
     if args.acceptance:
         settings.variants = list(ACCEPTANCE_VARIANTS)
-    for name in ("variants", "seeds", "budget", "workers", "stage2_weights"):
+    for name in ("variants", "seeds", "budget", "workers", "stage2_weights", "data_layout"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     if not set(EXPORTABLE) & set(settings.variants) and (args.export_checkpoint or args.export_demo_image):

@@ -44,6 +44,17 @@ tokens then learns the count (88% after 400 steps of counting alone), but not wi
 (37% after its 750 steps) unless stage 2 shows counting questions more often (`experiment.Settings.stage2_weights`:
 67.5% with counting x3 in the probe, 66.3 ± 7.5 for the 576-token model in the benchmark).
 
+Layout "pair" (`Settings.data_layout`; version 6 otherwise) is built so that pooling loses the letter by design
+(docs/vtcbench.md, "Data layout pair"). On version 6 pooling's letter grew with training (64 / 69 / 73 at 750 / 1,050 /
+1,200 stage-2 steps) while pruning's stayed at 76-78: a 4 x 4 pooled cell that holds most of the one tag and
+otherwise background keeps enough of its letter. In the pair layout two letters stand side by side in one 24 x 24
+pooling cell at M = 36: the tag (a coloured box) and a decoy (a grey box), each a 10 x 14 pixel letter in a 12 x 16
+box, the pair 24 pixels wide at the picture's edge. Each patch lies in one box (the boxes meet on a patch border), so
+every patch token says which letter it shows and whether it is on the tag; the cell's average says which two
+letters are there and that one of them is on a tag, not which one. The tower's per-patch heads name every glyph's
+letter and tell the tag from the decoy; its picture-level letter head is dropped in this layout, so no token is
+trained to carry the tag's letter away from the tag.
+
 `draw_labels` draws, next to each picture, a per-patch map of what is there (kind, colour, letter, ...): the
 foundation tower is pre-trained on it (dense supervision, `towers.py`), as CLIP is pre-trained on captions that
 name those facts. Questions and answers are never shown to the tower.
@@ -58,6 +69,7 @@ from dataclasses import asdict, dataclass, field
 from PIL import Image, ImageDraw
 
 DATA_VERSION = 6  # bump when scenes, questions or drawing change: cached data on disk is then regenerated
+LAYOUTS = ("tag", "pair")  # "tag": version 6 as it is; "pair": the tag and a decoy in one pooling cell (above)
 IMAGE_SIZE = 144
 PATCH_SIZE = 6
 GRID = IMAGE_SIZE // PATCH_SIZE  # 24 patches a side
@@ -107,6 +119,12 @@ EQUAL_AREA = {"circle": 1.0, "square": math.pi**0.5 / 2, "triangle": (math.pi / 
               "diamond": (math.pi / 2) ** 0.5}
 CROSS_ARM = 6  # the cross spans 13 x 13 pixels
 HALF_MARGIN = 14  # the cross's centre is at least this far from the middle lines
+# Layout "pair": 5 x 7 letters drawn at 2x (10 x 14 pixels, 2-pixel strokes, 2 x 3 patches) in 12 x 16 boxes; tag and
+# decoy side by side fill the 24 pixels of a pooling cell at M = 36 and meet on a patch border (x = 12).
+PAIR_GLYPH_SCALE = 2
+PAIR_MARGIN = 1
+PAIR_BOX = (5 * PAIR_GLYPH_SCALE + 2 * PAIR_MARGIN, 7 * PAIR_GLYPH_SCALE + 2 * PAIR_MARGIN)  # (12, 16)
+DECOY_COLOUR = (200, 200, 200)  # grey: not a tag colour
 
 QUESTION_TEMPLATES = {
     "global": ("what colour is the background?", "what is the colour of the background?"),
@@ -145,7 +163,17 @@ def parse_dimension_weights(text: str) -> dict:
 CHANCE = {"global": 1 / 6, "local": 1 / 8, "spatial": 1 / 2, "counting": 1 / 4, "style": 1 / 5}
 
 # Per-patch label map (`draw_labels`): what the foundation tower is supervised with. -1 = not applicable.
-KINDS = ("background", "shape", "cross", "tag")
+KINDS = ("background", "shape", "cross", "tag", "decoy")  # "decoy" only in layout "pair"
+
+
+def kinds(layout: str = "tag") -> tuple:
+    """The kinds a layout's label maps use (the tower's kind head has one class each)."""
+    return KINDS if layout == "pair" else KINDS[:4]
+
+
+def data_version(layout: str = "tag"):
+    """What cached data, foundations and runs are keyed by: DATA_VERSION, with the layout when it is not "tag"."""
+    return DATA_VERSION if layout == "tag" else f"{DATA_VERSION}-{layout}"
 
 
 @dataclass
@@ -173,6 +201,8 @@ class Scene:
     tag_offset: tuple = (0, 0)  # (x, y) of the box inside its corner zone
     texture_seed: int = 0
     questions: list = field(default_factory=list)  # [{"dimension", "question", "answer"}]
+    decoy_letter: str = ""  # layout "pair": the letter on the grey box next to the tag ("" in layout "tag")
+    decoy_side: str = ""  # layout "pair": which of the pair's two places the decoy takes, "left" or "right"
 
     @property
     def tag_sides(self) -> tuple:
@@ -189,9 +219,10 @@ class Scene:
         parts = [f"a {s.name}" for s in self.shapes]
         shapes = ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
         horizontal, vertical = self.cross_sides
+        decoy = f" next to the letter {self.decoy_letter} on a grey box" if self.decoy_letter else ""
         return (f"a {self.texture} {self.background} background with {NUMBERS[len(self.shapes) - 1]} shapes: {shapes}; "
-                f"a cross at the {vertical} {horizontal}; the letter {self.tag_letter} on a {self.tag_colour} tag "
-                f"in the {self.tag_corner} corner")
+                f"a cross at the {vertical} {horizontal}; the letter {self.tag_letter} on a {self.tag_colour} tag"
+                f"{decoy} in the {self.tag_corner} corner")
 
 
 # ===================================================================================== scenes
@@ -202,8 +233,11 @@ def _outside_corners(x: int, y: int, reach: int) -> bool:
     return not in_corner
 
 
-def make_scene(rng: random.Random) -> Scene:
-    """A random scene and its five questions."""
+def make_scene(rng: random.Random, layout: str = "tag") -> Scene:
+    """A random scene and its five questions (`layout`: one of LAYOUTS; "tag" draws the same scenes as before it
+    existed)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"Unknown data layout {layout!r}; choose from {LAYOUTS}.")
     while True:
         background = rng.choice(tuple(BACKGROUNDS))
         colours = [c for c in OBJECT_COLOURS if c != background]
@@ -231,6 +265,10 @@ def make_scene(rng: random.Random) -> Scene:
         scene = Scene(background, rng.choice(TEXTURES), shapes, (cx, cy), rng.choice(CORNERS),
                       rng.choice(tuple(GLYPHS)), rng.choice([c for c in TAG_COLOURS if c != background]), offset,
                       rng.randrange(2**31))
+        if layout == "pair":  # the pair at the picture's edge, inside the corner's pooling cell (rows 0-23 from the edge)
+            scene.tag_offset = (0, rng.randint(0, 24 - PAIR_BOX[1]))
+            scene.decoy_letter = rng.choice([g for g in GLYPHS if g != scene.tag_letter])
+            scene.decoy_side = rng.choice(("left", "right"))
         horizontal, vertical = scene.tag_sides
         axis = rng.choice(("h", "v"))
         scene.questions = [
@@ -250,15 +288,37 @@ def _shade(colour, delta):
     return tuple(max(0, min(255, c + delta)) for c in colour)
 
 
-def _tag_box(scene: Scene) -> tuple:
-    """(x, y, width, height) of the tag's box in pixels."""
-    width, height = 5 * GLYPH_SCALE + 2 * TAG_MARGIN, 7 * GLYPH_SCALE + 2 * TAG_MARGIN
+def _corner_box(scene: Scene, width: int, height: int) -> tuple:
+    """(x, y, width, height) of a box of that size at `scene.tag_offset` inside the tag's corner."""
     x, y = scene.tag_offset
     if "right" in scene.tag_corner:
         x = IMAGE_SIZE - x - width
     if "bottom" in scene.tag_corner:
         y = IMAGE_SIZE - y - height
     return x, y, width, height
+
+
+def _tag_box(scene: Scene) -> tuple:
+    """(x, y, width, height) of the tag's box in pixels."""
+    if not scene.decoy_letter:
+        return _corner_box(scene, 5 * GLYPH_SCALE + 2 * TAG_MARGIN, 7 * GLYPH_SCALE + 2 * TAG_MARGIN)
+    x, y, _, height = _corner_box(scene, 2 * PAIR_BOX[0], PAIR_BOX[1])
+    return x + (PAIR_BOX[0] if scene.decoy_side == "left" else 0), y, PAIR_BOX[0], height
+
+
+def _decoy_box(scene: Scene) -> tuple:
+    """(x, y, width, height) of the decoy's grey box (layout "pair")."""
+    x, y, _, height = _corner_box(scene, 2 * PAIR_BOX[0], PAIR_BOX[1])
+    return x + (PAIR_BOX[0] if scene.decoy_side == "right" else 0), y, PAIR_BOX[0], height
+
+
+def _draw_glyph(draw: ImageDraw.ImageDraw, letter: str, box: tuple, scale: int, margin: int, fill) -> None:
+    x, y = box[0] + margin, box[1] + margin
+    for row, bits in enumerate(GLYPHS[letter]):
+        for col, bit in enumerate(bits):
+            if bit == "1":
+                draw.rectangle([x + col * scale, y + row * scale, x + (col + 1) * scale - 1, y + (row + 1) * scale - 1],
+                               fill=fill)
 
 
 def _draw_objects(draw: ImageDraw.ImageDraw, scene: Scene, fills: dict) -> None:
@@ -281,13 +341,14 @@ def _draw_objects(draw: ImageDraw.ImageDraw, scene: Scene, fills: dict) -> None:
     draw.rectangle([cx - 2, cy - CROSS_ARM, cx + 1, cy + CROSS_ARM], fill=fills["cross_outer"])
     draw.rectangle([cx - CROSS_ARM + 1, cy - 1, cx + CROSS_ARM - 1, cy], fill=fills["cross_inner"])
     draw.rectangle([cx - 1, cy - CROSS_ARM + 1, cx, cy + CROSS_ARM - 1], fill=fills["cross_inner"])
-    x, y, width, height = _tag_box(scene)
-    draw.rectangle([x, y, x + width - 1, y + height - 1], fill=fills["tag"])
-    for row, bits in enumerate(GLYPHS[scene.tag_letter]):
-        for col, bit in enumerate(bits):
-            if bit == "1":
-                px, py = x + TAG_MARGIN + col * GLYPH_SCALE, y + TAG_MARGIN + row * GLYPH_SCALE
-                draw.rectangle([px, py, px + GLYPH_SCALE - 1, py + GLYPH_SCALE - 1], fill=fills["ink"])
+    scale, margin = (PAIR_GLYPH_SCALE, PAIR_MARGIN) if scene.decoy_letter else (GLYPH_SCALE, TAG_MARGIN)
+    box = _tag_box(scene)
+    draw.rectangle([box[0], box[1], box[0] + box[2] - 1, box[1] + box[3] - 1], fill=fills["tag"])
+    _draw_glyph(draw, scene.tag_letter, box, scale, margin, fills["ink"])
+    if scene.decoy_letter:
+        box = _decoy_box(scene)
+        draw.rectangle([box[0], box[1], box[0] + box[2] - 1, box[1] + box[3] - 1], fill=fills["decoy"])
+        _draw_glyph(draw, scene.decoy_letter, box, scale, margin, fills["decoy_ink"])
 
 
 def draw_scene(scene: Scene) -> Image.Image:
@@ -326,6 +387,8 @@ def draw_scene(scene: Scene) -> Image.Image:
         "cross_inner": (255, 255, 255),
         "tag": box,
         "ink": (0, 0, 0) if luminance > 110 else (255, 255, 255),
+        "decoy": DECOY_COLOUR,
+        "decoy_ink": (0, 0, 0),
     })
     return image
 
@@ -333,8 +396,9 @@ def draw_scene(scene: Scene) -> Image.Image:
 def draw_labels(scene: Scene) -> dict:
     """Per-patch labels (GRID x GRID lists of ints, -1 where a label does not apply) for dense pre-training:
 
-    kind (KINDS: the object covering most of the patch, a tag or cross winning from a quarter of it), shape_colour
-    (index in OBJECT_COLOURS, shape patches), letter (index in GLYPHS, tag patches), background and texture
+    kind (KINDS: the object covering most of the patch, a tag, decoy or cross winning from a quarter of it),
+    shape_colour (index in OBJECT_COLOURS, shape patches), letter (index in GLYPHS, tag and decoy patches, each its
+    own letter), background and texture
     (background patches), row and column (every patch), centre (1 on the patch holding a shape's centre, 0 on every
     other patch)."""
     kind_map = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
@@ -342,10 +406,11 @@ def draw_labels(scene: Scene) -> dict:
     shape_colour = {s.colour: OBJECT_COLOURS_INDEX[s.colour] for s in scene.shapes}
     _draw_objects(ImageDraw.Draw(kind_map), scene, {
         "shape": lambda s: 1, "shape_outline": lambda s: 1, "cross_outer": 2, "cross_inner": 2, "tag": 3, "ink": 3,
+        "decoy": 4, "decoy_ink": 4,
     })
     _draw_objects(ImageDraw.Draw(colour_map), scene, {
         "shape": lambda s: shape_colour[s.colour], "shape_outline": lambda s: shape_colour[s.colour],
-        "cross_outer": 255, "cross_inner": 255, "tag": 255, "ink": 255,
+        "cross_outer": 255, "cross_inner": 255, "tag": 255, "ink": 255, "decoy": 255, "decoy_ink": 255,
     })
     kinds, colours = kind_map.load(), colour_map.load()
     area = PATCH_SIZE * PATCH_SIZE
@@ -365,6 +430,8 @@ def draw_labels(scene: Scene) -> dict:
                         colour_votes[colours[x, y]] = colour_votes.get(colours[x, y], 0) + 1
             if counts[3] * 4 >= area:
                 kind = 3
+            elif counts[4] * 4 >= area:
+                kind = 4
             elif counts[2] * 4 >= area:
                 kind = 2
             elif counts[1] * 3 >= area:
@@ -377,6 +444,8 @@ def draw_labels(scene: Scene) -> dict:
                 labels["shape_colour"][row][col] = max(colour_votes, key=colour_votes.get)
             elif kind == 3:
                 labels["letter"][row][col] = LETTER_INDEX[scene.tag_letter]
+            elif kind == 4:
+                labels["letter"][row][col] = LETTER_INDEX[scene.decoy_letter]
             elif kind == 0:
                 labels["background"][row][col] = BACKGROUND_INDEX[scene.background]
                 labels["texture"][row][col] = TEXTURES.index(scene.texture)
@@ -400,17 +469,17 @@ def scene_from_dict(data: dict) -> Scene:
 SPLIT_OFFSETS = {"train": 0, "val": 1, "test": 2}
 
 
-def generate_split(split: str, num_images: int, seed: int = 0) -> list:
+def generate_split(split: str, num_images: int, seed: int = 0, layout: str = "tag") -> list:
     """Scenes of one split; split and seed fix them (the splits never share a random stream)."""
     if split not in SPLIT_OFFSETS:
         raise ValueError(f"Unknown split {split!r}; choose from {sorted(SPLIT_OFFSETS)}.")
     if num_images < 1:
         raise ValueError(f"`num_images` must be >= 1, got {num_images}.")
     rng = random.Random(f"qmop-vtcbench/{seed}/{split}")
-    return [make_scene(rng) for _ in range(num_images)]
+    return [make_scene(rng, layout) for _ in range(num_images)]
 
 
-def write_dataset(output_dir: str, sizes: dict, seed: int = 0) -> dict:
+def write_dataset(output_dir: str, sizes: dict, seed: int = 0, layout: str = "tag") -> dict:
     """Write images/{split}/NNNNN.png and, per split, `{split}.json` (scenes, questions, captions) plus the LLaVA
     training files `{split}_captions.json` (stage 1) and `{split}_vqa.json` (stage 2). Written to a temporary folder
     and moved into place. Returns {split: number of images}."""
@@ -418,7 +487,7 @@ def write_dataset(output_dir: str, sizes: dict, seed: int = 0) -> dict:
 
     with atomic_folder(output_dir) as tmp:
         for split, size in sizes.items():
-            scenes = generate_split(split, size, seed)
+            scenes = generate_split(split, size, seed, layout)
             os.makedirs(os.path.join(tmp, "images", split))
             records, captions, vqa = [], [], []
             for index, scene in enumerate(scenes):
@@ -448,7 +517,7 @@ def write_dataset(output_dir: str, sizes: dict, seed: int = 0) -> dict:
                 with open(os.path.join(tmp, f"{name}.json"), "w") as f:
                     json.dump(content, f)
         with open(os.path.join(tmp, "dataset.json"), "w") as f:
-            json.dump(dataset_marker(seed, sizes), f)
+            json.dump(dataset_marker(seed, sizes, layout), f)
     return dict(sizes)
 
 
@@ -469,8 +538,9 @@ def write_downsampled(data_dir: str, folder: str, side: int) -> None:
                 small.resize((IMAGE_SIZE, IMAGE_SIZE), Image.NEAREST).save(os.path.join(tmp, split, name))
 
 
-def dataset_marker(seed: int, sizes: dict) -> dict:
-    return {"version": DATA_VERSION, "seed": seed, "sizes": dict(sizes), "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE}
+def dataset_marker(seed: int, sizes: dict, layout: str = "tag") -> dict:
+    return {"version": data_version(layout), "seed": seed, "sizes": dict(sizes), "image_size": IMAGE_SIZE,
+            "patch_size": PATCH_SIZE}
 
 
 def corpus(scenes: list) -> list:

@@ -36,10 +36,10 @@ def prepare_data(output: str, settings: Settings) -> str:
     fresh = True
     if os.path.exists(marker):
         with open(marker) as f:
-            fresh = json.load(f) != dataset_marker(settings.data_seed, sizes)
+            fresh = json.load(f) != dataset_marker(settings.data_seed, sizes, settings.data_layout)
     if fresh:
         start = time.time()
-        write_dataset(data_dir, sizes, seed=settings.data_seed)
+        write_dataset(data_dir, sizes, seed=settings.data_seed, layout=settings.data_layout)
         logger.info("data: %s images in %.0f s", sizes, time.time() - start)
     side = PATCH_SIZE * math.isqrt(settings.budget)
     downsampled = os.path.join(data_dir, DOWNSAMPLED_IMAGES)
@@ -58,14 +58,14 @@ def prepare_foundation(output: str, settings: Settings, parts=("tokenizers", "la
     from qmop_tools.files import save_pretrained_atomically
     from qmop_tools.testing.tiny import build_processor
 
-    from .data import DATA_VERSION, IMAGE_SIZE, PATCH_SIZE, corpus, generate_split
+    from .data import IMAGE_SIZE, PATCH_SIZE, corpus, data_version, generate_split
     from .towers import FOUNDATION_RECIPE, TowerShapes, pretrain_clip, pretrain_llm, tower_probe_report
 
     foundation = os.path.join(output, "foundation")
     data_dir = os.path.join(output, "data")
     shapes = TowerShapes()
-    common = {"data_version": DATA_VERSION, "train_images": settings.train_images, "data_seed": settings.data_seed,
-              "shapes": shapes.__dict__}
+    common = {"data_version": data_version(settings.data_layout), "train_images": settings.train_images,
+              "data_seed": settings.data_seed, "shapes": shapes.__dict__}
     wanted = {
         "tokenizers": common,
         "language": common | {"llm_steps": settings.llm_steps},
@@ -82,7 +82,7 @@ def prepare_foundation(output: str, settings: Settings, parts=("tokenizers", "la
                 return report
         return None
 
-    lines = corpus(generate_split("train", settings.train_images, settings.data_seed))
+    lines = corpus(generate_split("train", settings.train_images, settings.data_seed, settings.data_layout))
     if "tokenizers" in parts and cached("tokenizers") is None:
         processor = build_processor(settings.budget, IMAGE_SIZE, PATCH_SIZE, corpus=lines)
         os.makedirs(foundation, exist_ok=True)

@@ -127,18 +127,23 @@ LETTER_LOSS_WEIGHT = 4.0
 
 
 # Per-patch heads on the feature layer and per-picture heads on its CLS token: name -> number of classes.
-def dense_heads() -> dict:
-    from .data import BACKGROUNDS, GLYPHS, GRID, KINDS, OBJECT_COLOURS, TEXTURES
+def dense_heads(layout: str = "tag") -> dict:
+    from .data import BACKGROUNDS, GLYPHS, GRID, OBJECT_COLOURS, TEXTURES, kinds
 
-    return {"kind": len(KINDS), "shape_colour": len(OBJECT_COLOURS), "letter": len(GLYPHS),
+    return {"kind": len(kinds(layout)), "shape_colour": len(OBJECT_COLOURS), "letter": len(GLYPHS),
             "background": len(BACKGROUNDS), "texture": len(TEXTURES), "row": GRID, "column": GRID, "centre": 2}
 
 
-def picture_heads() -> dict:
+def picture_heads(layout: str = "tag") -> dict:
+    """In layout "pair" without the letter: the test there is whether a branch keeps the letter where it is drawn, so
+    no token is trained to carry the tag's letter (data.py, layout "pair")."""
     from .data import BACKGROUNDS, GLYPHS, NUMBERS, TEXTURES
 
-    return {"background": len(BACKGROUNDS), "texture": len(TEXTURES), "count": len(NUMBERS), "letter": len(GLYPHS),
-            "cross_h": 2, "cross_v": 2}
+    heads = {"background": len(BACKGROUNDS), "texture": len(TEXTURES), "count": len(NUMBERS), "letter": len(GLYPHS),
+             "cross_h": 2, "cross_v": 2}
+    if layout == "pair":
+        del heads["letter"]
+    return heads
 
 
 def inverse_frequency(targets: torch.Tensor, classes: int) -> torch.Tensor:
@@ -213,17 +218,18 @@ def pretrain_clip(processor, image_folder: str, records: list, shapes: TowerShap
     model = CLIPModel(config)
     vision = model.vision_model
     width = shapes.vision_width
-    patch_heads = torch.nn.ModuleDict({name: torch.nn.Linear(width, n) for name, n in dense_heads().items()})
-    cls_heads = torch.nn.ModuleDict({name: torch.nn.Linear(width, n) for name, n in picture_heads().items()})
+    layout = "pair" if records[0].get("decoy_letter") else "tag"
+    patch_heads = torch.nn.ModuleDict({name: torch.nn.Linear(width, n) for name, n in dense_heads(layout).items()})
+    cls_heads = torch.nn.ModuleDict({name: torch.nn.Linear(width, n) for name, n in picture_heads(layout).items()})
     feature_index = _feature_index(shapes.vision_layers, feature_layer)
     used = torch.nn.ModuleList([vision.embeddings, vision.pre_layrnorm, *vision.encoder.layers[:feature_index]])
     trained = torch.nn.ModuleDict({"tower": used, "patch": patch_heads, "cls": cls_heads})
 
     pixels = load_pixels(processor, image_folder, records)
     patch_targets = {name: torch.tensor([[v for row in r["labels"][name] for v in row] for r in records])
-                     for name in dense_heads()}  # name -> (n, P)
-    picture_targets = {name: torch.tensor([picture_labels(r)[name] for r in records]) for name in picture_heads()}
-    class_weights = {name: inverse_frequency(targets, dense_heads()[name]) for name, targets in patch_targets.items()}
+                     for name in patch_heads}  # name -> (n, P)
+    picture_targets = {name: torch.tensor([picture_labels(r)[name] for r in records]) for name in cls_heads}
+    class_weights = {name: inverse_frequency(targets, dense_heads(layout)[name]) for name, targets in patch_targets.items()}
     foreground = (patch_targets["kind"] > 0).float()  # (n, P)
     salience = foreground / foreground.sum(-1, keepdim=True).clamp(min=1)
 
