@@ -23,8 +23,8 @@ def parse(argv=None) -> tuple:
     parser.add_argument("--smoke", action="store_true", help="a tiny version that runs in about a minute (tests)")
     parser.add_argument("--acceptance", action="store_true",
                         help="only the variants the acceptance checks read (" + ", ".join(ACCEPTANCE_VARIANTS)
-                        + "), over the seeds; about 90 min from nothing on two idle CPU cores (83 min measured after "
-                        "the foundation)")
+                        + "), over the seeds; 80 min measured from nothing on two CPU cores (data layout pair, "
+                        "2026-12-06)")
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), help="default: all")
     parser.add_argument("--seeds", nargs="+", type=int, help="default: 0 1 2")
     parser.add_argument("--budget", type=int, help="visual tokens per image (perfect square; default 36)")
@@ -33,8 +33,8 @@ def parse(argv=None) -> tuple:
                         help="times each question of a dimension is seen per stage-2 epoch, others once (default "
                         f"{Settings().stage2_weights or 'none'}); every variant gets the same schedule")
     parser.add_argument("--data-layout", choices=LAYOUTS,
-                        help="tag (default): data version 6; pair: a decoy letter next to the tag in one pooling cell "
-                        "(docs/vtcbench.md, \"Data layout pair\")")
+                        help="tag (default): data version 6; pair: a decoy letter next to the tag in one pooling cell, "
+                        "tried and not adopted (docs/vtcbench.md, \"Data layout pair\")")
     parser.add_argument("--export-checkpoint", metavar="DIR",
                         help="copy the best QMoP run by val accuracy of the first of "
                         f"{', '.join(EXPORTABLE)} that ran here, "
