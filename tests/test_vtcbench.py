@@ -112,6 +112,44 @@ def test_pair_layout_puts_tag_and_decoy_in_one_pooling_cell():
         make_scene(__import__("random").Random(0), "pairs")
 
 
+def test_ink_labels_give_each_glyph_patch_its_stroke_pattern():
+    """`glyph_target="ink"`: the glyph head names which quadrants of a patch are ink, not the letter; the heads and
+    the keys follow (docs/vtcbench.md, "Data layout pair")."""
+    from qmop_tools.vtcbench.data import GLYPHS, INK_CODES, ink_labels
+    from qmop_tools.vtcbench.towers import dense_heads, foundation_recipe, picture_heads
+
+    scene = generate_split("train", 1, seed=0, layout="pair")[0]
+    kind = draw_labels(scene)["kind"]
+    codes = torch.tensor(ink_labels(scene, kind))
+    glyph = torch.isin(torch.tensor(kind), torch.tensor([KINDS.index("tag"), KINDS.index("decoy")]))
+    assert (codes[~glyph] == -1).all() and ((codes[glyph] >= 0) & (codes[glyph] < INK_CODES)).all()
+    assert len(set(codes[glyph].tolist())) >= 3  # strokes differ from patch to patch
+    # the same letters drawn elsewhere in the box give other codes: the target is where the ink is, not which letter
+    box = _tag_box(scene)
+    pixels = numpy.asarray(draw_scene(scene)).astype(int)
+    row, col = box[1] // PATCH_SIZE, box[0] // PATCH_SIZE
+    quadrant = pixels[row * PATCH_SIZE:row * PATCH_SIZE + 3, col * PATCH_SIZE:col * PATCH_SIZE + 3]
+    ink = (0, 0, 0) if tuple(pixels[box[1], box[0]]) != (0, 0, 0) else (255, 255, 255)
+    assert bool(codes[row, col] & 1) == ((quadrant == ink).all(-1).sum() >= 5)
+    # a scene whose tag shows another letter keeps its kinds but changes its ink map
+    other = generate_split("train", 1, seed=0, layout="pair")[0]
+    other.tag_letter = next(g for g in GLYPHS if g not in (scene.tag_letter, scene.decoy_letter))
+    assert ink_labels(other, kind) != ink_labels(scene, kind)
+    heads = dense_heads("pair", "ink")
+    assert heads["ink"] == INK_CODES and "letter" not in heads and "letter" in dense_heads("pair")
+    assert "letter" not in picture_heads("tag", "ink") and "letter" in picture_heads("tag")
+    assert foundation_recipe("letter") != foundation_recipe("ink")
+    default = Settings().job_key("pooling")
+    ink = Settings(glyph_target="ink").job_key("pooling")
+    assert "glyph_target" not in default and ink["foundation"] == foundation_recipe("ink") != default["foundation"]
+    from qmop_tools.vtcbench.cli import parse
+    from qmop_tools.vtcbench.towers import pretrain_clip
+
+    assert parse(["--glyph-target", "ink"])[1].glyph_target == "ink"
+    with pytest.raises(ValueError, match="glyph target"):
+        pretrain_clip(None, "", [{"decoy_letter": ""}], None, steps=1, glyph_target="strokes")
+
+
 def test_data_layout_setting_keys_the_runs():
     from qmop_tools.vtcbench.cli import parse
 

@@ -7,7 +7,7 @@ import sys
 from qmop_tools.checks import is_square_budget
 from qmop_tools.progress import library_bars
 
-from .data import LAYOUTS, parse_dimension_weights
+from .data import GLYPH_TARGETS, LAYOUTS, parse_dimension_weights
 from .experiment import ACCEPTANCE_VARIANTS, EXPORTABLE, VARIANTS, Settings
 from .pipeline import run
 
@@ -35,6 +35,9 @@ def parse(argv=None) -> tuple:
     parser.add_argument("--data-layout", choices=LAYOUTS,
                         help="tag (default): data version 6; pair: a decoy letter next to the tag in one pooling cell, "
                         "tried and not adopted (docs/vtcbench.md, \"Data layout pair\")")
+    parser.add_argument("--glyph-target", choices=GLYPH_TARGETS,
+                        help="what the tower's per-patch glyph head names: letter (default, recipe 4) or ink (each "
+                        "patch's ink pattern, so that pooling loses the letter; docs/vtcbench.md, \"Data layout pair\")")
     parser.add_argument("--export-checkpoint", metavar="DIR",
                         help="copy the best QMoP run by val accuracy of the first of "
                         f"{', '.join(EXPORTABLE)} that ran here, "
@@ -50,7 +53,7 @@ def parse(argv=None) -> tuple:
     settings = Settings.smoke() if args.smoke else Settings()
     if args.acceptance:
         settings.variants = list(ACCEPTANCE_VARIANTS)
-    for name in ("variants", "seeds", "budget", "workers", "stage2_weights", "data_layout"):
+    for name in ("variants", "seeds", "budget", "workers", "stage2_weights", "data_layout", "glyph_target"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     if not set(EXPORTABLE) & set(settings.variants) and (args.export_checkpoint or args.export_demo_image):

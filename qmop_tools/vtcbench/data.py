@@ -455,6 +455,43 @@ def draw_labels(scene: Scene) -> dict:
     return labels
 
 
+GLYPH_TARGETS = ("letter", "ink")  # what the tower's per-patch glyph head names (`towers.dense_heads`)
+INK_CODES = 16  # `ink_labels`: 4 quadrants of a patch, each mostly ink or not
+
+
+def ink_labels(scene: Scene, kind: list) -> list:
+    """Per-patch ink pattern of the glyph patches (GRID x GRID, -1 elsewhere): bit q is set when quadrant q (3 x 3
+    pixels: top left, top right, bottom left, bottom right) is mostly ink (5 of its 9 pixels). `kind` is the scene's
+    `draw_labels(...)["kind"]`; tag and decoy patches get a code. The target of the glyph head when the tower should
+    see strokes and not name letters (`glyph_target="ink"`; docs/vtcbench.md, "Data layout pair")."""
+    mask = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    _draw_objects(ImageDraw.Draw(mask), scene, {
+        "shape": lambda s: 0, "shape_outline": lambda s: 0, "cross_outer": 0, "cross_inner": 0, "tag": 0, "ink": 1,
+        "decoy": 0, "decoy_ink": 1,
+    })
+    pixels, half = mask.load(), PATCH_SIZE // 2
+    codes = [[-1] * GRID for _ in range(GRID)]
+    for row in range(GRID):
+        for col in range(GRID):
+            if KINDS[kind[row][col]] not in ("tag", "decoy"):
+                continue
+            code = 0
+            for bit, (dy, dx) in enumerate(((0, 0), (0, half), (half, 0), (half, half))):
+                ink = sum(pixels[col * PATCH_SIZE + dx + i, row * PATCH_SIZE + dy + j]
+                          for i in range(half) for j in range(half))
+                code |= (ink >= 5) << bit
+            codes[row][col] = code
+    return codes
+
+
+def scene_of_record(record: dict) -> Scene:
+    """The Scene of a record of `{split}.json` (which adds image, caption and labels to the scene's fields)."""
+    from dataclasses import fields
+
+    names = {f.name for f in fields(Scene)}
+    return scene_from_dict({k: v for k, v in record.items() if k in names})
+
+
 OBJECT_COLOURS_INDEX = {name: i for i, name in enumerate(OBJECT_COLOURS)}
 LETTER_INDEX = {name: i for i, name in enumerate(GLYPHS)}
 BACKGROUND_INDEX = {name: i for i, name in enumerate(BACKGROUNDS)}

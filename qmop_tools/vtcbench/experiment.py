@@ -146,6 +146,9 @@ class Settings:
     # `data.LAYOUTS`: "tag" is data version 6; "pair" puts a decoy letter next to the tag inside one pooling cell, so
     # that pooling loses which letter is the tag's (data.py; docs/vtcbench.md, "Data layout pair").
     data_layout: str = "tag"
+    # `data.GLYPH_TARGETS`: what the tower's per-patch glyph head names, the letter (recipe 4) or the patch's ink
+    # pattern, with which pooling loses the letter in the features (docs/vtcbench.md, "Data layout pair").
+    glyph_target: str = "letter"
     # The tag's letter is read per patch only late: balanced letter accuracy 16% at 100 steps, 17% at 400, 46% at 500,
     # 71% at 700, 75% at 800 (docs/vtcbench.md, "Foundation gates"); at 200 steps it was at chance.
     clip_steps: int = 800
@@ -183,12 +186,14 @@ class Settings:
     def job_key(self, variant: str) -> dict:
         """Everything a job's result depends on: a finished job is reused only when this is unchanged."""
         from .data import data_version
-        from .towers import FOUNDATION_RECIPE
+        from .towers import foundation_recipe
 
-        # The layout is in the data version (so keys of runs made before the layout existed stay valid).
-        key = {k: v for k, v in asdict(self).items() if k not in JOB_INDEPENDENT and k != "data_layout"}
+        # The layout is in the data version and the glyph target in the recipe (so keys of runs made before either
+        # existed stay valid).
+        key = {k: v for k, v in asdict(self).items()
+               if k not in JOB_INDEPENDENT and k not in ("data_layout", "glyph_target")}
         key |= {"variant_config": self.qmop_settings(variant), "data_version": data_version(self.data_layout),
-                "foundation": FOUNDATION_RECIPE, "train_budgets": self.train_budgets(variant),
+                "foundation": foundation_recipe(self.glyph_target), "train_budgets": self.train_budgets(variant),
                 "images": self.image_folder(variant)}
         return json.loads(json.dumps(key))  # as stored in result.json (tuples become lists), so equal keys compare equal
 

@@ -59,7 +59,7 @@ def prepare_foundation(output: str, settings: Settings, parts=("tokenizers", "la
     from qmop_tools.testing.tiny import build_processor
 
     from .data import IMAGE_SIZE, PATCH_SIZE, corpus, data_version, generate_split
-    from .towers import FOUNDATION_RECIPE, TowerShapes, pretrain_clip, pretrain_llm, tower_probe_report
+    from .towers import TowerShapes, foundation_recipe, pretrain_clip, pretrain_llm, tower_probe_report
 
     foundation = os.path.join(output, "foundation")
     data_dir = os.path.join(output, "data")
@@ -70,7 +70,7 @@ def prepare_foundation(output: str, settings: Settings, parts=("tokenizers", "la
         "tokenizers": common,
         "language": common | {"llm_steps": settings.llm_steps},
         "vision": common | {"clip_steps": settings.clip_steps, "clip_batch_size": settings.clip_batch_size,
-                            "text_steps": settings.text_steps, "recipe": FOUNDATION_RECIPE},
+                            "text_steps": settings.text_steps, "recipe": foundation_recipe(settings.glyph_target)},
     }
 
     def cached(part):
@@ -113,7 +113,8 @@ def prepare_foundation(output: str, settings: Settings, parts=("tokenizers", "la
             probe = json.load(f)[:100]
         clip, clip_report = pretrain_clip(processor, os.path.join(data_dir, "images"), records, shapes,
                                           steps=settings.clip_steps, batch_size=settings.clip_batch_size,
-                                          seed=settings.data_seed, text_steps=settings.text_steps, val_records=probe)
+                                          seed=settings.data_seed, text_steps=settings.text_steps, val_records=probe,
+                                          glyph_target=settings.glyph_target)
         clip_report["salience_pruning"] = tower_probe_report(clip, processor, os.path.join(data_dir, "images"), probe,
                                                              budget=settings.budget)
         save_pretrained_atomically(os.path.join(foundation, "clip"), clip)

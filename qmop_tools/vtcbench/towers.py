@@ -45,6 +45,11 @@ logger = logging.getLogger(__name__)
 FOUNDATION_RECIPE = "dense-balanced+centre+salience+lit/4"
 
 
+def foundation_recipe(glyph_target: str = "letter") -> str:
+    """What foundations and runs are keyed by: FOUNDATION_RECIPE, with the glyph target when it is not "letter"."""
+    return FOUNDATION_RECIPE if glyph_target == "letter" else f"{FOUNDATION_RECIPE}+{glyph_target}"
+
+
 @dataclass(frozen=True)
 class TowerShapes:
     vision_width: int = 64
@@ -124,24 +129,27 @@ def _fit(name: str, model: torch.nn.Module, num_items: int, loss_of, steps: int,
 
 # The tag's letter is the hardest thing the tower must read (a pattern across patches); its heads weigh this much more.
 LETTER_LOSS_WEIGHT = 4.0
+GLYPH_HEADS = ("letter", "ink")  # the heads LETTER_LOSS_WEIGHT applies to (`dense_heads`, `picture_heads`)
 
 
 # Per-patch heads on the feature layer and per-picture heads on its CLS token: name -> number of classes.
-def dense_heads(layout: str = "tag") -> dict:
-    from .data import BACKGROUNDS, GLYPHS, GRID, OBJECT_COLOURS, TEXTURES, kinds
+def dense_heads(layout: str = "tag", glyph_target: str = "letter") -> dict:
+    """With `glyph_target="ink"` the glyph patches' head names their ink pattern (`data.ink_labels`), not the letter."""
+    from .data import BACKGROUNDS, GLYPHS, GRID, INK_CODES, OBJECT_COLOURS, TEXTURES, kinds
 
-    return {"kind": len(kinds(layout)), "shape_colour": len(OBJECT_COLOURS), "letter": len(GLYPHS),
+    glyph = {"ink": INK_CODES} if glyph_target == "ink" else {"letter": len(GLYPHS)}
+    return {"kind": len(kinds(layout)), "shape_colour": len(OBJECT_COLOURS), **glyph,
             "background": len(BACKGROUNDS), "texture": len(TEXTURES), "row": GRID, "column": GRID, "centre": 2}
 
 
-def picture_heads(layout: str = "tag") -> dict:
-    """In layout "pair" without the letter: the test there is whether a branch keeps the letter where it is drawn, so
-    no token is trained to carry the tag's letter (data.py, layout "pair")."""
+def picture_heads(layout: str = "tag", glyph_target: str = "letter") -> dict:
+    """In layout "pair", or when the glyph head names ink, without the letter: the test there is whether a branch
+    keeps the letter where it is drawn, so no token is trained to carry the tag's letter (data.py, layout "pair")."""
     from .data import BACKGROUNDS, GLYPHS, NUMBERS, TEXTURES
 
     heads = {"background": len(BACKGROUNDS), "texture": len(TEXTURES), "count": len(NUMBERS), "letter": len(GLYPHS),
              "cross_h": 2, "cross_v": 2}
-    if layout == "pair":
+    if layout == "pair" or glyph_target == "ink":
         del heads["letter"]
     return heads
 
@@ -205,10 +213,16 @@ def _run_to_feature_layer(vision_model, pixel_values: torch.Tensor, feature_inde
 
 def pretrain_clip(processor, image_folder: str, records: list, shapes: TowerShapes, steps: int, batch_size: int = 32,
                   lr: float = 2e-3, seed: int = 0, log_every: int = 25, feature_layer: int = -2,
-                  salience_weight: float = 1.0, text_steps: int = 300, val_records=None) -> tuple[CLIPModel, dict]:
+                  salience_weight: float = 1.0, text_steps: int = 300, val_records=None,
+                  glyph_target: str = "letter") -> tuple[CLIPModel, dict]:
     """The vision tower (dense + salience, up to the feature layer), then the text encoder (contrastive against the
     frozen feature layer's CLS token, LiT-style); see the module docstring. Returns the CLIP model and a report,
-    with held-out checks on `val_records`: each dense head's accuracy, caption retrieval, what salience pruning keeps."""
+    with held-out checks on `val_records`: each dense head's accuracy, caption retrieval, what salience pruning keeps.
+    `glyph_target`: what the glyph patches' head names (`dense_heads`)."""
+    from .data import GLYPH_TARGETS, ink_labels, scene_of_record
+
+    if glyph_target not in GLYPH_TARGETS:
+        raise ValueError(f"Unknown glyph target {glyph_target!r}; choose from {GLYPH_TARGETS}.")
     torch.manual_seed(seed)
     config = CLIPConfig(
         text_config=text_encoder_config(shapes, processor.query_tokenizer).to_dict(),
@@ -219,8 +233,17 @@ def pretrain_clip(processor, image_folder: str, records: list, shapes: TowerShap
     vision = model.vision_model
     width = shapes.vision_width
     layout = "pair" if records[0].get("decoy_letter") else "tag"
-    patch_heads = torch.nn.ModuleDict({name: torch.nn.Linear(width, n) for name, n in dense_heads(layout).items()})
-    cls_heads = torch.nn.ModuleDict({name: torch.nn.Linear(width, n) for name, n in picture_heads(layout).items()})
+    heads = dense_heads(layout, glyph_target)
+    patch_heads = torch.nn.ModuleDict({name: torch.nn.Linear(width, n) for name, n in heads.items()})
+    cls_heads = torch.nn.ModuleDict({name: torch.nn.Linear(width, n)
+                                     for name, n in picture_heads(layout, glyph_target).items()})
+    if glyph_target == "ink":  # the label maps on disk name letters; the ink map is drawn from each record's scene
+
+        def with_ink(record):
+            return {**record, "labels": {**record["labels"],
+                                         "ink": ink_labels(scene_of_record(record), record["labels"]["kind"])}}
+
+        records, val_records = [with_ink(r) for r in records], val_records and [with_ink(r) for r in val_records]
     feature_index = _feature_index(shapes.vision_layers, feature_layer)
     used = torch.nn.ModuleList([vision.embeddings, vision.pre_layrnorm, *vision.encoder.layers[:feature_index]])
     trained = torch.nn.ModuleDict({"tower": used, "patch": patch_heads, "cls": cls_heads})
@@ -229,7 +252,7 @@ def pretrain_clip(processor, image_folder: str, records: list, shapes: TowerShap
     patch_targets = {name: torch.tensor([[v for row in r["labels"][name] for v in row] for r in records])
                      for name in patch_heads}  # name -> (n, P)
     picture_targets = {name: torch.tensor([picture_labels(r)[name] for r in records]) for name in cls_heads}
-    class_weights = {name: inverse_frequency(targets, dense_heads(layout)[name]) for name, targets in patch_targets.items()}
+    class_weights = {name: inverse_frequency(targets, heads[name]) for name, targets in patch_targets.items()}
     foreground = (patch_targets["kind"] > 0).float()  # (n, P)
     salience = foreground / foreground.sum(-1, keepdim=True).clamp(min=1)
 
@@ -239,11 +262,11 @@ def pretrain_clip(processor, image_folder: str, records: list, shapes: TowerShap
         features = states[feature_index]  # (N, S, Cv)
         loss = 0.0
         for name, head in patch_heads.items():
-            weight = LETTER_LOSS_WEIGHT if name == "letter" else 1.0
+            weight = LETTER_LOSS_WEIGHT if name in GLYPH_HEADS else 1.0
             loss = loss + weight * F.cross_entropy(head(features[:, 1:]).flatten(0, 1), patch_targets[name][index].flatten(),
                                                    weight=class_weights[name], ignore_index=-1)
         for name, head in cls_heads.items():
-            weight = LETTER_LOSS_WEIGHT if name == "letter" else 1.0
+            weight = LETTER_LOSS_WEIGHT if name in GLYPH_HEADS else 1.0
             loss = loss + weight * F.cross_entropy(head(features[:, 0]), picture_targets[name][index])
         logits = feature_layer_cls_logits(vision, states, feature_index)  # (N, H, P)
         log_attention = torch.log_softmax(logits.float(), dim=-1).mean(dim=1)  # (N, P), averaged over heads
