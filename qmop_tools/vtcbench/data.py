@@ -67,7 +67,7 @@ import json
 import math
 import os
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from PIL import Image, ImageDraw
 
@@ -301,27 +301,34 @@ def _corner_box(scene: Scene, width: int, height: int) -> tuple:
     return x, y, width, height
 
 
+def _pair_place(scene: Scene, right: bool) -> tuple:
+    """(x, y, width, height) of the left or right box of the pair (layout "pair")."""
+    x, y, _, height = _corner_box(scene, 2 * PAIR_BOX[0], PAIR_BOX[1])
+    return x + (PAIR_BOX[0] if right else 0), y, PAIR_BOX[0], height
+
+
 def _tag_box(scene: Scene) -> tuple:
     """(x, y, width, height) of the tag's box in pixels."""
     if not scene.decoy_letter:
         return _corner_box(scene, 5 * GLYPH_SCALE + 2 * TAG_MARGIN, 7 * GLYPH_SCALE + 2 * TAG_MARGIN)
-    x, y, _, height = _corner_box(scene, 2 * PAIR_BOX[0], PAIR_BOX[1])
-    return x + (PAIR_BOX[0] if scene.decoy_side == "left" else 0), y, PAIR_BOX[0], height
+    return _pair_place(scene, right=scene.decoy_side == "left")
 
 
 def _decoy_box(scene: Scene) -> tuple:
     """(x, y, width, height) of the decoy's grey box (layout "pair")."""
-    x, y, _, height = _corner_box(scene, 2 * PAIR_BOX[0], PAIR_BOX[1])
-    return x + (PAIR_BOX[0] if scene.decoy_side == "right" else 0), y, PAIR_BOX[0], height
+    return _pair_place(scene, right=scene.decoy_side == "right")
 
 
-def _draw_glyph(draw: ImageDraw.ImageDraw, letter: str, box: tuple, scale: int, margin: int, fill) -> None:
-    x, y = box[0] + margin, box[1] + margin
+def _draw_lettered_box(draw: ImageDraw.ImageDraw, box: tuple, letter: str, fill, ink, scale: int, margin: int) -> None:
+    """A filled box and its letter drawn in `scale`-pixel strokes, `margin` pixels inside it."""
+    x, y, width, height = box
+    draw.rectangle([x, y, x + width - 1, y + height - 1], fill=fill)
+    x, y = x + margin, y + margin
     for row, bits in enumerate(GLYPHS[letter]):
         for col, bit in enumerate(bits):
             if bit == "1":
                 draw.rectangle([x + col * scale, y + row * scale, x + (col + 1) * scale - 1, y + (row + 1) * scale - 1],
-                               fill=fill)
+                               fill=ink)
 
 
 def _draw_objects(draw: ImageDraw.ImageDraw, scene: Scene, fills: dict) -> None:
@@ -345,13 +352,9 @@ def _draw_objects(draw: ImageDraw.ImageDraw, scene: Scene, fills: dict) -> None:
     draw.rectangle([cx - CROSS_ARM + 1, cy - 1, cx + CROSS_ARM - 1, cy], fill=fills["cross_inner"])
     draw.rectangle([cx - 1, cy - CROSS_ARM + 1, cx, cy + CROSS_ARM - 1], fill=fills["cross_inner"])
     scale, margin = (PAIR_GLYPH_SCALE, PAIR_MARGIN) if scene.decoy_letter else (GLYPH_SCALE, TAG_MARGIN)
-    box = _tag_box(scene)
-    draw.rectangle([box[0], box[1], box[0] + box[2] - 1, box[1] + box[3] - 1], fill=fills["tag"])
-    _draw_glyph(draw, scene.tag_letter, box, scale, margin, fills["ink"])
+    _draw_lettered_box(draw, _tag_box(scene), scene.tag_letter, fills["tag"], fills["ink"], scale, margin)
     if scene.decoy_letter:
-        box = _decoy_box(scene)
-        draw.rectangle([box[0], box[1], box[0] + box[2] - 1, box[1] + box[3] - 1], fill=fills["decoy"])
-        _draw_glyph(draw, scene.decoy_letter, box, scale, margin, fills["decoy_ink"])
+        _draw_lettered_box(draw, _decoy_box(scene), scene.decoy_letter, fills["decoy"], fills["decoy_ink"], scale, margin)
 
 
 def draw_scene(scene: Scene) -> Image.Image:
@@ -484,21 +487,15 @@ def ink_labels(scene: Scene, kind: list) -> list:
     return codes
 
 
-def scene_of_record(record: dict) -> Scene:
-    """The Scene of a record of `{split}.json` (which adds image, caption and labels to the scene's fields)."""
-    from dataclasses import fields
-
-    names = {f.name for f in fields(Scene)}
-    return scene_from_dict({k: v for k, v in record.items() if k in names})
-
-
+SCENE_FIELDS = tuple(f.name for f in fields(Scene))
 OBJECT_COLOURS_INDEX = {name: i for i, name in enumerate(OBJECT_COLOURS)}
 LETTER_INDEX = {name: i for i, name in enumerate(GLYPHS)}
 BACKGROUND_INDEX = {name: i for i, name in enumerate(BACKGROUNDS)}
 
 
 def scene_from_dict(data: dict) -> Scene:
-    data = dict(data)
+    """The Scene of `asdict(scene)` or of a record of `{split}.json` (whose image, caption and labels it ignores)."""
+    data = {name: data[name] for name in SCENE_FIELDS if name in data}
     data["shapes"] = [Shape(**s) for s in data["shapes"]]
     data["cross"] = tuple(data["cross"])
     data["tag_offset"] = tuple(data["tag_offset"])

@@ -219,7 +219,7 @@ def pretrain_clip(processor, image_folder: str, records: list, shapes: TowerShap
     frozen feature layer's CLS token, LiT-style); see the module docstring. Returns the CLIP model and a report,
     with held-out checks on `val_records`: each dense head's accuracy, caption retrieval, what salience pruning keeps.
     `glyph_target`: what the glyph patches' head names (`dense_heads`)."""
-    from .data import GLYPH_TARGETS, ink_labels, scene_of_record
+    from .data import GLYPH_TARGETS, ink_labels, scene_from_dict
 
     if glyph_target not in GLYPH_TARGETS:
         raise ValueError(f"Unknown glyph target {glyph_target!r}; choose from {GLYPH_TARGETS}.")
@@ -241,7 +241,7 @@ def pretrain_clip(processor, image_folder: str, records: list, shapes: TowerShap
 
         def with_ink(record):
             return {**record, "labels": {**record["labels"],
-                                         "ink": ink_labels(scene_of_record(record), record["labels"]["kind"])}}
+                                         "ink": ink_labels(scene_from_dict(record), record["labels"]["kind"])}}
 
         records, val_records = [with_ink(r) for r in records], val_records and [with_ink(r) for r in val_records]
     feature_index = _feature_index(shapes.vision_layers, feature_layer)
