@@ -32,7 +32,9 @@ needs_lmms_eval = pytest.mark.skipif(
 def task(tmp_path_factory):
     """(data folder, task folder): the mini VTCBench test split on disk and the lmms-eval task built from it."""
     root = tmp_path_factory.mktemp("lmms")
-    write_dataset(str(root / "data"), {"test": IMAGES}, seed=0)
+    with open(os.path.join(BUNDLED, "vtcbench_results.json")) as f:  # the layout the bundled model was trained on
+        layout = json.load(f)["settings"].get("data_layout", "tag")
+    write_dataset(str(root / "data"), {"test": IMAGES}, seed=0, layout=layout)
     write_task(str(root / "task"), data_dir=str(root / "data"))
     return str(root / "data"), str(root / "task")
 

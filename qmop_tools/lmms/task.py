@@ -1,13 +1,14 @@
 """The mini VTCBench test split as a local lmms-eval task: a folder with the data and the task's YAML, no download.
 
-    qmop lmms-task --output outputs/lmms-task [--images 40] [--seed 0] [--data DIR]
+    qmop lmms-task --output outputs/lmms-task [--images 40] [--seed 0] [--layout pair|tag] [--data DIR]
 
 writes `<output>/test.parquet` (one row per question: id, image, question, answer, dimension, in the order of the
 split's `test_vqa.json`) and `<output>/mini_vtcbench.yaml`; lmms-eval reads the folder with
 `--include_path <output> --tasks mini_vtcbench`. The questions, pictures and scoring are those of our own evaluation
 (`qmop_tools.vtcbench.experiment.evaluate`): the prompt is the question under one image, and an answer is right when
 its first word (`normalise_answer`) is the expected word. `--data` reuses a split already on disk
-(`data.write_dataset`), otherwise the first `--images` test pictures of `--seed` are drawn into `<output>/source`.
+(`data.write_dataset`), otherwise the first `--images` test pictures of `--seed` and `--layout` (default: the
+benchmark's, `Settings.data_layout`, on which the bundled checkpoint was trained) are drawn into `<output>/source`.
 
 The YAML's functions (`doc_to_messages`, `process_results`, ...) are this module's: lmms-eval imports them by their
 dotted name, so the package must be importable where lmms-eval runs (`pip install -e ".[lmms]"`).
@@ -78,16 +79,18 @@ def questions(data_dir: str, split: str = "test") -> list:
              "answer": s["conversations"][1]["value"], "dimension": s["dimension"]} for s in samples]
 
 
-def write_task(output_dir: str, data_dir: Optional[str] = None, images: int = 40, seed: int = 0) -> str:
+def write_task(output_dir: str, data_dir: Optional[str] = None, images: int = 40, seed: int = 0,
+               layout: Optional[str] = None) -> str:
     """Write the task folder (data embedded in `test.parquet`, the YAML beside it); returns the YAML's path."""
     from datasets import Dataset, Features, Image, Value
 
     from qmop_tools.vtcbench.data import write_dataset
+    from qmop_tools.vtcbench.experiment import Settings
 
     os.makedirs(output_dir, exist_ok=True)
     if data_dir is None:
         data_dir = os.path.join(output_dir, "source")
-        write_dataset(data_dir, {"test": images}, seed=seed)
+        write_dataset(data_dir, {"test": images}, seed=seed, layout=layout or Settings().data_layout)
     rows = questions(data_dir)
     for row in rows:
         with open(row["image"], "rb") as f:
@@ -102,13 +105,17 @@ def write_task(output_dir: str, data_dir: Optional[str] = None, images: int = 40
 
 
 def main(argv=None) -> None:
+    from qmop_tools.vtcbench.data import LAYOUTS
+
     parser = argparse.ArgumentParser(prog="qmop lmms-task", description=__doc__.split("\n")[0])
     parser.add_argument("--output", required=True, help="task folder to write (pass it to lmms-eval's --include_path)")
     parser.add_argument("--images", type=int, default=40, help="test pictures to draw (5 questions each)")
     parser.add_argument("--seed", type=int, default=0, help="data seed of the mini VTCBench")
+    parser.add_argument("--layout", choices=LAYOUTS, default=None,
+                        help="data layout of the mini VTCBench (default: the benchmark's, that of the bundled checkpoint)")
     parser.add_argument("--data", default=None, help="an existing mini VTCBench data folder to use instead")
     args = parser.parse_args(argv)
-    path = write_task(args.output, args.data, args.images, args.seed)
+    path = write_task(args.output, args.data, args.images, args.seed, args.layout)
     print(f"wrote {path}: python -m lmms_eval --model qmop --model_args pretrained=<QMoP folder> "
           f"--include_path {args.output} --tasks {TASK_NAME}")
 

@@ -33,8 +33,8 @@ def parse(argv=None) -> tuple:
                         help="times each question of a dimension is seen per stage-2 epoch, others once (default "
                         f"{Settings().stage2_weights or 'none'}); every variant gets the same schedule")
     parser.add_argument("--data-layout", choices=LAYOUTS,
-                        help="tag (default): data version 6; pair: a decoy letter next to the tag in one pooling cell, "
-                        "tried and not adopted (docs/vtcbench.md, \"Data layout pair\")")
+                        help="pair (default): a decoy letter next to the tag in one pooling cell; tag: data version 6 "
+                        "(docs/vtcbench.md, \"Data layout pair\")")
     parser.add_argument("--glyph-target", choices=GLYPH_TARGETS,
                         help="what the tower's per-patch glyph head names: letter (default, recipe 4) or ink (each "
                         "patch's ink pattern, so that pooling loses the letter; docs/vtcbench.md, \"Data layout pair\")")

@@ -44,8 +44,8 @@ tokens then learns the count (88% after 400 steps of counting alone), but not wi
 (37% after its 750 steps) unless stage 2 shows counting questions more often (`experiment.Settings.stage2_weights`:
 67.5% with counting x3 in the probe, 66.3 ± 7.5 for the 576-token model in the benchmark).
 
-Layout "pair" (`Settings.data_layout`; version 6 otherwise) was built so that pooling would lose the letter
-(docs/vtcbench.md, "Data layout pair", tried and not adopted). On version 6 pooling's letter grew with training (64 / 69 / 73 at 750 / 1,050 /
+Layout "pair" (`Settings.data_layout`, the benchmark's default since 2026-12-06; "tag" is version 6 as it was) was
+built so that pooling would lose the letter (docs/vtcbench.md, "Data layout pair"). On version 6 pooling's letter grew with training (64 / 69 / 73 at 750 / 1,050 /
 1,200 stage-2 steps) while pruning's stayed at 76-78: a 4 x 4 pooled cell that holds most of the one tag and
 otherwise background keeps enough of its letter. In the pair layout two letters stand side by side in one 24 x 24
 pooling cell at M = 36: the tag (a coloured box) and a decoy (a grey box), each a 10 x 14 pixel letter in a 12 x 16
@@ -56,7 +56,9 @@ letter and tell the tag from the decoy; its picture-level letter head is dropped
 trained to carry the tag's letter away from the tag. Measured: the tower binds letter to box within each patch, so the
 pooled cell still holds the tag's letter (a linear probe reads it at 77%); what changes is that the letter becomes a
 look-up, which the mixed stage 2 teaches only the pruning-only models (local 63.5 against 12-15 for every other
-variant, the 576-token model included).
+variant, the 576-token model included) unless local questions are shown three times as often (`Settings.stage2_weights`
+"counting=3,local=3", adopted with the layout): then 576 tokens read the letter at 97.5-100 and pruning at 97-99,
+pooling at 16-51.
 
 `draw_labels` draws, next to each picture, a per-patch map of what is there (kind, colour, letter, ...): the
 foundation tower is pre-trained on it (dense supervision, `towers.py`), as CLIP is pre-trained on captions that
