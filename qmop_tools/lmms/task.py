@@ -8,7 +8,8 @@ split's `test_vqa.json`) and `<output>/mini_vtcbench.yaml`; lmms-eval reads the 
 (`qmop_tools.vtcbench.experiment.evaluate`): the prompt is the question under one image, and an answer is right when
 its first word (`normalise_answer`) is the expected word. `--data` reuses a split already on disk
 (`data.write_dataset`), otherwise the first `--images` test pictures of `--seed` and `--layout` (default: the
-benchmark's, `Settings.data_layout`, on which the bundled checkpoint was trained) are drawn into `<output>/source`.
+benchmark's, `Settings.data_layout`; the bundled checkpoint's is in its `vtcbench_results.json`) are drawn into
+`<output>/source`.
 
 The YAML's functions (`doc_to_messages`, `process_results`, ...) are this module's: lmms-eval imports them by their
 dotted name, so the package must be importable where lmms-eval runs (`pip install -e ".[lmms]"`).
@@ -112,7 +113,8 @@ def main(argv=None) -> None:
     parser.add_argument("--images", type=int, default=40, help="test pictures to draw (5 questions each)")
     parser.add_argument("--seed", type=int, default=0, help="data seed of the mini VTCBench")
     parser.add_argument("--layout", choices=LAYOUTS, default=None,
-                        help="data layout of the mini VTCBench (default: the benchmark's, that of the bundled checkpoint)")
+                        help="data layout of the mini VTCBench (default: the benchmark's; the bundled checkpoint "
+                        "was trained on its vtcbench_results.json's settings.data_layout, 'tag' when absent)")
     parser.add_argument("--data", default=None, help="an existing mini VTCBench data folder to use instead")
     args = parser.parse_args(argv)
     path = write_task(args.output, args.data, args.images, args.seed, args.layout)
