@@ -161,6 +161,17 @@ def test_data_layout_setting_keys_the_runs():
         parse(["--data-layout", "pairs"])
 
 
+def test_budgets_stage2_epochs_keys_only_the_budget_sampled_runs():
+    from qmop_tools.vtcbench.cli import parse
+
+    _, settings = parse(["--budgets-stage2-epochs", "6"])
+    assert settings.job_key("qmop_outcome_all_budgets")["stage2_epochs"] == 6
+    assert settings.job_key("qmop_outcome_all") == Settings().job_key("qmop_outcome_all")  # fixed-budget runs reused
+    assert "budgets_stage2_epochs" not in settings.job_key("qmop_outcome_all_budgets")  # older keys stay valid
+    with pytest.raises(SystemExit):
+        parse(["--budgets-stage2-epochs", "0"])
+
+
 def test_every_shape_covers_the_same_area():
     """A count is an area: each of the four shapes on a plain picture covers the circle's pixels within 20% (the
     rounding of 16-pixel-wide polygons to pixels; before data version 6 a triangle covered 57% of the circle)."""

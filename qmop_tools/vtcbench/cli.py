@@ -32,6 +32,10 @@ def parse(argv=None) -> tuple:
     parser.add_argument("--stage2-weights", metavar="DIM=N[,DIM=N]",
                         help="times each question of a dimension is seen per stage-2 epoch, others once (default "
                         f"{Settings().stage2_weights or 'none'}); every variant gets the same schedule")
+    parser.add_argument("--budgets-stage2-epochs", type=float, metavar="N",
+                        help="stage-2 epochs of the budget-sampled variants, which see each budget a quarter of the "
+                        f"time (default {Settings().budgets_stage2_epochs:g}; every other variant: "
+                        f"{Settings().stage2_epochs:g})")
     parser.add_argument("--data-layout", choices=LAYOUTS,
                         help="pair (default): a decoy letter next to the tag in one pooling cell; tag: data version 6 "
                         "(docs/vtcbench.md, \"Data layout pair\")")
@@ -53,7 +57,8 @@ def parse(argv=None) -> tuple:
     settings = Settings.smoke() if args.smoke else Settings()
     if args.acceptance:
         settings.variants = list(ACCEPTANCE_VARIANTS)
-    for name in ("variants", "seeds", "budget", "workers", "stage2_weights", "data_layout", "glyph_target"):
+    for name in ("variants", "seeds", "budget", "workers", "stage2_weights", "budgets_stage2_epochs", "data_layout",
+                 "glyph_target"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     if not set(EXPORTABLE) & set(settings.variants) and (args.export_checkpoint or args.export_demo_image):
@@ -64,6 +69,8 @@ def parse(argv=None) -> tuple:
         parse_dimension_weights(settings.stage2_weights)
     except ValueError as error:
         parser.error(f"--stage2-weights: {error}")
+    if not settings.budgets_stage2_epochs > 0:
+        parser.error(f"--budgets-stage2-epochs must be > 0, got {settings.budgets_stage2_epochs}")
     if settings.workers < 1 or not settings.seeds:
         parser.error("--workers must be >= 1 and --seeds must name at least one seed")
     return args, settings

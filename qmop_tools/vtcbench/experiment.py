@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 ALL_BRANCHES = ["pooling", "resampler", "pruning"]
 JOB_INDEPENDENT = ("variants", "seeds", "workers", "budgets_seeds", "reader_probe_steps")
+# In a job's key only as its own `stage2_epochs` (`Settings.job_key`), so keys of runs made before it existed stay valid.
+PER_VARIANT = ("budgets_stage2_epochs",)
 # Router training for the routed variants (each a config field; docs/vtcbench.md explains them): the softmax keeps a
 # gradient (logits capped at +-1, so at the 0.5 floor the top branch gets at most ~0.96; z-loss) and shows its real
 # preference at inference (1.0); no batch load balancing, which a router meets by splitting pictures whatever the
@@ -163,6 +165,8 @@ class Settings:
     batch_size: int = 32
     stage1_epochs: float = 1.0
     stage2_epochs: float = 3.0
+    # Stage-2 epochs of the budget-sampled variants (`BUDGET_VARIANTS`), which see each budget a quarter of the time.
+    budgets_stage2_epochs: float = 3.0
     # How many times each question of a dimension is seen per epoch of stage 2 (`weighted_vqa`), others once. Counting
     # is learnt last: through all 576 tokens the reader probe reached 88% on counting alone in 400 steps, 37% in the
     # mixed 750, 67.5% with counting x3 (1050 steps; docs/vtcbench.md, "The counting gate"). On the pair layout the
@@ -181,7 +185,7 @@ class Settings:
     def smoke(cls) -> "Settings":
         return cls(train_images=40, val_images=10, test_images=10, clip_steps=3, clip_batch_size=16, text_steps=3,
                    llm_steps=5, variants=["qmop", "downsample", "qmop_outcome_all_budgets", "qg_vtc"], seeds=[0], batch_size=8,
-                   stage1_epochs=0.25, stage2_epochs=0.25, workers=1, eval_batch_size=25, reader_probe_steps=3)
+                   stage1_epochs=0.25, stage2_epochs=0.25, budgets_stage2_epochs=0.25, workers=1, eval_batch_size=25, reader_probe_steps=3)
 
     def jobs(self) -> list:
         return [(v, s) for v in self.variants for s in (self.budgets_seeds if v in BUDGET_VARIANTS else self.seeds)]
@@ -194,7 +198,8 @@ class Settings:
         # The layout is in the data version and the glyph target in the recipe (so keys of runs made before either
         # existed stay valid).
         key = {k: v for k, v in asdict(self).items()
-               if k not in JOB_INDEPENDENT and k not in ("data_layout", "glyph_target")}
+               if k not in JOB_INDEPENDENT + PER_VARIANT and k not in ("data_layout", "glyph_target")}
+        key["stage2_epochs"] = self.stage2_epochs_for(variant)
         key |= {"variant_config": self.qmop_settings(variant), "data_version": data_version(self.data_layout),
                 "foundation": foundation_recipe(self.glyph_target), "train_budgets": self.train_budgets(variant),
                 "images": self.image_folder(variant)}
@@ -204,6 +209,9 @@ class Settings:
         settings = {"num_visual_tokens": self.budget, "router_hidden_size": 64, "resampler_num_layers": 1}
         settings.update(VARIANTS[variant])
         return settings
+
+    def stage2_epochs_for(self, variant: str) -> float:
+        return self.budgets_stage2_epochs if variant in BUDGET_VARIANTS else self.stage2_epochs
 
     def train_budgets(self, variant: str) -> Optional[tuple]:
         return BUDGET_SET if variant in BUDGET_VARIANTS else None
@@ -273,7 +281,7 @@ _WORKER_CACHE = FeatureCache()
 
 
 # ===================================================================================== one job
-def _training_arguments(output_dir: str, settings: Settings, stage: int, seed: int):
+def _training_arguments(output_dir: str, settings: Settings, stage: int, seed: int, epochs: float):
     from transformers import TrainingArguments
 
     # transformers 5 folds warmup_ratio into warmup_steps (a float below 1 is a ratio); 4.57 has both.
@@ -284,7 +292,7 @@ def _training_arguments(output_dir: str, settings: Settings, stage: int, seed: i
         output_dir=output_dir,
         per_device_train_batch_size=settings.batch_size,
         learning_rate=settings.stage1_lr if stage == 1 else settings.stage2_lr,
-        num_train_epochs=settings.stage1_epochs if stage == 1 else settings.stage2_epochs,
+        num_train_epochs=epochs,
         lr_scheduler_type="cosine",
         weight_decay=0.0,
         logging_steps=20,
@@ -319,7 +327,7 @@ def weighted_vqa(data_dir: str, weights: str) -> str:
 
 
 def _train_stage(model_dir: str, output_dir: str, data_dir: str, settings: Settings, stage: int, seed: int,
-                 images: str = "images", budgets: Optional[tuple] = None) -> dict:
+                 epochs: float, images: str = "images", budgets: Optional[tuple] = None) -> dict:
     from transformers import TrainerCallback
 
     from qmop_tools.train import DataArguments, ModelArguments, run
@@ -340,7 +348,8 @@ def _train_stage(model_dir: str, output_dir: str, data_dir: str, settings: Setti
         train_budgets=",".join(map(str, budgets)) if budgets else None,
         cache_samples=True,  # 3 epochs of 8,000 small samples: encoding them again costs half of each step
     )
-    result = run(model_args, data_args, _training_arguments(output_dir, settings, stage, seed), callbacks=[InstallCache()])
+    result = run(model_args, data_args, _training_arguments(output_dir, settings, stage, seed, epochs),
+                 callbacks=[InstallCache()])
     history = [entry for entry in result.trainer.state.log_history if "loss" in entry]
     return {
         "train_loss": result.metrics.get("train_loss"),
@@ -398,10 +407,11 @@ def run_job(output: str, variant: str, seed: int, settings: Settings) -> dict:
 
         llm = upcycle_to_mixtral(llm, num_experts=settings_for_variant["llm_experts"], top_k=2, seed=seed)
     base = base_checkpoint(os.path.join(run_dir, "base"), processor, clip, llm, seed=seed, **qmop_fields)
-    stage1 = _train_stage(base, os.path.join(run_dir, "stage1"), data_dir, settings, stage=1, seed=seed, images=images,
-                          budgets=budgets)
+    stage1 = _train_stage(base, os.path.join(run_dir, "stage1"), data_dir, settings, stage=1, seed=seed,
+                          epochs=settings.stage1_epochs, images=images, budgets=budgets)
     stage2 = _train_stage(os.path.join(run_dir, "stage1"), os.path.join(run_dir, "model"), data_dir, settings,
-                          stage=2, seed=seed, images=images, budgets=budgets)
+                          stage=2, seed=seed, epochs=settings.stage2_epochs_for(variant), images=images,
+                          budgets=budgets)
     for leftover in ("base", "stage1"):
         shutil.rmtree(os.path.join(run_dir, leftover), ignore_errors=True)
     model_dir = os.path.join(run_dir, "model")
