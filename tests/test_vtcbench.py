@@ -161,7 +161,7 @@ def test_data_layout_setting_keys_the_runs():
         parse(["--data-layout", "pairs"])
 
 
-def test_budgets_stage2_epochs_keys_only_the_budget_sampled_runs():
+def test_epoch_settings_key_the_runs_they_change():
     from qmop_tools.vtcbench.cli import parse
 
     _, settings = parse(["--budgets-stage2-epochs", "6"])
@@ -170,6 +170,10 @@ def test_budgets_stage2_epochs_keys_only_the_budget_sampled_runs():
     assert "budgets_stage2_epochs" not in settings.job_key("qmop_outcome_all_budgets")  # older keys stay valid
     with pytest.raises(SystemExit):
         parse(["--budgets-stage2-epochs", "0"])
+    _, settings = parse(["--stage1-epochs", "4"])
+    assert all(settings.job_key(v)["stage1_epochs"] == 4 for v in ("pooling", "qmop_outcome_all_budgets"))
+    with pytest.raises(SystemExit):
+        parse(["--stage1-epochs", "-1"])
 
 
 def test_every_shape_covers_the_same_area():

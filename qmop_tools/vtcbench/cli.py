@@ -32,6 +32,9 @@ def parse(argv=None) -> tuple:
     parser.add_argument("--stage2-weights", metavar="DIM=N[,DIM=N]",
                         help="times each question of a dimension is seen per stage-2 epoch, others once (default "
                         f"{Settings().stage2_weights or 'none'}); every variant gets the same schedule")
+    parser.add_argument("--stage1-epochs", type=float, metavar="N",
+                        help=f"stage-1 (caption) epochs of every variant (default {Settings().stage1_epochs:g}; "
+                        "docs/vtcbench.md, \"Dimensions stuck at chance\")")
     parser.add_argument("--budgets-stage2-epochs", type=float, metavar="N",
                         help="stage-2 epochs of the budget-sampled variants, which see each budget a quarter of the "
                         f"time (default {Settings().budgets_stage2_epochs:g}; every other variant: "
@@ -57,8 +60,8 @@ def parse(argv=None) -> tuple:
     settings = Settings.smoke() if args.smoke else Settings()
     if args.acceptance:
         settings.variants = list(ACCEPTANCE_VARIANTS)
-    for name in ("variants", "seeds", "budget", "workers", "stage2_weights", "budgets_stage2_epochs", "data_layout",
-                 "glyph_target"):
+    for name in ("variants", "seeds", "budget", "workers", "stage2_weights", "stage1_epochs", "budgets_stage2_epochs",
+                 "data_layout", "glyph_target"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     if not set(EXPORTABLE) & set(settings.variants) and (args.export_checkpoint or args.export_demo_image):
@@ -69,8 +72,9 @@ def parse(argv=None) -> tuple:
         parse_dimension_weights(settings.stage2_weights)
     except ValueError as error:
         parser.error(f"--stage2-weights: {error}")
-    if not settings.budgets_stage2_epochs > 0:
-        parser.error(f"--budgets-stage2-epochs must be > 0, got {settings.budgets_stage2_epochs}")
+    for name in ("stage1_epochs", "budgets_stage2_epochs"):
+        if not getattr(settings, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(settings, name)}")
     if settings.workers < 1 or not settings.seeds:
         parser.error("--workers must be >= 1 and --seeds must name at least one seed")
     return args, settings
