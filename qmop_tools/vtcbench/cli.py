@@ -35,6 +35,9 @@ def parse(argv=None) -> tuple:
     parser.add_argument("--stage1-epochs", type=float, metavar="N",
                         help=f"stage-1 (caption) epochs of every variant (default {Settings().stage1_epochs:g}; "
                         "docs/vtcbench.md, \"Dimensions stuck at chance\")")
+    parser.add_argument("--stage2-lr", type=float, metavar="LR",
+                        help=f"stage-2 learning rate of every variant (default {Settings().stage2_lr:g}; at 1e-3 no "
+                        "answer stuck at chance in three seeds: docs/vtcbench.md, \"Dimensions stuck at chance\")")
     parser.add_argument("--budgets-stage2-epochs", type=float, metavar="N",
                         help="stage-2 epochs of the budget-sampled variants, which see each budget a quarter of the "
                         f"time (default {Settings().budgets_stage2_epochs:g}; every other variant: "
@@ -60,7 +63,7 @@ def parse(argv=None) -> tuple:
     settings = Settings.smoke() if args.smoke else Settings()
     if args.acceptance:
         settings.variants = list(ACCEPTANCE_VARIANTS)
-    for name in ("variants", "seeds", "budget", "workers", "stage2_weights", "stage1_epochs", "budgets_stage2_epochs",
+    for name in ("variants", "seeds", "budget", "workers", "stage2_weights", "stage1_epochs", "stage2_lr", "budgets_stage2_epochs",
                  "data_layout", "glyph_target"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
@@ -72,7 +75,7 @@ def parse(argv=None) -> tuple:
         parse_dimension_weights(settings.stage2_weights)
     except ValueError as error:
         parser.error(f"--stage2-weights: {error}")
-    for name in ("stage1_epochs", "budgets_stage2_epochs"):
+    for name in ("stage1_epochs", "stage2_lr", "budgets_stage2_epochs"):
         if not getattr(settings, name) > 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(settings, name)}")
     if settings.workers < 1 or not settings.seeds:
