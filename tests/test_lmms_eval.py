@@ -18,6 +18,7 @@ from conftest import REPO_ROOT
 from qmop_tools.lmms.task import TASK_NAME, write_task
 from qmop_tools.vtcbench.data import write_dataset
 from qmop_tools.vtcbench.experiment import evaluate, normalise_answer
+from qmop_tools.vtcbench.report import exported_layout
 
 LMMS_PYTHON = os.environ.get("QMOP_LMMS_PYTHON")
 BUNDLED = os.path.join(REPO_ROOT, "checkpoints", "qmop-tiny")
@@ -32,9 +33,7 @@ needs_lmms_eval = pytest.mark.skipif(
 def task(tmp_path_factory):
     """(data folder, task folder): the mini VTCBench test split on disk and the lmms-eval task built from it."""
     root = tmp_path_factory.mktemp("lmms")
-    with open(os.path.join(BUNDLED, "vtcbench_results.json")) as f:  # the layout the bundled model was trained on
-        layout = json.load(f)["settings"].get("data_layout", "tag")
-    write_dataset(str(root / "data"), {"test": IMAGES}, seed=0, layout=layout)
+    write_dataset(str(root / "data"), {"test": IMAGES}, seed=0, layout=exported_layout(BUNDLED))
     write_task(str(root / "task"), data_dir=str(root / "data"))
     return str(root / "data"), str(root / "task")
 

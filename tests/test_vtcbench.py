@@ -414,14 +414,11 @@ def test_bundled_checkpoint_accuracy_on_a_fixed_test_slice(tmp_path):
     """The committed tiny checkpoint answers the first 40 test images' 200 questions at least as well as the table
     says, minus a small margin (recomputed here from scratch: data, processor, generate)."""
     from qmop_tools.vtcbench.experiment import evaluate
-    from qmop_tools.vtcbench.report import SLICE_IMAGES
+    from qmop_tools.vtcbench.report import SLICE_IMAGES, exported_layout
 
     assert os.path.exists(os.path.join(BUNDLED, "config.json")), "checkpoints/qmop-tiny is missing"
-    results = json.load(open(os.path.join(BUNDLED, "vtcbench_results.json")))
-    recorded = results["best_qmop"]
-    # the layout the checkpoint was trained and measured on (exports from before layouts existed: "tag")
-    layout = results["settings"].get("data_layout", "tag")
-    write_dataset(str(tmp_path / "data"), {"test": SLICE_IMAGES}, seed=0, layout=layout)
+    recorded = json.load(open(os.path.join(BUNDLED, "vtcbench_results.json")))["best_qmop"]
+    write_dataset(str(tmp_path / "data"), {"test": SLICE_IMAGES}, seed=0, layout=exported_layout(BUNDLED))
     result = evaluate(BUNDLED, str(tmp_path / "data"), "test")
     assert result["count"] == SLICE_IMAGES * 5
     assert result["overall"] >= recorded["test"] - 0.05, (result["overall"], recorded)

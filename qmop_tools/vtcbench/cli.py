@@ -63,8 +63,8 @@ def parse(argv=None) -> tuple:
     settings = Settings.smoke() if args.smoke else Settings()
     if args.acceptance:
         settings.variants = list(ACCEPTANCE_VARIANTS)
-    for name in ("variants", "seeds", "budget", "workers", "stage2_weights", "stage1_epochs", "stage2_lr", "budgets_stage2_epochs",
-                 "data_layout", "glyph_target"):
+    for name in ("variants", "seeds", "budget", "workers", "stage2_weights", "stage1_epochs", "stage2_lr",
+                 "budgets_stage2_epochs", "data_layout", "glyph_target"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     if not set(EXPORTABLE) & set(settings.variants) and (args.export_checkpoint or args.export_demo_image):

@@ -184,8 +184,9 @@ class Settings:
     @classmethod
     def smoke(cls) -> "Settings":
         return cls(train_images=40, val_images=10, test_images=10, clip_steps=3, clip_batch_size=16, text_steps=3,
-                   llm_steps=5, variants=["qmop", "downsample", "qmop_outcome_all_budgets", "qg_vtc"], seeds=[0], batch_size=8,
-                   stage1_epochs=0.25, stage2_epochs=0.25, budgets_stage2_epochs=0.25, workers=1, eval_batch_size=25, reader_probe_steps=3)
+                   llm_steps=5, variants=["qmop", "downsample", "qmop_outcome_all_budgets", "qg_vtc"], seeds=[0],
+                   batch_size=8, stage1_epochs=0.25, stage2_epochs=0.25, budgets_stage2_epochs=0.25, workers=1,
+                   eval_batch_size=25, reader_probe_steps=3)
 
     def jobs(self) -> list:
         return [(v, s) for v in self.variants for s in (self.budgets_seeds if v in BUDGET_VARIANTS else self.seeds)]

@@ -468,6 +468,13 @@ def export_checkpoint(model_dir: str, target: str, card: str, results: dict) -> 
     return os.path.abspath(target)
 
 
+def exported_layout(checkpoint_dir: str) -> str:
+    """The data layout an exported checkpoint was trained and measured on (its `vtcbench_results.json`); exports from
+    before layouts existed were trained on "tag"."""
+    with open(os.path.join(checkpoint_dir, "vtcbench_results.json")) as f:
+        return json.load(f)["settings"].get("data_layout", "tag")
+
+
 SLICE_IMAGES = 40  # the fixed test slice of the accuracy test: the first 40 test images, 200 questions
 
 
