@@ -174,8 +174,10 @@ def test_epoch_settings_key_the_runs_they_change():
     assert all(settings.job_key(v)["stage1_epochs"] == 4 for v in ("pooling", "qmop_outcome_all_budgets"))
     with pytest.raises(SystemExit):
         parse(["--stage1-epochs", "-1"])
-    _, settings = parse(["--stage2-lr", "1e-3"])
-    assert settings.job_key("uniform")["stage2_lr"] == 1e-3 and settings.job_key("uniform")["stage1_lr"] == 2e-3
+    assert Settings().job_key("uniform")["stage2_lr"] == 1e-3  # the default since the acceptance rerun at 1e-3
+    _, settings = parse(["--stage2-lr", "2e-3"])  # the runs before it
+    assert settings.job_key("uniform")["stage2_lr"] == 2e-3 and settings.job_key("uniform")["stage1_lr"] == 2e-3
+    assert settings.job_key("uniform") != Settings().job_key("uniform")
     with pytest.raises(SystemExit):
         parse(["--stage2-lr", "0"])
 

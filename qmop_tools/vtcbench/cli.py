@@ -36,8 +36,9 @@ def parse(argv=None) -> tuple:
                         help=f"stage-1 (caption) epochs of every variant (default {Settings().stage1_epochs:g}; "
                         "docs/vtcbench.md, \"Dimensions stuck at chance\")")
     parser.add_argument("--stage2-lr", type=float, metavar="LR",
-                        help=f"stage-2 learning rate of every variant (default {Settings().stage2_lr:g}; at 1e-3 no "
-                        "answer stuck at chance in three seeds: docs/vtcbench.md, \"Dimensions stuck at chance\")")
+                        help=f"stage-2 learning rate of every variant (default {Settings().stage2_lr:g}; at 2e-3, the "
+                        "earlier default, some seeds left an answer at chance: docs/vtcbench.md, "
+                        "\"Dimensions stuck at chance\")")
     parser.add_argument("--budgets-stage2-epochs", type=float, metavar="N",
                         help="stage-2 epochs of the budget-sampled variants, which see each budget a quarter of the "
                         f"time (default {Settings().budgets_stage2_epochs:g}; every other variant: "
