@@ -136,8 +136,9 @@ def test_4bit_quantizes_only_llm_decoder_linears(bnb_checkpoint, reference, tmp_
     saved, loaded = model.state_dict(), reloaded.state_dict()
     packed = [f"{name}.weight" for name in quantized]
     assert all(torch.equal(saved[k].cpu(), loaded[k].cpu()) for k in packed)  # packed 4-bit weights, bit for bit
-    with torch.no_grad():
-        assert torch.equal(model(**inputs).logits, reloaded(**inputs).logits)
+    with torch.no_grad():  # same packed weights; bitsandbytes' plain CPU kernel (no AVX-512 BF16) may sum the reloaded
+        # model's first forward in another order: last-bit differences (seen under transformers 4.57.6 on an AVX2 CPU)
+        torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=1e-5)
     assert _greedy(reloaded, inputs).shape == (1, 6)
 
 
