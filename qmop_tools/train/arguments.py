@@ -115,6 +115,16 @@ class ModelArguments:
         metadata={"help": "Outcome training: each image goes through one sampled branch, or through all of them "
                   "(one LM pass per branch; every branch's loss is regressed).", "choices": ["sampled", "all"]},
     )
+    router_input_norm: Optional[str] = field(
+        default=None,
+        metadata={"help": "What the router reads: layer ([LN(v); LN(t)]) or standardize (then each feature "
+                  "standardised by running statistics of the training inputs, so that the question's small offset "
+                  "from CLIP's shared direction counts; the statistics start as the identity).",
+                  "choices": ["layer", "standardize"]},
+    )
+    router_input_norm_momentum: Optional[float] = field(
+        default=None, metadata={"help": "router_input_norm=standardize: exponential rate of the running statistics."}
+    )
     stage1_router: str = field(
         default="uniform",
         metadata={
@@ -142,6 +152,8 @@ class ModelArguments:
             "router_exploration",
             "router_outcome_loss_coef",
             "router_outcome_branches",
+            "router_input_norm",
+            "router_input_norm_momentum",
         )
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 

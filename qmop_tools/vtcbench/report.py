@@ -13,12 +13,14 @@ from .data import CHANCE, DIMENSIONS
 from .experiment import BUDGET_SET, BUDGET_VARIANTS, EXPORTABLE, VARIANT_LABELS, evaluate, normalise_answer
 
 ROUTED = ("qmop", "qmop_normalized", "qmop_outcome", "qmop_outcome_greedy", "qmop_outcome_all", "vision_router",
-          "vision_outcome_all", "qmop_budgets", "qmop_outcome_all_budgets")
+          "vision_outcome_all", "qmop_outcome_all_std", "vision_outcome_all_std", "qmop_budgets",
+          "qmop_outcome_all_budgets")
 PICTURE_QUESTIONS = 6  # test questions drawn for the contact sheet
 # The QMoP runs the acceptance checks and findings judge, each with what it must beat besides the single branches:
 # the paper's router trained through its mixture, and the router trained by outcome through every branch.
 QMOP_RUNS = {"qmop": ("uniform", "vision_router"),
-             "qmop_outcome_all": ("uniform", "vision_outcome_all", "vision_router")}
+             "qmop_outcome_all": ("uniform", "vision_outcome_all", "vision_router"),
+             "qmop_outcome_all_std": ("uniform", "vision_outcome_all_std", "vision_outcome_all", "vision_router")}
 
 
 def _qmop_name(variant: str) -> str:
