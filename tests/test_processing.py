@@ -174,3 +174,32 @@ def test_processor_needs_image_token():
     base = build_processor()
     with pytest.raises(ValueError, match="image placeholder"):
         QMoPProcessor(base.image_processor, base.tokenizer, base.query_tokenizer, image_token="<img>")
+
+
+def test_loading_from_a_model_folder_warns_of_nothing(tiny_checkpoint, image):
+    """QMoPProcessor.from_pretrained on a full checkpoint (config.json of type qmop_llava), without remote code: the
+    tokenizers load without transformers' "model of type `qmop_llava` to instantiate a model of type ``" warning,
+    and the processor is the one AutoProcessor loads with remote code."""
+    import logging
+
+    from transformers import AutoProcessor
+
+    class Collect(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    collect = Collect()
+    library = logging.getLogger("transformers")
+    library.addHandler(collect)
+    try:
+        loaded = QMoPProcessor.from_pretrained(tiny_checkpoint)
+    finally:
+        library.removeHandler(collect)
+    assert not [m for m in collect.messages if "instantiate a model of type" in m], collect.messages
+    auto = AutoProcessor.from_pretrained(tiny_checkpoint, trust_remote_code=True)
+    a, b = loaded(images=image, text=PROMPT), auto(images=image, text=PROMPT)
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)

@@ -349,6 +349,19 @@ def test_smoke_pipeline_end_to_end(tmp_path, monkeypatch, capfd):
     # the exported run is the budget-sampled QMoP whose router is trained by outcome through every branch
     assert model.config.router_training == "outcome" and model.config.router_outcome_branches == "all"
     assert "qmop-tiny" in open(checkpoint / "README.md").read()
+    # the offline router study on that run's model: its targets, fresh routers of both input norms, their routing
+    from qmop_tools.vtcbench.router_offline import main as router_offline
+
+    study = router_offline(["--model", str(output / "runs" / "qmop_outcome_all_budgets-s0" / "model"), "--data",
+                            str(output / "data"), "--output", str(tmp_path / "offline.json"), "--seeds", "0", "1",
+                            "--epochs", "0.5", "--limit", "20"])
+    assert json.load(open(tmp_path / "offline.json")) == study
+    assert set(study["routers"]) == {"query/layer", "query/standardize", "vision/layer", "vision/standardize"}
+    assert len(study["routers"]["query/layer"]["runs"]) == 2
+    assert set(study["forced"]) == {"pooling", "resampler", "pruning"}
+    for summary in (study["oracle_per_type"], *study["routers"]["query/standardize"]["runs"]):
+        assert all(sum(shares.values()) == pytest.approx(1.0, abs=2e-3) for shares in summary["routed"].values())
+    assert study["oracle_per_type"]["overall"] >= max(f["overall"] for f in study["forced"].values())
     # a second run reuses everything already on disk: no run, foundation part or dataset is written again
     written = {path: os.path.getmtime(path) for path in
                [*output.glob("runs/*/result.json"), *output.glob("foundation/report-*.json"), output / "data" / "dataset.json",
