@@ -544,6 +544,14 @@ def test_acceptance_judges_the_outcome_router_against_its_own_question_blind_twi
                   "than the larger std"] is False
     assert not any(check.startswith("QMoP >=") for check in checks)  # no mixture-trained QMoP run in this table
     assert any(line.startswith(name) and "vs the best single branch (pooling)" in line for line in findings(table))
+    # the router with standardised inputs is judged against its own twin (and the LayerNorm one) when present
+    table |= {"qmop_outcome_all_std": row(0.80), "vision_outcome_all_std": row(0.70)}
+    checks = {check: met for check, met, _ in acceptance(table)}
+    std = "QMoP (router trained by outcome through every branch, inputs standardised)"
+    assert checks[f"{std} above router without the question, trained by outcome, every branch per image, inputs "
+                  "standardised by more than the larger std"] is True
+    assert checks[f"{std} above router without the question, trained by outcome, every branch per image by more "
+                  "than the larger std"] is True
 
 
 def test_acceptance_flag_runs_what_the_acceptance_checks_read():
@@ -554,7 +562,10 @@ def test_acceptance_flag_runs_what_the_acceptance_checks_read():
     _, settings = parse(["--acceptance"])
     assert settings.variants == list(ACCEPTANCE_VARIANTS) and settings.seeds == [0, 1, 2]
     assert set(ACCEPTANCE_VARIANTS) <= set(VARIANTS)
-    assert set(QMOP_RUNS["qmop_outcome_all"]) - {"vision_router"} <= set(ACCEPTANCE_VARIANTS)
+    assert set(QMOP_RUNS["qmop_outcome_all_std"]) - {"vision_router", "vision_outcome_all"} <= set(ACCEPTANCE_VARIANTS)
+    assert {"qmop_outcome_all_std", "vision_outcome_all_std"} <= set(ACCEPTANCE_VARIANTS)  # the two routers, same norm
+    for variant in ("qmop_outcome_all_std", "vision_outcome_all_std"):
+        assert VARIANTS[variant]["router_input_norm"] == "standardize"
     for conflicting in (["--acceptance", "--smoke"], ["--acceptance", "--variants", "pooling"]):
         with pytest.raises(SystemExit):
             parse(conflicting)

@@ -23,8 +23,8 @@ def parse(argv=None) -> tuple:
     parser.add_argument("--smoke", action="store_true", help="a tiny version that runs in about a minute (tests)")
     parser.add_argument("--acceptance", action="store_true",
                         help="only the variants the acceptance checks read (" + ", ".join(ACCEPTANCE_VARIANTS)
-                        + "), over the seeds; 80 min measured from nothing on two CPU cores (data layout pair, "
-                        "2026-12-06)")
+                        + "), over the seeds; about 95 min from an empty folder on the two-core machine of "
+                        "2026-12-06, from measured parts (docs/vtcbench.md)")
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), help="default: all")
     parser.add_argument("--seeds", nargs="+", type=int, help="default: 0 1 2")
     parser.add_argument("--budget", type=int, help="visual tokens per image (perfect square; default 36)")

@@ -118,7 +118,10 @@ BUDGET_VARIANTS = ("qmop_budgets", "qmop_outcome_all_budgets")
 # three single branches, equal-weight fusion and the uncompressed model. Measured on 2026-12-06 (idle 2-core CPU, two
 # workers, data version 6, counting x3; seconds per seed): about 440 + 420 + 190 x 4 + 1390 (full576); the three seeds
 # and the budget-sampled export run took 83 min after the foundation (docs/vtcbench.md, "The counting gate").
-ACCEPTANCE_VARIANTS = ("qmop_outcome_all", "vision_outcome_all", "pooling", "resampler", "pruning", "uniform", "full576")
+# Since 2026-12-07 the two routers read standardised inputs (`router_input_norm`); the LayerNorm pair
+# (qmop_outcome_all, vision_outcome_all) is the acceptance set of docs/results/vtcbench-lr1e-3.md.
+ACCEPTANCE_VARIANTS = ("qmop_outcome_all_std", "vision_outcome_all_std", "pooling", "resampler", "pruning", "uniform",
+                       "full576")
 # The variants a run may export as the bundled checkpoint, in order of preference (`report.best_qmop_run`).
 EXPORTABLE = ("qmop_outcome_all_budgets", "qmop_budgets", "qmop")
 VARIANT_LABELS = {
