@@ -17,6 +17,7 @@ TemperatureSchedule = Literal["cosine", "linear", "exponential", "constant"]
 LogitCapMode = Literal["tanh", "normalize"]
 RouterTraining = Literal["mixture", "outcome"]
 RouterOutcomeBranches = Literal["sampled", "all"]
+RouterInputNorm = Literal["layer", "standardize"]
 SMoESModalityScore = Literal["gaussian"]
 TowerPruningSchedule = Literal["off", "qg_vtc", "custom"]
 TowerPruningScore = Literal["question_relevance", "cls_attention"]
@@ -181,6 +182,20 @@ class QMoPConfig(PretrainedConfig):
             `router_exploration` is ignored). Each branch then gets the data of a single-branch run: in the mini
             VTCBench one randomly drawn branch per image left the language model unable to read the background
             colour through any branch (docs/vtcbench.md).
+        router_input_norm (`str`, *optional*, defaults to `"layer"`):
+            What the router reads. `"layer"`: `[LN(v); LN(t)]`, each vector normalised on its own (checkpoints
+            without this field). `"standardize"`: the same, then every feature standardised with running statistics
+            of the training inputs, `(x - mean) / sqrt(var + 1e-5)`. CLIP's question embeddings share one large
+            direction (in the mini VTCBench the mean embeddings of "letter on the tag" and "tag at the top or bottom"
+            questions have cosine 0.998), so after LayerNorm the question's signal is a small offset that the router
+            learns slowly; standardising makes it as large as the picture's. The statistics (buffers, saved with the
+            checkpoint, as BatchNorm's) are updated after each training forward, not under the trainer's
+            equal-weight stage 1 (whose one constant caption prompt would set the question's variance to zero), by a
+            running average that becomes an exponential one of rate `router_input_norm_momentum`. A forward uses the
+            statistics of earlier batches, so an output never depends on the other samples of its batch and any
+            batch size works (1 included). Before any update they are mean 0 and variance 1: the identity (up to 1 / sqrt(1 + 1e-5)).
+        router_input_norm_momentum (`float`, *optional*, defaults to 0.01):
+            `"standardize"` only: the exponential rate of the running statistics, in (0, 1].
         query_max_length (`int`, *optional*, defaults to 77): CLIP text encoder's context (longer questions are truncated).
         projector_dense_max_images (`int`, *optional*, defaults to 8):
             How the projector computes the router's choice at inference (eval mode) on an accelerator. Batches of at
@@ -276,6 +291,8 @@ class QMoPConfig(PretrainedConfig):
         router_exploration: float = 1.0,
         router_outcome_loss_coef: float = 1.0,
         router_outcome_branches: RouterOutcomeBranches = "sampled",
+        router_input_norm: RouterInputNorm = "layer",
+        router_input_norm_momentum: float = 0.01,
         query_max_length: int = 77,
         projector_dense_max_images: int = 8,
         pad_to_square: bool = False,
@@ -328,6 +345,8 @@ class QMoPConfig(PretrainedConfig):
         self.router_exploration = router_exploration
         self.router_outcome_loss_coef = router_outcome_loss_coef
         self.router_outcome_branches = router_outcome_branches
+        self.router_input_norm = router_input_norm
+        self.router_input_norm_momentum = router_input_norm_momentum
         self.query_max_length = query_max_length
         self.projector_dense_max_images = projector_dense_max_images
         self.pad_to_square = pad_to_square
@@ -456,7 +475,8 @@ class QMoPConfig(PretrainedConfig):
                    "resampler_intermediate_size", "router_hidden_size", "router_top_k", "query_max_length",
                    "projector_dense_max_images")
     _FLOAT_FIELDS = ("router_temperature", "router_min_temperature", "router_aux_loss_coef", "router_z_loss_coef",
-                     "router_exploration", "router_outcome_loss_coef", "smoes_loss_coef")
+                     "router_exploration", "router_outcome_loss_coef", "smoes_loss_coef",
+                     "router_input_norm_momentum")
     _OPTIONAL_FLOAT_FIELDS = ("router_eval_temperature", "router_logit_cap")
     _BOOL_FIELDS = ("pruning_recycle", "router_gumbel_noise", "pad_to_square", "tower_pruning_recycle")
 
@@ -506,6 +526,7 @@ class QMoPConfig(PretrainedConfig):
             "router_logit_cap_mode": get_args(LogitCapMode),
             "router_training": get_args(RouterTraining),
             "router_outcome_branches": get_args(RouterOutcomeBranches),
+            "router_input_norm": get_args(RouterInputNorm),
             "smoes_modality_score": get_args(SMoESModalityScore),
             "tower_pruning_schedule": get_args(TowerPruningSchedule),
             "tower_pruning_score": get_args(TowerPruningScore),
@@ -550,6 +571,10 @@ class QMoPConfig(PretrainedConfig):
 
 
     def _validate_router_training(self) -> None:
+        if not 0.0 < self.router_input_norm_momentum <= 1.0:
+            raise ValueError(
+                f"`router_input_norm_momentum` must be in (0, 1], got {self.router_input_norm_momentum}."
+            )
         if not 0.0 <= self.router_exploration <= 1.0:
             raise ValueError(f"`router_exploration` must be between 0 and 1, got {self.router_exploration}.")
         if self.router_outcome_branches != "sampled" and self.router_training != "outcome":

@@ -671,10 +671,49 @@ class RouterOutput(NamedTuple):
     z_loss: torch.Tensor  # () mean logsumexp²
 
 
+class QMoPRunningStandardize(nn.Module):
+    """`router_input_norm="standardize"`: each feature minus its running mean, over its running standard deviation.
+
+    The statistics are buffers (saved with the checkpoint), as BatchNorm's. The output uses the statistics as they
+    stand, gathered from earlier batches only, so it never depends on the other samples of its batch, and a batch of
+    one works; before any update (mean 0, variance 1) it is the identity up to 1 / sqrt(1 + eps). Then
+    `forward(x, update=True)` folds the batch's mean, and its mean squared deviation from the updated mean, into them
+    (no gradient): a plain running average for the first 1/momentum updates, then an exponential one of rate
+    `momentum`.
+    """
+
+    def __init__(self, width: int, momentum: float, eps: float = 1e-5):
+        super().__init__()
+        self.momentum = momentum
+        self.eps = eps
+        self.register_buffer("running_mean", torch.zeros(width))
+        self.register_buffer("running_var", torch.ones(width))
+        self.register_buffer("num_updates", torch.zeros(()))
+
+    def reset(self) -> None:
+        nn.init.zeros_(self.running_mean)
+        nn.init.ones_(self.running_var)
+        nn.init.zeros_(self.num_updates)
+
+    def forward(self, x: torch.Tensor, update: bool = False) -> torch.Tensor:
+        """x (N, C) -> (N, C) in float32."""
+        x = x.float()
+        out = (x - self.running_mean.float()) / torch.sqrt(self.running_var.float() + self.eps)
+        if update:
+            with torch.no_grad():
+                self.num_updates += 1
+                rate = max(self.momentum, 1.0 / float(self.num_updates))
+                self.running_mean.lerp_(x.mean(dim=0).to(self.running_mean.dtype), rate)
+                deviation = (x - self.running_mean.float()).pow(2).mean(dim=0)  # (C,)
+                self.running_var.lerp_(deviation.to(self.running_var.dtype), rate)
+        return out
+
+
 class QueryGuidedRouter(nn.Module):
     """Query Guided Router (QGR): weights for each branch from the vision CLS token and the question's EOS.
 
     logits = Linear(GELU(Linear([LN(v); LN(t)])))                (N, num_branches), bounded if `router_logit_cap`
+    (`router_input_norm="standardize"`: `[LN(v); LN(t)]` standardised by running statistics, `QMoPRunningStandardize`)
     training: probs = softmax((logits + Gumbel) / τ), τ annealed by the trainer (`temperature`)
     eval:     probs = softmax(logits / router_inference_temperature), deterministic
     weights = probs restricted to the top-k branches, renormalised.
@@ -715,6 +754,9 @@ class QueryGuidedRouter(nn.Module):
         self.vision_norm = nn.LayerNorm(vision_width, eps=eps)
         if self.uses_query:
             self.query_norm = nn.LayerNorm(text_width, eps=eps)
+        self.standardize = None
+        if config.router_input_norm == "standardize":
+            self.standardize = QMoPRunningStandardize(vision_width + text_width, config.router_input_norm_momentum)
         self.linear_1 = nn.Linear(vision_width + text_width, config.router_hidden_size)
         self.act = nn.GELU()
         self.linear_2 = nn.Linear(config.router_hidden_size, self.num_branches)
@@ -725,7 +767,10 @@ class QueryGuidedRouter(nn.Module):
         features = [self.vision_norm(cls_token.to(dtype))]  # (N, Cv)
         if self.uses_query:
             features.append(self.query_norm(query_embeds.to(dtype)))  # (N, Ct)
-        logits = self.linear_2(self.act(self.linear_1(torch.cat(features, dim=-1)))).float()  # (N, nb)
+        features = torch.cat(features, dim=-1)  # (N, Cv + Ct)
+        if self.standardize is not None:  # statistics of what the router is trained on: not stage 1's equal weights
+            features = self.standardize(features, update=self.training and not self.uniform).to(dtype)
+        logits = self.linear_2(self.act(self.linear_1(features))).float()  # (N, nb)
         if self.logit_cap is not None and self.logit_cap_mode == "normalize":
             centred = logits - logits.mean(dim=-1, keepdim=True)  # (N, nb)
             scale = centred.pow(2).mean(dim=-1, keepdim=True).add(1e-12).sqrt()  # (N, 1) root mean square
@@ -1254,6 +1299,8 @@ class QMoPPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+        elif isinstance(module, QMoPRunningStandardize):
+            module.reset()
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):

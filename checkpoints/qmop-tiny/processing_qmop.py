@@ -27,7 +27,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 import transformers
-from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, ProcessorMixin
+from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, PretrainedConfig, ProcessorMixin
 from transformers.processing_utils import ProcessingKwargs, Unpack
 from transformers.utils import cached_file, logging
 
@@ -557,10 +557,16 @@ class QMoPProcessor(ProcessorMixin):
         for key in ("processor_class", "auto_map"):
             settings.pop(key, None)
         image_processor = AutoImageProcessor.from_pretrained(path, subfolder=subfolder, **hub, **component_kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path, subfolder=subfolder, **hub, **component_kwargs)
+        tokenizer_kwargs = dict(component_kwargs)
+        if not hub["trust_remote_code"]:
+            # AutoTokenizer reads the folder's model config, whose `qmop_llava` type needs remote code; refused, it
+            # falls back to a plain config with a warning that the checkpoint may not fit. The tokenizer class comes
+            # from tokenizer_config.json either way: give it the plain config at once.
+            tokenizer_kwargs.setdefault("config", PretrainedConfig())
+        tokenizer = AutoTokenizer.from_pretrained(path, subfolder=subfolder, **hub, **tokenizer_kwargs)
         query_tokenizer = AutoTokenizer.from_pretrained(
             path, subfolder=f"{subfolder}/{QUERY_TOKENIZER_SUBFOLDER}" if subfolder else QUERY_TOKENIZER_SUBFOLDER,
-            **hub, **component_kwargs,
+            **hub, **tokenizer_kwargs,
         )
         template = cls._load_chat_template(path, subfolder, file_hub)
         if template is not None:
