@@ -700,9 +700,9 @@ class QMoPRunningStandardize(nn.Module):
         x = x.float()
         out = (x - self.running_mean.float()) / torch.sqrt(self.running_var.float() + self.eps)
         if update:
-            with torch.no_grad():
+            with torch.no_grad():  # the rate stays on the device: no host sync in the training step
                 self.num_updates += 1
-                rate = max(self.momentum, 1.0 / float(self.num_updates))
+                rate = self.num_updates.reciprocal().clamp(min=self.momentum).to(self.running_mean.dtype)
                 self.running_mean.lerp_(x.mean(dim=0).to(self.running_mean.dtype), rate)
                 deviation = (x - self.running_mean.float()).pow(2).mean(dim=0)  # (C,)
                 self.running_var.lerp_(deviation.to(self.running_var.dtype), rate)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from conftest import make_image
 from qmop_tools.testing.tiny import build_tiny
-from modeling_qmop import QMoPRunningStandardize, outcome_regression_loss
+from modeling_qmop import QMoPRunningStandardize
 
 STANDARDIZE = {"router_input_norm": "standardize"}
 OUTCOME_ALL = {"router_training": "outcome", "router_outcome_branches": "all", "router_eval_temperature": 1.0}
@@ -130,33 +130,19 @@ def test_standardizing_lets_the_router_read_a_small_question_offset():
     """Two questions that differ by a small offset on a large shared direction (as CLIP's do: cosine 0.998 between
     question types in the mini VTCBench) and prefer opposite branches. In the same number of steps the router
     reading standardised inputs follows the question; the plain LayerNorm router does not."""
+    from test_router_outcome import train_bandit_on_two_questions
+
     def train(norm):
         torch.manual_seed(0)
         model, _ = build_tiny(num_visual_tokens=16, router_input_norm=norm, router_training="outcome")
-        router = model.model.projector.router
         generator = torch.Generator().manual_seed(0)
-        vision_width = router.vision_norm.normalized_shape[0]
         shared, offset = torch.randn(32, generator=generator), torch.randn(32, generator=generator)
         questions = torch.stack([shared * 20 + offset, shared * 20 - offset])
         normed = F.layer_norm(questions, (32,))
         assert F.cosine_similarity(normed[0], normed[1], dim=0) > 0.99
-        branch_loss = torch.tensor([[0.5, 1.5, 2.0], [2.0, 1.5, 0.5]])  # (question, branch)
-        optimizer = torch.optim.Adam(router.parameters(), lr=1e-3)
-        router.train()
-        for _ in range(150):
-            which = torch.randint(2, (32,), generator=generator)
-            out = router(torch.randn(32, vision_width, generator=generator), questions[which])
-            observed = (branch_loss[which] * out.weights).sum(-1)
-            loss = outcome_regression_loss(out.logits, out.weights, observed, torch.arange(32))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        router.eval()
-        with torch.no_grad():
-            pictures = torch.randn(100, vision_width, generator=generator)
-            a = router(pictures, questions[0].expand(100, -1)).weights.argmax(-1)
-            b = router(pictures, questions[1].expand(100, -1)).weights.argmax(-1)
-        return ((a == 0).float().mean() + (b == 2).float().mean()).item() / 2
+        shares = train_bandit_on_two_questions(model.model.projector.router, questions, generator, steps=150, lr=1e-3,
+                                               eval_pictures=100)
+        return sum(shares) / 2
 
     assert train("standardize") > 0.95
     assert train("layer") < 0.8

@@ -127,33 +127,42 @@ def test_per_sample_loss_skips_unsupervised_samples():
     assert router_logits.grad[1].abs().sum() == 0
 
 
-def test_the_bandit_learns_a_question_dependent_choice():
-    """A synthetic loss per (question, branch): question A is answered best through branch 0, question B through
-    branch 2, whatever the picture. Trained only by observing the drawn branch's loss, the router's eval choice
-    follows the question."""
-    model, _ = build_tiny(num_visual_tokens=16, **OUTCOME)
-    router = model.model.projector.router
-    generator = torch.Generator().manual_seed(0)
+def train_bandit_on_two_questions(router, questions, generator, steps: int, lr: float, noise: float = 0.0,
+                                  eval_pictures: int = 50) -> tuple:
+    """A synthetic loss per (question, branch): question A (questions[0]) is answered best through branch 0, question
+    B through branch 2, whatever the picture. The router is trained only by observing the drawn branch's loss (plus
+    Gaussian noise of std `noise`) for random pictures, batch 32. Returns the shares of fresh pictures it then routes
+    to branch 0 for question A and to branch 2 for question B."""
     vision_width = router.vision_norm.normalized_shape[0]
-    questions = torch.randn(2, 32, generator=generator)  # two question embeddings
     branch_loss = torch.tensor([[0.5, 1.5, 2.0], [2.0, 1.5, 0.5]])  # (question, branch)
-    optimizer = torch.optim.Adam(router.parameters(), lr=3e-3)
+    optimizer = torch.optim.Adam(router.parameters(), lr=lr)
     router.train()
-    for _ in range(300):
+    for _ in range(steps):
         which = torch.randint(2, (32,), generator=generator)
-        pictures = torch.randn(32, vision_width, generator=generator)
-        out = router(pictures, questions[which])
-        observed = (branch_loss[which] * out.weights).sum(-1) + 0.1 * torch.randn(32, generator=generator)
+        out = router(torch.randn(32, vision_width, generator=generator), questions[which])
+        observed = (branch_loss[which] * out.weights).sum(-1)
+        if noise:
+            observed = observed + noise * torch.randn(32, generator=generator)
         loss = outcome_regression_loss(out.logits, out.weights, observed, torch.arange(32))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     router.eval()
     with torch.no_grad():
-        pictures = torch.randn(50, vision_width, generator=generator)
-        choice_a = router(pictures, questions[0].expand(50, -1)).weights.argmax(-1)
-        choice_b = router(pictures, questions[1].expand(50, -1)).weights.argmax(-1)
-    assert (choice_a == 0).float().mean() > 0.95 and (choice_b == 2).float().mean() > 0.95
+        pictures = torch.randn(eval_pictures, vision_width, generator=generator)
+        choice_a = router(pictures, questions[0].expand(eval_pictures, -1)).weights.argmax(-1)
+        choice_b = router(pictures, questions[1].expand(eval_pictures, -1)).weights.argmax(-1)
+    return (choice_a == 0).float().mean().item(), (choice_b == 2).float().mean().item()
+
+
+def test_the_bandit_learns_a_question_dependent_choice():
+    """Trained only by observing the drawn branch's loss, the router's eval choice follows the question."""
+    model, _ = build_tiny(num_visual_tokens=16, **OUTCOME)
+    generator = torch.Generator().manual_seed(0)
+    questions = torch.randn(2, 32, generator=generator)  # two question embeddings
+    share_a, share_b = train_bandit_on_two_questions(model.model.projector.router, questions, generator, steps=300,
+                                                     lr=3e-3, noise=0.1)
+    assert share_a > 0.95 and share_b > 0.95
 
 
 def test_outcome_router_saves_and_reloads(tmp_path, image):

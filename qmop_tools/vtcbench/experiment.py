@@ -71,17 +71,6 @@ VARIANTS = {
     "vision_outcome_all": {"branches": ALL_BRANCHES, "router_mode": "vision", "router_training": "outcome",
                            "router_outcome_branches": "all", "router_eval_temperature": 1.0,
                            "router_aux_loss_coef": 0.0, "router_z_loss_coef": 0.0},
-    # The two above with the router's inputs standardised by running statistics (`router_input_norm`): CLIP's
-    # question embeddings share one large direction (mean embeddings of the local and spatial questions: cosine 0.998),
-    # and a router trained offline on the targets of a finished run sent spatial questions to pruning with LayerNorm
-    # alone (spatial 77.5-79.0) and to pooling once standardised (93.5-96.5; docs/vtcbench.md).
-    "qmop_outcome_all_std": {"branches": ALL_BRANCHES, "router_mode": "query", "router_training": "outcome",
-                             "router_outcome_branches": "all", "router_eval_temperature": 1.0,
-                             "router_aux_loss_coef": 0.0, "router_z_loss_coef": 0.0, "router_input_norm": "standardize"},
-    "vision_outcome_all_std": {"branches": ALL_BRANCHES, "router_mode": "vision", "router_training": "outcome",
-                               "router_outcome_branches": "all", "router_eval_temperature": 1.0,
-                               "router_aux_loss_coef": 0.0, "router_z_loss_coef": 0.0,
-                               "router_input_norm": "standardize"},
     "uniform": {"branches": ALL_BRANCHES, "router_mode": "uniform"},
     "vision_router": {"branches": ALL_BRANCHES, "router_mode": "vision", "router_top_k": 2, **ROUTER_TRAINING},
     "random_k": {"branches": ["pruning"], "router_top_k": 1, "pruning_score": "random"},
@@ -111,6 +100,12 @@ VARIANTS = {
                                  "router_outcome_branches": "all", "router_eval_temperature": 1.0,
                                  "router_aux_loss_coef": 0.0, "router_z_loss_coef": 0.0},
 }
+# The two outcome routers through every branch with their inputs standardised by running statistics
+# (`router_input_norm`): CLIP's question embeddings share one large direction (mean embeddings of the local and spatial
+# questions: cosine 0.998), and routers trained offline on the targets of a finished run sent spatial questions to
+# pruning with LayerNorm alone (spatial 78.0-78.5) and to pooling once standardised (93.5-96.5; docs/vtcbench.md).
+VARIANTS |= {f"{variant}_std": {**VARIANTS[variant], "router_input_norm": "standardize"}
+             for variant in ("qmop_outcome_all", "vision_outcome_all")}
 # Variants trained with a budget drawn per batch from `BUDGET_SET` and evaluated at each; their seeds are
 # `Settings.budgets_seeds`.
 BUDGET_VARIANTS = ("qmop_budgets", "qmop_outcome_all_budgets")
@@ -132,7 +127,8 @@ VARIANT_LABELS = {
     "qmop_outcome_all": "QMoP, router trained by outcome, every branch per image",
     "vision_outcome_all": "router without the question, trained by outcome, every branch per image",
     "qmop_outcome_all_std": "QMoP, router trained by outcome through every branch, inputs standardised",
-    "vision_outcome_all_std": "router without the question, trained by outcome, every branch per image, inputs standardised",
+    "vision_outcome_all_std": ("router without the question, trained by outcome, every branch per image, inputs "
+                               "standardised"),
     "pooling": "pooling only",
     "resampler": "resampler only",
     "pruning": "pruning only (salience)",

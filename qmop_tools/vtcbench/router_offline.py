@@ -111,28 +111,34 @@ def train_router(model, train: dict, mode: str, norm: str, seed: int, epochs: fl
 def routing_report(choice: torch.Tensor, test: dict, branches: list) -> dict:
     correct = test["correct"][torch.arange(len(choice)), choice].float()
     out = {"overall": round(100 * correct.mean().item(), 1), "per_dimension": {}, "routed": {}}
-    for dim in DIMENSIONS:
-        rows = [i for i, d in enumerate(test["dims"]) if d == dim]
-        if not rows:
-            continue
+    for dim, rows in _rows_per_type(test["dims"]).items():
         out["per_dimension"][dim] = round(100 * correct[rows].mean().item(), 1)
         counts = collections.Counter(branches[c] for c in choice[rows].tolist())
         out["routed"][dim] = {b: round(counts[b] / len(rows), 3) for b in branches}
     return out
 
 
+def _rows_per_type(dims: list) -> dict:
+    """{question type: the indices of its questions}, in DIMENSIONS order, types with no question left out."""
+    rows = {dim: [i for i, d in enumerate(dims) if d == dim] for dim in DIMENSIONS}
+    return {dim: r for dim, r in rows.items() if r}
+
+
 def study(model_dir: str, data_dir: str, modes=("query", "vision"), norms=("layer", "standardize"), seeds=(0, 1, 2),
-          epochs: float = 3.0,
-          lr: float = 1e-3, batch_size: int = 32, stage2_weights: str = "counting=3,local=3", limit=None) -> dict:
+          epochs: float = 3.0, lr: float = 1e-3, batch_size: int = 32, stage2_weights: str = "counting=3,local=3",
+          limit=None) -> dict:
     """Routers of each mode (`query`: reads the question; `vision`: the picture only) and input norm, each over the
     seeds, trained on the targets of the model at `model_dir` (trained with `router_outcome_branches="all"`)."""
     from modeling_qmop import QMoPForConditionalGeneration
     from processing_qmop import QMoPProcessor
 
+    from .experiment import FeatureCache
+
     # This repository's classes, not the checkpoint's copies: a run saved before `router_input_norm` existed has code
     # that would build every router with LayerNorm alone.
     model = QMoPForConditionalGeneration.from_pretrained(model_dir).eval()
     processor = QMoPProcessor.from_pretrained(model_dir)
+    FeatureCache().install(model)  # the frozen tower runs once per picture, not once per branch and question
     branches = list(model.config.branches)
     train = collect(model, processor, data_dir, "train", limit=limit)
     test = collect(model, processor, data_dir, "test", limit=limit)
@@ -141,18 +147,17 @@ def study(model_dir: str, data_dir: str, modes=("query", "vision"), norms=("laye
     result = {"model": model_dir, "branches": branches, "router_mode": model.config.router_mode,
               "epochs": epochs, "lr": lr, "batch_size": batch_size, "stage2_weights": stage2_weights,
               "mean_train_loss": {}, "forced": {}, "routers": {}}
-    for dim in DIMENSIONS:
-        rows = [i for i, d in enumerate(train["dims"]) if d == dim]
-        if rows:
-            result["mean_train_loss"][dim] = dict(zip(branches, [round(v, 4) for v in train["losses"][rows].mean(0).tolist()]))
+    mean_loss = {dim: train["losses"][rows].mean(0) for dim, rows in _rows_per_type(train["dims"]).items()}  # (nb,)
+    result["mean_train_loss"] = {dim: dict(zip(branches, [round(v, 4) for v in loss.tolist()]))
+                                 for dim, loss in mean_loss.items()}
     for column, branch in enumerate(branches):
         result["forced"][branch] = routing_report(torch.full((len(test["ids"]),), column), test, branches)
-    means = {dim: torch.tensor(list(v.values())) for dim, v in result["mean_train_loss"].items()}
-    by_type = torch.tensor([int(means[d].argmin()) for d in test["dims"]])
-    result["lowest_mean_train_loss_per_type"] = routing_report(by_type, test, branches)
-    oracle = torch.tensor([int(test["correct"][[i for i, x in enumerate(test["dims"]) if x == d]].float().mean(0)
-                               .argmax()) for d in test["dims"]])
-    result["oracle_per_type"] = routing_report(oracle, test, branches)
+    lowest_loss = {dim: int(loss.argmin()) for dim, loss in mean_loss.items()}
+    result["lowest_mean_train_loss_per_type"] = routing_report(
+        torch.tensor([lowest_loss[d] for d in test["dims"]]), test, branches)
+    best = {dim: int(test["correct"][rows].float().mean(0).argmax())  # the branch answering the type best
+            for dim, rows in _rows_per_type(test["dims"]).items()}
+    result["oracle_per_type"] = routing_report(torch.tensor([best[d] for d in test["dims"]]), test, branches)
     for mode in modes:
         for norm in norms:
             runs = []
@@ -171,7 +176,8 @@ def study(model_dir: str, data_dir: str, modes=("query", "vision"), norms=("laye
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m qmop_tools.vtcbench.router_offline", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m qmop_tools.vtcbench.router_offline",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="a finished run's model folder (runs/<variant>-s<seed>/model)")
     parser.add_argument("--data", required=True, help="the benchmark's data folder")
     parser.add_argument("--output", required=True, help="JSON file for the result")
@@ -187,8 +193,8 @@ def main(argv=None) -> dict:
     for path, what in ((args.model, "--model"), (args.data, "--data")):
         if not os.path.isdir(path):
             parser.error(f"{what} {path!r} is not a folder")
-    result = study(args.model, args.data, modes=tuple(args.modes), norms=tuple(args.norms), seeds=tuple(args.seeds), epochs=args.epochs,
-                   lr=args.lr, stage2_weights=args.stage2_weights, limit=args.limit)
+    result = study(args.model, args.data, modes=tuple(args.modes), norms=tuple(args.norms), seeds=tuple(args.seeds),
+                   epochs=args.epochs, lr=args.lr, stage2_weights=args.stage2_weights, limit=args.limit)
     write_atomic(args.output, json.dumps(result, indent=1))
     for summary in result["routers"].values():
         print(f"router_mode={summary['router_mode']}, router_input_norm={summary['router_input_norm']}: "
